@@ -1,0 +1,3 @@
+"""Reusable Lightning callbacks. Each module imports only ``lightning`` and ``torch``."""
+
+__all__: list[str] = []

@@ -1,0 +1,298 @@
+"""CIFAR-10 as a LightningDataModule, with a fast preloaded pipeline and a classic DataLoader one."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD, cutout, normalize, random_crop, random_flip
+from lit_accel.data.datasets import TensorBatchDataset, TransformedTensorDataset, pass_batch_through
+from lit_accel.data.synthetic import make_synthetic_cifar
+from lit_accel.errors import DataNotFoundError
+
+__all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES"]
+
+log = logging.getLogger(__name__)
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+_CIFAR10_TRAIN_SIZE = 50_000
+
+
+class CIFAR10DataModule(LightningDataModule):
+    """CIFAR-10 (or a synthetic stand-in) for training, validation, testing and prediction.
+
+    Data: the 50,000 official training images are split once into training and validation sets by a
+    seeded permutation (the same on every rank); the test set is the official 10,000. The files are
+    fetched and checksummed by torchvision into ``data_dir``. Batches are
+    ``(images, labels)``; after the transfer to the device, images are float32, normalized with
+    CIFAR-10's channel mean and std.
+
+    Pipelines (``pipeline``):
+
+    * ``"preload"`` (default): each split is held once as a uint8 tensor; a batch is one tensor
+      gather (no per-sample ``__getitem__``, no PIL), moved to the device as uint8, and then
+      normalized and augmented *per sample* as a whole batch on the training device
+      (:meth:`on_after_batch_transfer`). Runs in the main process (no workers needed). Under
+      DDP/FSDP Lightning's ``DistributedSampler`` gives each rank a disjoint shard, reshuffled every
+      epoch from the seed.
+    * ``"dataloader"``: per-sample torchvision ``transforms.v2`` in DataLoader worker processes
+      (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``).
+
+    With augmentation off both pipelines yield the same normalized tensors. Cutout differs
+    slightly: the preload pipeline centres the square anywhere (it may be clipped at the border,
+    as in DeVries & Taylor), the DataLoader pipeline uses ``RandomErasing`` with a square kept
+    inside the image.
+
+    Changing the batch size: ``batch_size`` is a public attribute read each time
+    :meth:`train_dataloader` is called. A new value takes effect when Lightning rebuilds the
+    training DataLoader: at the next epoch with ``Trainer(reload_dataloaders_every_n_epochs=1)``,
+    or when a callback (lit_accel's ``DynamicBatchLR``) asks for a reload.
+
+    Args:
+        data_dir: where CIFAR-10 is found or downloaded to (``cifar-10-batches-py/`` inside it).
+        batch_size: training images per batch on each device.
+        eval_batch_size: images per batch for validation, test and predict (default: ``batch_size``).
+        val_size: training images held out for validation (0 turns validation off).
+        pipeline: ``"preload"`` or ``"dataloader"``.
+        synthetic: use the seeded synthetic data set instead of CIFAR-10 (offline use).
+        synthetic_size: with ``synthetic``, images in the training set before the validation split.
+        synthetic_test_size: with ``synthetic``, images in the test set.
+        augment: master switch for training augmentation.
+        random_crop: pad by ``crop_padding`` pixels and crop back to 32×32 at a random offset.
+        crop_padding: the padding of ``random_crop``, in pixels.
+        horizontal_flip: mirror half of the images.
+        cutout: side of the square cut out of each training image, in pixels (0: off).
+        download: try to download CIFAR-10 when it is not in ``data_dir``.
+        seed: seeds the validation split and the synthetic data.
+        num_workers: DataLoader worker processes (``"dataloader"`` pipeline only).
+        pin_memory: page-locked host memory for faster copies to a GPU.
+        persistent_workers: keep workers alive between epochs (``"dataloader"`` only).
+        prefetch_factor: batches each worker loads ahead (``"dataloader"`` only).
+        drop_last: drop the last, smaller training batch of each epoch.
+
+    Raises:
+        ValueError: for an argument outside its allowed range.
+        DataNotFoundError: if CIFAR-10 is missing and cannot be downloaded.
+
+    Example::
+
+        data:
+          batch_size: 256
+          pipeline: preload
+          synthetic: false
+    """
+
+    def __init__(
+        self,
+        data_dir: str = "data/",
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        val_size: int = 5000,
+        pipeline: Literal["preload", "dataloader"] = "preload",
+        synthetic: bool = False,
+        synthetic_size: int = 50_000,
+        synthetic_test_size: int = 10_000,
+        augment: bool = True,
+        random_crop: bool = True,
+        crop_padding: int = 4,
+        horizontal_flip: bool = True,
+        cutout: int = 0,
+        download: bool = True,
+        seed: int = 0,
+        num_workers: int = 2,
+        pin_memory: bool = False,
+        persistent_workers: bool = True,
+        prefetch_factor: int | None = 2,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        _require(batch_size >= 1, "batch_size", batch_size, "a positive number of images")
+        _require(eval_batch_size is None or eval_batch_size >= 1, "eval_batch_size", eval_batch_size, "a positive number or null")
+        _require(val_size >= 0, "val_size", val_size, "0 or more images")
+        _require(pipeline in ("preload", "dataloader"), "pipeline", pipeline, "'preload' or 'dataloader'")
+        _require(synthetic_size >= 1, "synthetic_size", synthetic_size, "a positive number of images")
+        _require(synthetic_test_size >= 1, "synthetic_test_size", synthetic_test_size, "a positive number of images")
+        _require(0 <= crop_padding <= 16, "crop_padding", crop_padding, "0 to 16 pixels")
+        _require(0 <= cutout <= 32, "cutout", cutout, "0 (off) to 32 pixels")
+        _require(num_workers >= 0, "num_workers", num_workers, "0 or more")
+        _require(prefetch_factor is None or prefetch_factor >= 1, "prefetch_factor", prefetch_factor, "a positive number or null")
+        train_pool = synthetic_size if synthetic else _CIFAR10_TRAIN_SIZE
+        _require(
+            val_size < train_pool,
+            "val_size",
+            val_size,
+            f"fewer than the {train_pool} training images (leave some to train on)",
+        )
+        self.save_hyperparameters()
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.val_size = val_size
+        self.pipeline = pipeline
+        self.synthetic = synthetic
+        self.synthetic_size = synthetic_size
+        self.synthetic_test_size = synthetic_test_size
+        self.augment = augment
+        self.random_crop = random_crop
+        self.crop_padding = crop_padding
+        self.horizontal_flip = horizontal_flip
+        self.cutout = cutout
+        self.download = download
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.drop_last = drop_last
+        self.classes: tuple[str, ...] = CIFAR10_CLASSES
+        self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+
+    # ----------------------------------------------------------------------------------- loading
+    def prepare_data(self) -> None:
+        """Download CIFAR-10 once per node (Lightning calls this on local rank 0 only)."""
+        if self.synthetic:
+            return
+        self._load_cifar(train=True, download=self.download)
+        self._load_cifar(train=False, download=self.download)
+
+    def setup(self, stage: str) -> None:
+        """Load the splits a stage needs; every rank builds the identical split."""
+        if stage in ("fit", "validate") and "train" not in self._splits:
+            images, labels = self._load_split(train=True)
+            _require(
+                self.val_size < images.shape[0],
+                "val_size",
+                self.val_size,
+                f"fewer than the {images.shape[0]} training images found (leave some to train on)",
+            )
+            order = torch.randperm(images.shape[0], generator=torch.Generator().manual_seed(self.seed))
+            val_index, train_index = order[: self.val_size], order[self.val_size :]
+            self._splits["train"] = (images[train_index], labels[train_index])
+            self._splits["val"] = (images[val_index], labels[val_index])
+        if stage in ("test", "predict") and "test" not in self._splits:
+            self._splits["test"] = self._load_split(train=False)
+
+    def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
+        if self.synthetic:
+            size = self.synthetic_size if train else self.synthetic_test_size
+            return make_synthetic_cifar(size, seed=self.seed, split=0 if train else 1)
+        dataset = self._load_cifar(train=train, download=False)
+        images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW uint8
+        labels = torch.as_tensor(dataset.targets, dtype=torch.long)
+        self.classes = tuple(dataset.classes)
+        return images, labels
+
+    def _load_cifar(self, train: bool, download: bool) -> Any:
+        from torchvision.datasets import CIFAR10
+
+        try:
+            return CIFAR10(self.data_dir, train=train, download=download)
+        except Exception as err:  # urllib, socket, tarfile and torchvision's own RuntimeError
+            raise DataNotFoundError(_missing_data_message(self.data_dir, download, err)) from err
+
+    # ------------------------------------------------------------------------------- dataloaders
+    def train_dataloader(self) -> DataLoader:
+        return self._dataloader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._dataloader("val", self.eval_batch_size or self.batch_size, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self.test_dataloader()
+
+    def _dataloader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+        if split not in self._splits:
+            raise RuntimeError(f"the {split!r} split is not loaded: call setup() for its stage first")
+        images, labels = self._splits[split]
+        if self.pipeline == "preload":
+            return DataLoader(
+                TensorBatchDataset(images, labels),
+                batch_size=batch_size,
+                shuffle=shuffle,
+                drop_last=drop_last,
+                collate_fn=pass_batch_through,
+                pin_memory=self.pin_memory,
+            )
+        workers = self.num_workers
+        return DataLoader(
+            TransformedTensorDataset(images, labels, self._per_sample_transform(train=split == "train")),
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers and workers > 0,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )
+
+    def _per_sample_transform(self, train: bool) -> Any:
+        from torchvision.transforms import v2
+
+        steps: list[Any] = []
+        if train and self.augment:
+            if self.random_crop and self.crop_padding > 0:
+                steps.append(v2.RandomCrop(32, padding=self.crop_padding))
+            if self.horizontal_flip:
+                steps.append(v2.RandomHorizontalFlip())
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
+        if train and self.augment and self.cutout > 0:
+            area = (self.cutout / 32) ** 2
+            steps.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
+        return v2.Compose(steps)
+
+    # ------------------------------------------------------------------- device-side transforms
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Preload pipeline: normalize, and augment training batches, on the device."""
+        if self.pipeline != "preload":
+            return batch
+        images, labels = batch
+        training = self.trainer is not None and self.trainer.training
+        return self.device_transform(images, train=training), labels
+
+    def device_transform(self, images: Tensor, train: bool) -> Tensor:
+        """uint8 batch → normalized float32 batch, with per-sample augmentation when ``train``."""
+        if train and self.augment:
+            if self.random_crop:
+                images = random_crop(images, self.crop_padding)
+            if self.horizontal_flip:
+                images = random_flip(images)
+        images = normalize(images)
+        if train and self.augment and self.cutout > 0:
+            images = cutout(images, self.cutout)
+        return images
+
+    def split_dataset(self, split: str) -> Dataset:
+        """The raw uint8 ``(images, labels)`` of a loaded split, e.g. for inspection."""
+        return TensorBatchDataset(*self._splits[split])
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name}={value!r} is not allowed: use {allowed}")
+
+
+def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
+    where = os.path.abspath(os.path.join(data_dir, "cifar-10-batches-py"))
+    if os.path.isdir(where) and not isinstance(err, RuntimeError):
+        # The files are there but do not parse: a partial extraction or a damaged download.
+        return (
+            f"CIFAR-10 in {where} could not be read ({type(err).__name__}: {err}): the files look "
+            f"damaged. Delete that folder and run again to download it afresh, or put a fresh "
+            f"cifar-10-python.tar.gz in {os.path.abspath(data_dir)}."
+        )
+    tried = "and the download failed (no network?)" if download else "and downloading is off (data.download: false)"
+    return (
+        f"CIFAR-10 not found in {where} {tried}: {type(err).__name__}: {err}.\n"
+        f"Put cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/ folder) in "
+        f"{os.path.abspath(data_dir)} and run again, or train offline on synthetic data with "
+        f"--data.synthetic true."
+    )

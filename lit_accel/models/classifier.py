@@ -1,0 +1,169 @@
+"""ImageClassifier: one LightningModule for every network, strategy and precision."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_accel.models.nets import SeedCNN
+
+__all__ = ["ImageClassifier"]
+
+
+class ImageClassifier(LightningModule):
+    """Trains any image network with cross-entropy; serves one device, DDP and FSDP2 alike.
+
+    Batches are ``(images, labels)`` with images already normalized (the data module does that on
+    the device). Under Lightning's ``ModelParallelStrategy`` the network is sharded with FSDP2
+    (``fully_shard``) in :meth:`configure_model`: each unit from the network's ``fsdp_units()``
+    (when it has one), then the whole network.
+
+    Args:
+        net: the network, ``(N, 3, 32, 32)`` → ``(N, num_classes)`` logits (default: SeedCNN).
+        num_classes: number of classes, for the accuracy metric.
+        optimizer: builds the optimizer from the parameters (YAML: ``class_path`` + ``init_args``).
+        lr_scheduler: builds an LR scheduler from the optimizer, or ``null`` for a constant LR.
+        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
+        label_smoothing: cross-entropy label smoothing, in [0, 1).
+        channels_last: keep the network and the inputs in NHWC memory layout (faster convolutions
+            with tensor cores and on most CPUs' oneDNN kernels).
+        compile: compile the network with ``torch.compile`` (in place: checkpoint keys unchanged).
+        compile_options: keyword arguments for ``torch.compile``, e.g. ``{mode: max-autotune}``.
+
+    Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,
+    ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (per epoch, over all
+    ranks).
+
+    Raises:
+        ValueError: for ``num_classes`` < 2 or ``label_smoothing`` outside [0, 1).
+
+    Example::
+
+        model:
+          net:
+            class_path: lit_accel.models.BatchNormCNN
+          optimizer:
+            class_path: torch.optim.SGD
+            init_args: {lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}
+          lr_scheduler:
+            class_path: torch.optim.lr_scheduler.CosineAnnealingLR
+            init_args: {T_max: 10}
+    """
+
+    def __init__(
+        self,
+        net: nn.Module | None = None,
+        num_classes: int = 10,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        label_smoothing: float = 0.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes={num_classes!r} is not allowed: use 2 or more classes")
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing={label_smoothing!r} is not allowed: use a value in [0, 1)")
+        if lr_scheduler_interval not in ("epoch", "step"):
+            raise ValueError(f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: use 'epoch' or 'step'")
+        # Under LightningCLI the hyperparameters are the config (class paths included), so a
+        # checkpoint rebuilds its own network with ImageClassifier.load_from_checkpoint(path).
+        # Built in Python, the network and factories are objects: keep them out of hparams.
+        self.save_hyperparameters(ignore=[] if _built_by_cli() else ["net", "optimizer", "lr_scheduler"])
+        self.net = net if net is not None else SeedCNN(num_classes=num_classes)
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.lr_scheduler_interval = lr_scheduler_interval
+        self.channels_last = channels_last
+        self.compile_net = compile
+        self.compile_options = dict(compile_options or {})
+        self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
+        # torchmetrics objects sum over the epoch locally and reduce across ranks once, at epoch
+        # end: correct global numbers without a collective per step.
+        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.train_loss = MeanMetric()
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
+        self._configured = False
+
+    def configure_model(self) -> None:
+        """Memory layout, FSDP2 sharding (when the strategy gives a device mesh) and compilation.
+
+        Lightning may call this more than once (``fit`` then ``test``); it acts only the first time.
+        """
+        if self._configured:
+            return
+        self._configured = True
+        if self.channels_last:
+            self.net.to(memory_format=torch.channels_last)
+        mesh = self.device_mesh
+        if mesh is not None:
+            from torch.distributed.fsdp import fully_shard
+
+            data_parallel_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
+            units = self.net.fsdp_units() if hasattr(self.net, "fsdp_units") else []
+            for unit in units:
+                fully_shard(unit, mesh=data_parallel_mesh)
+            fully_shard(self.net, mesh=data_parallel_mesh)
+        if self.compile_net:
+            self.net.compile(**self.compile_options)
+
+    def forward(self, images: Tensor) -> Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return self.net(images)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = self.loss_fn(logits, labels)
+        mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
+        accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
+        mean_loss.update(loss.detach(), weight=labels.shape[0])
+        accuracy.update(logits.detach(), labels)
+        if stage == "train":  # per-step values: this rank's batch, no collective
+            self.log("train/loss_step", loss.detach(), prog_bar=True)
+        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
+        """Class probabilities ``(N, num_classes)`` for the batch's images."""
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return torch.softmax(self(images).float(), dim=-1)
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+
+def _built_by_cli() -> bool:
+    """True while LightningCLI instantiates the module with its config as hyperparameters."""
+    try:
+        from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
+    except ImportError:  # a Lightning without the mechanism: fall back to ignoring objects
+        return False
+    return _given_hyperparameters.get() is not None

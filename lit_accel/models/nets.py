@@ -1,0 +1,183 @@
+"""Networks that :class:`~lit_accel.models.ImageClassifier` can wrap.
+
+All take ``(N, 3, 32, 32)`` float images (already normalized) and return ``(N, num_classes)``
+logits. Each exposes ``fsdp_units()``: the sub-modules that FSDP2 shards one by one before the
+root (one all-gather per unit instead of one for the whole network).
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+__all__ = ["SeedCNN", "BatchNormCNN", "ResNet9"]
+
+
+class SeedCNN(nn.Module):
+    """The baseline from the originating design (Keras-style, "valid" convolutions).
+
+    Conv 32 3×3 ReLU, MaxPool 2, Conv 64 3×3 ReLU, MaxPool 2, Flatten, Dense 128 ReLU,
+    Dropout 0.2, Dense ``num_classes``. Spatial sizes: 32 → 30 → 15 → 13 → 6, so the first dense
+    layer sees 64·6·6 = 2,304 features. About 0.32 M parameters.
+
+    Args:
+        num_classes: number of output logits.
+        dropout: dropout probability before the last layer.
+
+    Example::
+
+        model:
+          net:
+            class_path: lit_accel.models.SeedCNN
+    """
+
+    def __init__(self, num_classes: int = 10, dropout: float = 0.2) -> None:
+        super().__init__()
+        _check_common(num_classes, dropout)
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 32, kernel_size=3),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, kernel_size=3),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 6 * 6, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.features, self.classifier]
+
+
+def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+    )
+
+
+class BatchNormCNN(nn.Module):
+    """A small VGG-style CNN with BatchNorm, sized for CPUs.
+
+    Three stages of ``[conv-BN-ReLU] × depth`` at widths ``w, 2w, 4w`` with 2×2 max pooling after
+    each, then one linear layer on the flattened 4×4 map. BatchNorm lets it train at a high learning
+    rate, so it reaches a given accuracy in fewer seconds than :class:`SeedCNN` on CPU
+    (see BENCHMARKS.md for the measurement).
+
+    Args:
+        num_classes: number of output logits.
+        width: channels of the first stage (the next two use 2× and 4×).
+        depth: conv-BN-ReLU layers per stage.
+        dropout: dropout probability before the last layer.
+
+    Example::
+
+        model:
+          net:
+            class_path: lit_accel.models.BatchNormCNN
+            init_args: {width: 32}
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32, depth: int = 1, dropout: float = 0.0) -> None:
+        super().__init__()
+        _check_common(num_classes, dropout)
+        if width < 1:
+            raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
+        if depth < 1:
+            raise ValueError(f"depth={depth!r} is not allowed: use 1 or more layers per stage")
+        w = width
+        self.stages = nn.ModuleList(
+            [
+                nn.Sequential(
+                    _conv_bn(c_in, c_out),
+                    *(_conv_bn(c_out, c_out) for _ in range(depth - 1)),
+                    nn.MaxPool2d(2),
+                )
+                for c_in, c_out in ((3, w), (w, 2 * w), (2 * w, 4 * w))
+            ]
+        )
+        # Flatten the 4×4 map rather than pool it: keeps where things are, at 16× the head's
+        # (tiny) cost.
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(4 * w * 4 * 4, num_classes))
+
+    def forward(self, x: Tensor) -> Tensor:
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(x)
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [*self.stages, self.head]
+
+
+class _Residual(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.body(x)
+
+
+class ResNet9(nn.Module):
+    """The residual net of the CIFAR-10 speed records (Page's ResNet-9, as in airbench's lineage).
+
+    prep conv(w) → [conv(2w), pool, residual] → [conv(4w), pool] → [conv(8w), pool, residual] →
+    global max pool → linear, with logits multiplied by ``logit_scale`` (0.125 in the records,
+    which keeps the softmax soft early in training). With ``width=64`` it is the 6.5 M-parameter
+    record network, built for GPUs; a smaller width makes it usable on CPU.
+
+    Args:
+        num_classes: number of output logits.
+        width: channels of the prep layer (the record network uses 64).
+        logit_scale: multiplier applied to the logits.
+
+    Example::
+
+        model:
+          net:
+            class_path: lit_accel.models.ResNet9
+            init_args: {width: 64}
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 0.125) -> None:
+        super().__init__()
+        _check_common(num_classes, 0.0)
+        if width < 1:
+            raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
+        if logit_scale <= 0:
+            raise ValueError(f"logit_scale={logit_scale!r} is not allowed: use a positive number")
+        w = width
+        self.logit_scale = logit_scale
+        self.prep = _conv_bn(3, w)
+        self.layers = nn.ModuleList(
+            [
+                nn.Sequential(_conv_bn(w, 2 * w), nn.MaxPool2d(2), _Residual(2 * w)),
+                nn.Sequential(_conv_bn(2 * w, 4 * w), nn.MaxPool2d(2)),
+                nn.Sequential(_conv_bn(4 * w, 8 * w), nn.MaxPool2d(2), _Residual(8 * w)),
+            ]
+        )
+        self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes, bias=False))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.prep(x)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(x) * self.logit_scale
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.prep, *self.layers, self.head]
+
+
+def _check_common(num_classes: int, dropout: float) -> None:
+    if num_classes < 2:
+        raise ValueError(f"num_classes={num_classes!r} is not allowed: use 2 or more classes")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout={dropout!r} is not allowed: use a probability in [0, 1)")

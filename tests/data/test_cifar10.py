@@ -1,0 +1,158 @@
+import pytest
+import torch
+from lightning.pytorch.utilities.data import _update_dataloader
+from torch.utils.data import DistributedSampler
+
+from lit_accel.data import CIFAR10DataModule
+from lit_accel.errors import DataNotFoundError
+
+
+def _datamodule(root, **kwargs) -> CIFAR10DataModule:
+    kwargs = {"data_dir": str(root), "val_size": 50, "batch_size": 16, "download": False, **kwargs}
+    return CIFAR10DataModule(**kwargs)
+
+
+def test_reads_the_real_cifar10_format(cifar10_root, cifar10_checksum_patched):
+    root, arrays = cifar10_root
+    dm = _datamodule(root)
+    dm.prepare_data()
+    dm.setup("fit")
+    dm.setup("test")
+    train_images, train_labels = dm._splits["train"]
+    val_images, val_labels = dm._splits["val"]
+    assert train_images.shape == (150, 3, 32, 32) and val_images.shape == (50, 3, 32, 32)
+    assert train_images.dtype == torch.uint8
+    # The split is a permutation of the five training batches, pixels in NCHW order.
+    everything = torch.cat([train_images, val_images])
+    order = torch.randperm(200, generator=torch.Generator().manual_seed(0))
+    order = torch.cat([order[50:], order[:50]])  # training part first, then the 50 held out
+    expected = torch.from_numpy(arrays["train_images"])[order]
+    assert torch.equal(everything, expected)
+    assert torch.equal(torch.cat([train_labels, val_labels]), torch.as_tensor(arrays["train_labels"])[order])
+    test_images, test_labels = dm._splits["test"]
+    assert torch.equal(test_images, torch.from_numpy(arrays["test_images"]))
+    assert dm.classes[0] == "airplane" and len(dm.classes) == 10
+
+
+def test_split_is_seeded_and_identical_across_instances(cifar10_root, cifar10_checksum_patched):
+    root, _ = cifar10_root
+    first, second, other = _datamodule(root), _datamodule(root), _datamodule(root, seed=1)
+    for dm in (first, second, other):
+        dm.setup("fit")
+    assert torch.equal(first._splits["val"][0], second._splits["val"][0])
+    assert not torch.equal(first._splits["val"][0], other._splits["val"][0])
+
+
+def test_missing_data_without_network_gives_one_clear_error(tmp_path, no_network):
+    dm = CIFAR10DataModule(data_dir=str(tmp_path / "nowhere"), download=True)
+    with pytest.raises(DataNotFoundError) as info:
+        dm.prepare_data()
+    message = str(info.value)
+    assert str(tmp_path / "nowhere" / "cifar-10-batches-py") in message
+    assert "cifar-10-python.tar.gz" in message and "--data.synthetic true" in message
+    assert "download failed" in message
+
+
+def test_missing_data_with_download_off(tmp_path):
+    dm = CIFAR10DataModule(data_dir=str(tmp_path), download=False)
+    with pytest.raises(DataNotFoundError, match="downloading is off"):
+        dm.setup("fit")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_preload_and_dataloader_pipelines_agree_without_augmentation(split):
+    batches = {}
+    for pipeline in ("preload", "dataloader"):
+        dm = CIFAR10DataModule(
+            synthetic=True, synthetic_size=300, val_size=60, batch_size=32, pipeline=pipeline, augment=False, num_workers=0
+        )
+        dm.setup("fit")
+        loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
+        torch.manual_seed(0)  # same shuffle order for the training loaders
+        images, labels = next(iter(loader))
+        images, labels = dm.on_after_batch_transfer((images, labels), 0)
+        batches[pipeline] = (images, labels)
+    torch.testing.assert_close(batches["preload"][0], batches["dataloader"][0], rtol=0, atol=1e-6)
+    assert torch.equal(batches["preload"][1], torch.as_tensor(batches["dataloader"][1]))
+    assert batches["preload"][0].dtype == torch.float32
+
+
+def test_training_batches_get_per_sample_augmentation_validation_does_not():
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=200, val_size=40, batch_size=32, cutout=8)
+    dm.setup("fit")
+    same_image = dm._splits["train"][0][:1].repeat(32, 1, 1, 1)
+    torch.manual_seed(0)
+    augmented = dm.device_transform(same_image, train=True)
+    distinct = {tuple(img.flatten()[::97].tolist()) for img in augmented}
+    assert len(distinct) > 16, "each image of the batch is augmented differently"
+    plain = dm.device_transform(same_image, train=False)
+    assert torch.equal(plain[0], plain[-1])
+
+
+def test_dataloader_pipeline_augments_per_sample():
+    dm = CIFAR10DataModule(
+        synthetic=True, synthetic_size=200, val_size=40, batch_size=32, pipeline="dataloader", num_workers=0, cutout=8
+    )
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    torch.manual_seed(0)
+    first, again = dataset[0][0], dataset[0][0]
+    assert first.shape == (3, 32, 32) and first.dtype == torch.float32
+    assert not torch.equal(first, again)
+
+
+def test_batch_size_change_takes_effect_on_the_next_train_dataloader():
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=200, val_size=40, batch_size=16)
+    dm.setup("fit")
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 16
+    dm.batch_size = 48
+    assert next(iter(dm.train_dataloader()))[0].shape[0] == 48
+
+
+def test_lightning_distributed_sampler_gives_disjoint_reshuffled_shards():
+    """The preload loader survives Lightning's sampler injection with DistributedSampler semantics."""
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=264, val_size=64, batch_size=25)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    images, labels = dm._splits["train"]
+
+    def shard(rank: int, epoch: int) -> list[int]:
+        sampler = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True, seed=42)
+        sampler.set_epoch(epoch)
+        distributed = _update_dataloader(loader, sampler)
+        seen = []
+        for batch_images, _ in distributed:
+            assert batch_images.dtype == torch.uint8 and batch_images.ndim == 4
+            # identify each image by its position in the split
+            seen += [int((images == img).all(dim=(1, 2, 3)).nonzero()[0]) for img in batch_images]
+        return seen
+
+    rank0, rank1 = shard(0, epoch=0), shard(1, epoch=0)
+    assert len(rank0) == len(rank1) == 100
+    assert not set(rank0) & set(rank1) and len(set(rank0) | set(rank1)) == 200
+    assert shard(0, epoch=1) != rank0, "a new epoch reshuffles"
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"val_size": -1}, "val_size"),
+        ({"val_size": 50_000}, "val_size"),
+        ({"synthetic": True, "synthetic_size": 100, "val_size": 100}, "val_size"),
+        ({"pipeline": "fast"}, "pipeline"),
+        ({"cutout": 40}, "cutout"),
+        ({"num_workers": -1}, "num_workers"),
+        ({"eval_batch_size": 0}, "eval_batch_size"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name}=.* is not allowed"):
+        CIFAR10DataModule(**kwargs)
+
+
+def test_val_size_larger_than_the_data_found(cifar10_root, cifar10_checksum_patched):
+    root, _ = cifar10_root
+    dm = _datamodule(root, val_size=300)
+    with pytest.raises(ValueError, match="fewer than the 200 training images found"):
+        dm.setup("fit")

@@ -1,0 +1,80 @@
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from lit_accel import CIFAR10DataModule, ImageClassifier, SeedCNN
+
+
+def _trainer(tmp_path, **kwargs) -> L.Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    return L.Trainer(**{**defaults, **kwargs})
+
+
+def test_learns_the_synthetic_data_well_above_chance(tmp_path):
+    L.seed_everything(0)
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=4000, val_size=1000, batch_size=64)
+    model = ImageClassifier(SeedCNN(), optimizer=partial(torch.optim.SGD, lr=0.02, momentum=0.9, nesterov=True))
+    trainer = _trainer(tmp_path, max_epochs=3)
+    trainer.fit(model, dm)
+    metrics = trainer.callback_metrics
+    assert float(metrics["val/acc"]) > 0.4, "10 classes: chance is 0.1"
+    assert float(metrics["train/loss"]) < 2.0
+    for key in ("train/acc", "val/loss", "train/loss_step"):
+        assert key in metrics
+
+
+def test_logs_test_metrics_and_predicts_probabilities(tmp_path):
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=256, synthetic_test_size=64, val_size=64, batch_size=32)
+    model = ImageClassifier()
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=2)
+    trainer.fit(model, dm)
+    (results,) = trainer.test(model, dm, verbose=False)
+    assert set(results) == {"test/loss", "test/acc"}
+    predictions = torch.cat(trainer.predict(model, dm))
+    assert predictions.shape == (64, 10)
+    torch.testing.assert_close(predictions.sum(1), torch.ones(64))
+
+
+def test_label_smoothing_and_scheduler_are_used(tmp_path):
+    model = ImageClassifier(
+        label_smoothing=0.2,
+        optimizer=partial(torch.optim.SGD, lr=0.1),
+        lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5),
+        lr_scheduler_interval="step",
+    )
+    assert model.loss_fn.label_smoothing == 0.2
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=256, val_size=64, batch_size=32)
+    trainer = _trainer(tmp_path, max_steps=3, limit_val_batches=0)
+    trainer.fit(model, dm)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_channels_last_and_compile_switches(tmp_path):
+    model = ImageClassifier(channels_last=True, compile=True, compile_options={"backend": "eager"})
+    model.configure_model()
+    model.configure_model()  # Lightning may call it again (fit, then test): no second compile
+    conv = model.net.features[0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert model.net._compiled_call_impl is not None
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=256, val_size=64, batch_size=32)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1)
+    trainer.fit(model, dm)
+    assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
+
+
+@pytest.mark.parametrize(
+    "kwargs,name",
+    [({"num_classes": 1}, "num_classes"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval")],
+)
+def test_bad_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=f"{name}=.* is not allowed"):
+        ImageClassifier(**kwargs)

@@ -1,0 +1,63 @@
+"""The ``lit-accel`` command: defaults, checkpoints by alias, and user errors."""
+
+import pytest
+import torch
+from helpers import config, read_scalars, run_cli
+
+from lit_accel.cli import LitAccelCLI, main
+
+SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
+
+
+def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--trainer.max_epochs", "2"])
+    best_score = float(fit.trainer.checkpoint_callback.best_model_score)
+    run_dir = in_tmp_dir / "runs" / "cifar10" / "version_0"
+    checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt" and checkpoints[0].startswith("best-epoch")
+
+    # A fresh CLI (as in a new process) finds the best checkpoint and reproduces its val/acc.
+    validate = LitAccelCLI(args=["validate", *SMOKE, "--ckpt_path", "best"])
+    assert float(validate.trainer.callback_metrics["val/acc"]) == pytest.approx(best_score, abs=1e-6)
+
+    test_last = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", "last"])
+    test_path = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    assert "test/acc" in test_last.trainer.callback_metrics
+    assert torch.equal(test_last.trainer.callback_metrics["test/acc"], test_path.trainer.callback_metrics["test/acc"])
+
+
+def test_tensorboard_logs_by_default(in_tmp_dir):
+    LitAccelCLI(args=["fit", *SMOKE])
+    scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
+    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr-SGD"):
+        assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
+    assert (in_tmp_dir / "runs" / "cifar10" / "version_0" / "config.yaml").exists()
+
+
+def test_checkpoint_alias_without_a_run_is_one_clear_error(in_tmp_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *SMOKE, "--ckpt_path", "best"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no 'best' checkpoint found under runs/" in err and "Traceback" not in err
+
+
+def test_resume_alias_before_any_checkpoint_starts_afresh(in_tmp_dir):
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--ckpt_path", "last"])
+    assert fit.trainer.current_epoch == 1 and fit.trainer.ckpt_path is None
+
+
+def test_missing_data_without_network_is_one_clear_error(in_tmp_dir, no_network, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config("cifar10.yaml"), "--data.data_dir", str(in_tmp_dir / "nowhere")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lit-accel: error: CIFAR-10 not found in")
+    assert "--data.synthetic true" in err and "Traceback" not in err
+
+
+def test_console_script_is_installed_and_lists_subcommands(tmp_path):
+    result = run_cli(["--help"], cwd=tmp_path, timeout=120)
+    assert result.returncode == 0, result.stderr
+    for subcommand in ("fit", "validate", "test", "predict"):
+        assert subcommand in result.stdout

@@ -1,0 +1,88 @@
+"""Every YAML file in configs/ runs through the real CLI with a tiny budget."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import CONFIGS, config, run_cli
+
+from lit_accel.cli import LitAccelCLI, main
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SMOKE = ["cifar10.yaml", "smoke.yaml"]
+
+# Each combination a test below runs; test_every_config_file_is_run checks the list is complete.
+IN_PROCESS = [
+    ["smoke.yaml"],
+    SMOKE,
+    [*SMOKE, "precision/bf16-mixed.yaml"],
+    [*SMOKE, "precision/16-mixed.yaml"],
+]
+TWO_PROCESSES = [
+    [*SMOKE, "strategy/ddp.yaml", "precision/bf16-mixed.yaml"],
+    [*SMOKE, "strategy/fsdp.yaml"],
+]
+GPU_ONLY = [[*SMOKE, "strategy/fsdp_gpu.yaml", "precision/16-mixed.yaml"]]
+REAL_CIFAR = [["cifar10.yaml"]]
+
+
+def test_every_config_file_is_run():
+    all_files = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
+    covered = {name for combo in IN_PROCESS + TWO_PROCESSES + GPU_ONLY + REAL_CIFAR for name in combo}
+    assert all_files <= covered, f"config files no test runs: {sorted(all_files - covered)}"
+
+
+@pytest.mark.parametrize("names", IN_PROCESS, ids=lambda names: "+".join(names))
+def test_single_process_configs(names, in_tmp_dir):
+    cli = LitAccelCLI(args=["fit", *config(*names), *QUIET])
+    assert cli.trainer.state.finished
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    precision = cli.trainer.precision
+    if any(name.startswith("precision/") for name in names):
+        assert precision == "bf16-mixed", "on CPU both mixed precisions run as bf16"
+    else:
+        assert precision == "32-true"
+
+
+def test_default_recipe_on_the_real_cifar10_code_path(in_tmp_dir, cifar10_root, cifar10_checksum_patched):
+    root, _ = cifar10_root
+    cli = LitAccelCLI(
+        args=[
+            "fit", *config("cifar10.yaml"), *QUIET,
+            "--data.data_dir", str(root), "--data.val_size", "50", "--data.batch_size", "32",
+            "--trainer.max_epochs", "1",
+        ]
+    )
+    assert cli.datamodule.classes[3] == "cat"
+    assert cli.trainer.num_training_batches == 5  # 150 images / 32 per batch, the last partial
+    assert torch.isfinite(cli.trainer.callback_metrics["val/acc"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("names", TWO_PROCESSES, ids=lambda names: "+".join(names))
+def test_two_process_strategies_on_cpu(names, tmp_path):
+    result = run_cli(["fit", *config(*names), *QUIET, "--trainer.devices", "2"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
+    last = tmp_path / "runs" / "cifar10" / "version_0" / "checkpoints" / "last.ckpt"
+    if "strategy/fsdp.yaml" in names:
+        # FSDP2 saves one shard per process: proof that the model was sharded, not replicated.
+        assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    else:
+        assert last.is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
+def test_gpu_only_config_without_a_gpu_is_one_clear_error(in_tmp_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config(*GPU_ONLY[0]), *QUIET])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lit-accel: error:") and "GPU" in err and "Traceback" not in err
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_only_config_on_a_gpu(tmp_path):
+    result = run_cli(["fit", *config(*GPU_ONLY[0]), *QUIET], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
