@@ -1,0 +1,533 @@
+"""Tests for DynamicBatchLR: pure decision functions, then real Trainers on scripted modules."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers.logger import Logger
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from torch.utils.data import DataLoader, TensorDataset
+
+from lit_accel.callbacks.dynamic_batch_lr import (
+    DynamicBatchLR,
+    _batch_lr_factor,
+    _decay_ratio,
+    _grow_samples,
+    _plan_action,
+    _plateau_step,
+    _samples_cap,
+    _split_samples,
+    _table_value,
+    _warmup_factor,
+)
+
+NUM_SAMPLES = 32  # training samples; with batch 4 an epoch has 8 batches
+BASE_LR = 0.1
+
+
+# ------------------------------------------------------------------------------- pure functions
+def _run_plateau(values, mode="min", patience=2, min_delta=0.0, cooldown=0):
+    best, wait, cool, plateaus = None, 0, 0, []
+    for epoch, value in enumerate(values):
+        best, wait, cool, plateau = _plateau_step(value, best, wait, cool, mode, patience, min_delta, cooldown)
+        if plateau:
+            plateaus.append(epoch)
+    return plateaus, best
+
+
+def test_plateau_step_patience_and_best():
+    plateaus, best = _run_plateau([1.0, 0.9, 0.9, 0.9, 0.8, 0.8, 0.8], patience=2)
+    assert plateaus == [3, 6]
+    assert best == 0.8
+
+
+def test_plateau_step_cooldown_skips_epochs_after_an_action():
+    values = [1.0] * 9
+    assert _run_plateau(values, patience=2, cooldown=0)[0] == [2, 4, 6, 8]
+    assert _run_plateau(values, patience=2, cooldown=1)[0] == [2, 5, 8]
+
+
+def test_plateau_step_mode_max_and_min_delta():
+    # +0.05 steps are not improvements with min_delta=0.1
+    assert _run_plateau([0.5, 0.55, 0.6, 0.65], mode="max", patience=2, min_delta=0.1)[0] == [2]
+    assert _run_plateau([0.5, 0.55, 0.6, 0.65], mode="max", patience=2, min_delta=0.0)[0] == []
+
+
+def test_plateau_step_nan_never_improves():
+    plateaus, best = _run_plateau([float("nan"), float("nan"), 1.0], patience=2)
+    assert plateaus == [1]
+    assert best == 1.0
+
+
+@pytest.mark.parametrize(
+    ("samples", "factor", "cap", "expected"),
+    [(4, 2.0, None, 8), (4, 2.0, 6, 6), (8, 2.0, 8, None), (10, 1.5, None, 15), (1, 1.5, None, None)],
+)
+def test_grow_samples(samples, factor, cap, expected):
+    assert _grow_samples(samples, factor, cap) == expected
+
+
+@pytest.mark.parametrize(
+    ("samples", "max_batch", "fixed", "expected"),
+    [(8, None, None, (8, 1)), (8, 8, None, (8, 1)), (16, 8, None, (8, 2)), (24, 16, None, (12, 2)),
+     (25, 16, None, (13, 2)), (16, None, 4, (4, 4)), (10, None, 4, (4, 3))],
+)
+def test_split_samples(samples, max_batch, fixed, expected):
+    assert _split_samples(samples, max_batch, fixed) == expected
+
+
+def test_samples_cap():
+    assert _samples_cap(8, None, None) == 8  # no effective maximum: no accumulation
+    assert _samples_cap(8, 32, None) == 32
+    assert _samples_cap(None, None, None) is None
+    assert _samples_cap(None, None, 4) == 4  # fixed DataLoader batch, no effective maximum: no growth
+
+
+def test_decay_ratio_floor():
+    assert _decay_ratio(0.1, 0.5, 0.0) == pytest.approx(0.5)
+    assert _decay_ratio(0.1, 0.5, 0.08) == pytest.approx(0.8)
+    assert _decay_ratio(0.08, 0.5, 0.08) is None
+
+
+def test_plan_action_batch_then_lr():
+    assert _plan_action("batch_then_lr", 4, 8, 2.0, 0.1, 0.5, 0.0) == ("batch", 8.0)
+    assert _plan_action("batch_then_lr", 8, 8, 2.0, 0.1, 0.5, 0.0) == ("lr", pytest.approx(0.5))
+    assert _plan_action("batch", 8, 8, 2.0, 0.1, 0.5, 0.0) is None
+    assert _plan_action("lr", 4, 8, 2.0, 0.1, 0.5, 0.0) == ("lr", pytest.approx(0.5))
+    assert _plan_action("batch_then_lr", 8, 8, 2.0, 0.1, 0.5, 0.1) is None
+
+
+def test_small_helpers():
+    assert [_warmup_factor(s, 4) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert _warmup_factor(0, 0) == 1.0
+    assert _table_value({0: 1.0, 3: 0.1}, 2, 9.0) == 1.0
+    assert _table_value({0: 1.0, 3: 0.1}, 5, 9.0) == 0.1
+    assert _table_value({2: 0.5}, 1, 9.0) == 9.0
+    assert _batch_lr_factor(4.0, "linear") == 4.0
+    assert _batch_lr_factor(4.0, "sqrt") == 2.0
+    assert _batch_lr_factor(4.0, "none") == 1.0
+
+
+# ------------------------------------------------------------------------------------ arguments
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"mode": "up"}, "mode"),
+        ({"policy": "grow"}, "policy"),
+        ({"patience": 0}, "patience"),
+        ({"min_delta": -1.0}, "min_delta"),
+        ({"cooldown": -1}, "cooldown"),
+        ({"lr_factor": 1.0}, "lr_factor"),
+        ({"lr_factor": 0.0}, "lr_factor"),
+        ({"min_lr": -0.1}, "min_lr"),
+        ({"batch_factor": 1.0}, "batch_factor"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"max_effective_batch_size": -4}, "max_effective_batch_size"),
+        ({"lr_scaling": "cubic"}, "lr_scaling"),
+        ({"warmup_steps": -1}, "warmup_steps"),
+        ({"monitor": ""}, "monitor"),
+        ({"policy": "batch"}, "policy"),  # no maximum
+        ({"policy": "batch", "max_batch_size": 8, "batch_size_schedule": {2: 8}}, "batch_size_schedule"),
+        ({"batch_size_schedule": {-1: 8}}, "batch_size_schedule"),
+        ({"batch_size_schedule": {1: 0}}, "batch_size_schedule"),
+        ({"lr_schedule": {1: -0.5}}, "lr_schedule"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        DynamicBatchLR(**kwargs)
+
+
+def test_state_dict_round_trip_and_defaults():
+    cb = DynamicBatchLR(policy="batch", max_batch_size=8)
+    cb._batch_size, cb._accumulate, cb._base_samples, cb._lr_decay = 8, 2, 4, 0.25
+    cb._best, cb._wait, cb._cooldown_left, cb._applied_lr_scale = 0.5, 1, 2, 0.25
+    other = DynamicBatchLR(policy="batch", max_batch_size=8)
+    other.load_state_dict(cb.state_dict())
+    assert other.state_dict() == cb.state_dict()
+    old = DynamicBatchLR()
+    old.load_state_dict({"batch_size": 16})  # keys added later load with defaults
+    assert old.state_dict()["lr_decay"] == 1.0 and old.state_dict()["accumulate_grad_batches"] == 1
+    assert DynamicBatchLR(policy="lr").state_key != DynamicBatchLR(monitor="val/acc", mode="max").state_key
+
+
+def test_tables_from_yaml_have_int_keys():
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(DynamicBatchLR, "cb")
+    cfg = parser.parse_string("cb:\n  batch_size_schedule: {0: 64, 5: 128}\n  lr_schedule: {10: 0.1}\n")
+    cb = DynamicBatchLR(**cfg.cb.as_dict())
+    assert cb.batch_size_schedule == {0: 64, 5: 128}
+    assert cb.lr_schedule == {10: 0.1}
+
+
+# ----------------------------------------------------------------------------- Trainer fixtures
+class RecordingLogger(Logger):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "recording"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+
+class BatchSizeListener(Callback):
+    """Stands in for a throughput meter: records the documented protocol calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int]] = []
+
+    def on_batch_size_changed(self, trainer: Trainer, pl_module: LightningModule, batch_size: int) -> None:
+        self.calls.append((trainer.current_epoch, batch_size))
+
+
+def _dataset(n: int = NUM_SAMPLES) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g))
+
+
+class ScriptedModule(LightningModule):
+    """A linear regressor whose ``val/loss`` follows ``script[epoch]`` (per rank under DDP).
+
+    ``holder``: "module" exposes ``self.batch_size`` read by its own ``train_dataloader``; "none"
+    returns a plain DataLoader with no attribute anywhere; "datamodule" leaves loaders to a
+    data module. Records, per epoch, the batch sizes seen, the LR at each step and the accumulation.
+    """
+
+    def __init__(self, script, holder="module", batch_size=4, scheduler=None, out_dir=None):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+        self.script = script
+        self.holder = holder
+        if holder == "module":
+            self.batch_size = batch_size
+        self._fixed_batch = batch_size
+        self.scheduler = scheduler
+        self.out_dir = out_dir
+        self.seen: dict[int, list[int]] = {}
+        self.lrs: dict[int, list[float]] = {}
+        self.accumulate: dict[int, int] = {}
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        epoch = self.current_epoch
+        self.seen.setdefault(epoch, []).append(len(x))
+        self.lrs.setdefault(epoch, []).append(float(self.trainer.optimizers[0].param_groups[0]["lr"]))
+        self.accumulate[epoch] = self.trainer.accumulate_grad_batches
+        return torch.nn.functional.mse_loss(self.layer(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def on_validation_epoch_end(self):
+        if not self.trainer.sanity_checking:
+            table = self.script[self.global_rank] if isinstance(self.script[0], list) else self.script
+            self.log("val/loss", float(table[self.current_epoch]))
+
+    def on_train_end(self):
+        if self.out_dir is not None:
+            record = {"seen": self.seen, "lrs": self.lrs, "accumulate": self.accumulate}
+            Path(self.out_dir, f"rank{self.global_rank}.json").write_text(json.dumps(record))
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=BASE_LR)
+        if self.scheduler is None:
+            return optimizer
+        name, interval, kwargs = self.scheduler
+        scheduler = getattr(torch.optim.lr_scheduler, name)(optimizer, **kwargs)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def train_dataloader(self):
+        batch = self.batch_size if self.holder == "module" else self._fixed_batch
+        return DataLoader(_dataset(), batch_size=batch, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(_dataset(8), batch_size=8)
+
+
+class ScriptedDataModule(LightningDataModule):
+    """A minimal data module (not lit_accel's) with a public ``batch_size``."""
+
+    def __init__(self, batch_size: int = 4) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.train_loader_builds = 0
+
+    def train_dataloader(self):
+        self.train_loader_builds += 1
+        return DataLoader(_dataset(), batch_size=self.batch_size, shuffle=True)
+
+    def val_dataloader(self):
+        return DataLoader(_dataset(8), batch_size=8)
+
+
+def _trainer(tmp_path, callbacks, max_epochs, **kwargs) -> Trainer:
+    kwargs.setdefault("logger", False)
+    kwargs.setdefault("enable_checkpointing", False)
+    kwargs.setdefault("devices", 1)
+    return Trainer(
+        accelerator="cpu",
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        log_every_n_steps=1,
+        default_root_dir=tmp_path,
+        **kwargs,
+    )
+
+
+def _first_lr(model) -> list[float]:
+    return [model.lrs[e][0] for e in sorted(model.lrs)]
+
+
+def _batch_sizes(model) -> list[int]:
+    return [model.seen[e][0] for e in sorted(model.seen)]
+
+
+# ------------------------------------------------------------------------------ Trainer tests
+def test_lr_policy_decays_at_the_expected_epoch_with_cooldown(tmp_path, caplog):
+    script = [1.0, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9, 0.9]
+    cb = DynamicBatchLR(policy="lr", patience=2, cooldown=1, lr_factor=0.5)
+    model = ScriptedModule(script)
+    with caplog.at_level(logging.INFO, logger="lit_accel.callbacks.dynamic_batch_lr"):
+        _trainer(tmp_path, [cb], max_epochs=8).fit(model)
+    # best 0.9 at epoch 1; 2nd epoch without improvement = epoch 3 -> lower LR from epoch 4;
+    # cooldown 1 ignores epoch 4; then epochs 5 and 6 -> lower LR from epoch 7.
+    assert _first_lr(model) == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.05, 0.05, 0.025])
+    assert _batch_sizes(model) == [4] * 8
+    changes = [r.getMessage() for r in caplog.records if "plateaued" in r.getMessage()]
+    assert len(changes) == 2 and "epoch 3" in changes[0] and "lr scale 1 → 0.5" in changes[0]
+
+
+def test_lr_policy_respects_min_lr(tmp_path):
+    cb = DynamicBatchLR(policy="lr", patience=1, lr_factor=0.5, min_lr=0.03)
+    model = ScriptedModule([1.0] * 5)
+    _trainer(tmp_path, [cb], max_epochs=5).fit(model)
+    # plateaus at epochs 1, 2, 3: 0.1 -> 0.05 -> 0.03 (floor) -> no change
+    assert _first_lr(model) == pytest.approx([0.1, 0.1, 0.05, 0.03, 0.03])
+
+
+def test_batch_growth_with_datamodule_accumulates_past_max_and_scales_lr(tmp_path):
+    logger = RecordingLogger()
+    listener = BatchSizeListener()
+    cb = DynamicBatchLR(
+        policy="batch", patience=1, batch_factor=2.0, max_batch_size=8, max_effective_batch_size=32, lr_scaling="linear"
+    )
+    model = ScriptedModule([1.0] * 6, holder="datamodule")
+    dm = ScriptedDataModule(batch_size=4)
+    trainer = _trainer(tmp_path, [cb, listener], max_epochs=6, logger=logger)
+    trainer.fit(model, datamodule=dm)
+    # plateau at the end of epochs 1, 2, 3, 4: samples/step 4 -> 8 -> 16 -> 32 -> capped
+    assert _batch_sizes(model) == [4, 4, 8, 8, 8, 8]
+    assert [model.accumulate[e] for e in range(6)] == [1, 1, 1, 2, 4, 4]
+    assert [len(model.seen[e]) for e in range(6)] == [8, 8, 4, 4, 4, 4]
+    assert _first_lr(model) == pytest.approx([0.1, 0.1, 0.2, 0.4, 0.8, 0.8])
+    # 8 + 8 + 4 optimizer steps, then 4 batches / 2, then 4 / 4 twice
+    assert trainer.global_step == 8 + 8 + 4 + 2 + 1 + 1
+    assert dm.batch_size == 8
+    assert dm.train_loader_builds == 2  # the first build and one rebuild for 4 -> 8
+    assert listener.calls == [(2, 8)]
+    per_epoch = [m for _, m in logger.records if "dynamic/batch_size" in m]
+    assert [step for step, m in logger.records if "dynamic/batch_size" in m] == [0, 8, 16, 20, 22, 23]
+    assert [m["dynamic/effective_batch_size"] for m in per_epoch] == [4, 4, 8, 16, 32, 32]
+    assert [m["dynamic/batch_size"] for m in per_epoch] == [4, 4, 8, 8, 8, 8]
+    assert per_epoch[-1]["dynamic/lr_scale"] == pytest.approx(8.0)
+
+
+def test_batch_then_lr_on_a_module_attribute(tmp_path):
+    cb = DynamicBatchLR(policy="batch_then_lr", patience=1, max_batch_size=8, lr_factor=0.5)
+    model = ScriptedModule([1.0] * 5, holder="module")
+    _trainer(tmp_path, [cb], max_epochs=5).fit(model)
+    # epoch 1: batch 4 -> 8 (lr_scaling none keeps LR); epoch 2: at max -> LR halves; epoch 3: again
+    assert _batch_sizes(model) == [4, 4, 8, 8, 8]
+    assert _first_lr(model) == pytest.approx([0.1, 0.1, 0.1, 0.05, 0.025])
+    assert model.batch_size == 8
+
+
+def test_plain_dataloader_without_attribute_grows_by_accumulation(tmp_path):
+    cb = DynamicBatchLR(policy="batch", patience=1, max_effective_batch_size=16)
+    model = ScriptedModule([1.0] * 5, holder="none")
+    with pytest.warns(UserWarning, match="no integer `batch_size` attribute"):
+        _trainer(tmp_path, [cb], max_epochs=5).fit(model)
+    assert _batch_sizes(model) == [4] * 5
+    assert [model.accumulate[e] for e in range(5)] == [1, 1, 2, 4, 4]
+
+
+def test_schedule_mode_tables(tmp_path):
+    cb = DynamicBatchLR(
+        policy="none",
+        batch_size_schedule={0: 2, 2: 8, 3: 16},
+        lr_schedule={1: 0.5, 3: 0.1},
+        max_batch_size=8,
+        lr_scaling="sqrt",
+    )
+    model = ScriptedModule([1.0] * 4, holder="module", batch_size=4)
+    _trainer(tmp_path, [cb], max_epochs=4).fit(model)
+    assert _batch_sizes(model) == [2, 2, 8, 8]
+    assert [model.accumulate[e] for e in range(4)] == [1, 1, 1, 2]
+    # base = 4 samples/step; sqrt rule × table factor
+    expected = [math.sqrt(2 / 4), math.sqrt(2 / 4) * 0.5, math.sqrt(8 / 4) * 0.5, math.sqrt(16 / 4) * 0.1]
+    assert _first_lr(model) == pytest.approx([BASE_LR * f for f in expected])
+
+
+def test_multiplier_on_top_of_cosine_schedule(tmp_path):
+    t_max, eta_min = 6, 0.01
+    cb = DynamicBatchLR(policy="lr", patience=2, lr_factor=0.5)
+    cosine_args = {"T_max": t_max, "eta_min": eta_min}
+    model = ScriptedModule([1.0, 0.9, 0.9, 0.9, 0.9, 0.9], scheduler=("CosineAnnealingLR", "epoch", cosine_args))
+    _trainer(tmp_path, [cb], max_epochs=6).fit(model)
+    scale = [1, 1, 1, 1, 0.5, 0.5]  # plateau at the end of epoch 3
+    cosine = [eta_min + (BASE_LR - eta_min) * (1 + math.cos(math.pi * e / t_max)) / 2 for e in range(6)]
+    assert _first_lr(model) == pytest.approx([s * c for s, c in zip(scale, cosine)], rel=1e-9)
+
+
+def test_warmup_on_top_of_onecycle(tmp_path):
+    warmup = 4
+    kwargs = {"max_lr": BASE_LR, "total_steps": 16}
+    cb = DynamicBatchLR(policy="none", warmup_steps=warmup)
+    model = ScriptedModule([1.0] * 2, scheduler=("OneCycleLR", "step", kwargs))
+    _trainer(tmp_path, [cb], max_epochs=2).fit(model)
+    reference = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=BASE_LR)
+    onecycle = torch.optim.lr_scheduler.OneCycleLR(reference, **kwargs)
+    expected = []
+    for step in range(16):
+        expected.append(reference.param_groups[0]["lr"] * _warmup_factor(step, warmup))
+        reference.step()
+        onecycle.step()
+    seen = model.lrs[0] + model.lrs[1]
+    assert seen == pytest.approx(expected, rel=1e-9)
+
+
+def test_works_with_lit_accel_preload_datamodule(tmp_path):
+    from lit_accel.data import CIFAR10DataModule
+
+    class TinyImageModule(LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 10))
+            self.seen: dict[int, set[int]] = {}
+
+        def training_step(self, batch, batch_idx):
+            images, labels = batch
+            self.seen.setdefault(self.current_epoch, set()).add(len(images))
+            return torch.nn.functional.cross_entropy(self.net(images), labels)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=128, synthetic_test_size=16, val_size=0, batch_size=16)
+    cb = DynamicBatchLR(policy="none", batch_size_schedule={1: 32})
+    model = TinyImageModule()
+    _trainer(tmp_path, [cb], max_epochs=2, limit_val_batches=0).fit(model, datamodule=dm)
+    assert model.seen == {0: {16}, 1: {32}}
+
+
+class LateRestoreStrategy(SingleDeviceStrategy):
+    """Restores callbacks after ``on_fit_start``, as FSDP/ModelParallel/DeepSpeed do."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("late_restore", [False, True])
+def test_resume_restores_batch_lr_and_counters(tmp_path, late_restore):
+    def make():
+        return DynamicBatchLR(policy="batch_then_lr", patience=1, max_batch_size=8, max_effective_batch_size=16)
+
+    script = [1.0] * 6
+    full = ScriptedModule(script)
+    _trainer(tmp_path / "full", [make()], max_epochs=6).fit(full)
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    first = ScriptedModule(script)
+    cb_first = make()
+    _trainer(tmp_path / "a", [cb_first, ckpt], max_epochs=3, enable_checkpointing=True).fit(first)
+
+    resumed = ScriptedModule(script)
+    cb_resumed = make()
+    strategy = LateRestoreStrategy(device=torch.device("cpu")) if late_restore else "auto"
+    trainer = _trainer(tmp_path / "b", [cb_resumed], max_epochs=6, strategy=strategy)
+    trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
+    # epochs 3..5 of the resumed run repeat the uninterrupted run
+    for epoch in (3, 4, 5):
+        assert resumed.seen[epoch][0] == full.seen[epoch][0]
+        assert resumed.accumulate[epoch] == full.accumulate[epoch]
+        assert resumed.lrs[epoch][0] == pytest.approx(full.lrs[epoch][0])
+    assert _batch_sizes(full) == [4, 4, 8, 8, 8, 8]
+    assert [full.accumulate[e] for e in range(6)] == [1, 1, 1, 2, 2, 2]
+    assert _first_lr(full) == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.025])
+    assert resumed.batch_size == 8
+
+
+def test_second_fit_continues_with_fresh_optimizers(tmp_path):
+    cb = DynamicBatchLR(policy="lr", patience=1, lr_factor=0.5)
+    model = ScriptedModule([1.0] * 4)
+    _trainer(tmp_path, [cb], max_epochs=2).fit(model)  # decays once, at the end of epoch 1
+    model.lrs.clear()
+    _trainer(tmp_path, [cb], max_epochs=4).fit(model)  # new Trainer: configure_optimizers starts at 0.1 again
+    # the state continues (decay 0.5, best 1.0): every epoch of the second fit is a plateau
+    assert _first_lr(model) == pytest.approx([0.05, 0.025, 0.0125, 0.00625])
+
+
+def _ddp_fit(tmp_path: Path) -> None:
+    # rank 0 alone would see a plateau at epoch 1, rank 1 alone never; their mean plateaus at epoch 3
+    script = [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 0.2, 0.05, 0.05]]
+    cb = DynamicBatchLR(policy="batch_then_lr", patience=1, min_delta=0.1, max_batch_size=8)
+    model = ScriptedModule(script, holder="datamodule", out_dir=str(tmp_path))
+    trainer = _trainer(tmp_path, [cb], max_epochs=5, strategy="ddp_spawn", devices=2)
+    trainer.fit(model, datamodule=ScriptedDataModule(batch_size=4))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_decide_together(tmp_path):
+    torch.set_num_threads(1)
+    _ddp_fit(tmp_path)
+    records = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in records:
+        # 32 samples split over 2 ranks: 16 per rank, 4 batches of 4 then 2 batches of 8
+        assert [record["seen"][str(e)] for e in range(5)] == [[4] * 4] * 4 + [[8, 8]]
+        assert [record["lrs"][str(e)][0] for e in range(5)] == pytest.approx([BASE_LR] * 5)
+    assert records[0] == records[1]
+
+
+def test_manual_optimization_rejects_a_schedule_that_needs_accumulation(tmp_path):
+    """Manual optimization cannot accumulate: a schedule that needs it fails with a clear error."""
+
+    class Manual(ScriptedModule):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.automatic_optimization = False
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            loss = super().training_step(batch, batch_idx)
+            opt.zero_grad()
+            self.manual_backward(loss)
+            opt.step()
+
+    cb = DynamicBatchLR(policy="none", batch_size_schedule={0: 16}, max_batch_size=8)
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
+        _trainer(tmp_path, [cb], max_epochs=1).fit(Manual([1.0]))
