@@ -1,0 +1,247 @@
+"""PredictionCSVWriter: ``trainer.predict`` results as one CSV file, one row per image."""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+
+__all__ = ["PredictionCSVWriter"]
+
+
+class PredictionCSVWriter(BasePredictionWriter):
+    """Writes each predicted image's class, its probability and the runner-up classes to a CSV file.
+
+    ``predict_step`` must return class probabilities ``(N, num_classes)`` (or logits, with
+    ``softmax: true``). The batch says what each row is about:
+
+    * ``(images, names)`` with ``names`` a list of strings (lit_accel's ``data.predict_dir``:
+      file paths relative to the folder) → columns ``file, predicted, probability, top2,
+      top2_probability, …``;
+    * ``(images, labels)`` with integer labels (a labelled split, e.g. the test set) → columns
+      ``index, label, predicted, probability, …`` with ``index`` the sample's position in the
+      data set;
+    * anything else → ``index, predicted, probability, …``.
+
+    Class names come from ``class_names``, else the datamodule's ``classes`` attribute, else the
+    class indices. Probabilities are written with 6 decimals. Rows are sorted by file name (or
+    index).
+
+    Each rank streams its rows to ``<output_path>.rank<R>.part``; at the end of ``predict`` the
+    ranks meet at a barrier and rank 0 merges the parts into ``output_path`` and deletes them. With
+    several machines, ``output_path`` must be on a file system they share.
+
+    Args:
+        output_path: the CSV file to write (folders are created; an existing file is replaced).
+        top_k: classes listed per image, best first (the first is ``predicted``); at most the
+            number of classes.
+        class_names: names for the class indices; default: the datamodule's ``classes``.
+        softmax: apply a softmax to the predictions first (for a ``predict_step`` that returns
+            logits).
+
+    Logged keys: none (it writes a file and tells its path with ``rank_zero_info``).
+
+    Raises:
+        ValueError: for ``top_k`` < 1 or an empty ``output_path``.
+
+    Example::
+
+        trainer:
+          callbacks:
+            - class_path: lit_accel.callbacks.PredictionCSVWriter
+              init_args:
+                output_path: predictions.csv
+                top_k: 3
+    """
+
+    def __init__(
+        self,
+        output_path: str = "predictions.csv",
+        top_k: int = 3,
+        class_names: list[str] | None = None,
+        softmax: bool = False,
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if not isinstance(output_path, str) or not output_path.strip():
+            raise ValueError(f"output_path={output_path!r} is not allowed: use a file path such as 'predictions.csv'")
+        if top_k < 1:
+            raise ValueError(f"top_k={top_k!r} is not allowed: use 1 or more classes")
+        self.output_path = output_path
+        self.top_k = top_k
+        self.class_names = list(class_names) if class_names is not None else None
+        self.softmax = softmax
+        self._part: Any = None
+        self._csv: Any = None
+        self._names: list[str] | None = None
+        self._names_checked = False
+        self._rows_written = 0
+
+    # ------------------------------------------------------------------------------------ hooks
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = os.path.dirname(os.path.abspath(self.output_path))
+        os.makedirs(folder, exist_ok=True)
+        self._names, self._names_checked = None, False
+        self._rows_written = 0
+        self._part = open(_part_path(self.output_path, trainer.global_rank), "w", newline="", encoding="utf-8")
+        self._csv = csv.writer(self._part)
+
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Sequence[int] | None,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        if self._csv is None or not isinstance(prediction, Tensor) or prediction.ndim != 2:
+            return
+        count = prediction.shape[0]
+        if count == 0:  # every file of the batch was unreadable (and already reported)
+            return
+        probabilities = prediction.detach().float()
+        if self.softmax:
+            probabilities = torch.softmax(probabilities, dim=-1)
+        names = self._class_names(trainer, probabilities.shape[1])
+        ids, labels = _row_ids(batch, batch_indices, count, first=self._rows_written)
+        if self._rows_written == 0:
+            k = min(self.top_k, len(names))
+            self._csv.writerow(header(ids_are_files=isinstance(ids[0], str), with_labels=labels is not None, k=k))
+        self._csv.writerows(format_rows(ids, probabilities.cpu(), names, self.top_k, labels))
+        self._rows_written += count
+
+    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close_part()
+        # Every rank reaches this hook once, so the barrier cannot leave one rank waiting.
+        trainer.strategy.barrier("PredictionCSVWriter.merge")
+        if trainer.is_global_zero:
+            parts = [_part_path(self.output_path, rank) for rank in range(trainer.world_size)]
+            count = merge_parts(parts, self.output_path)
+            rank_zero_info(f"PredictionCSVWriter: wrote {count} predictions to {os.path.abspath(self.output_path)}")
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close_part()  # the part files stay, for a look at what was written before the error
+
+    def _close_part(self) -> None:
+        if self._part is not None:
+            self._part.close()
+            self._part, self._csv = None, None
+
+    def _class_names(self, trainer: pl.Trainer, num_classes: int) -> list[str]:
+        if self._names is not None and len(self._names) == num_classes:
+            return self._names
+        candidate = self.class_names
+        source = "class_names"
+        if candidate is None:
+            candidate = getattr(trainer.datamodule, "classes", None)
+            source = "the datamodule's classes"
+        names = [str(i) for i in range(num_classes)]
+        if candidate is not None:
+            if len(candidate) == num_classes:
+                names = [str(name) for name in candidate]
+            elif not self._names_checked:
+                rank_zero_warn(
+                    f"PredictionCSVWriter: {source} has {len(candidate)} names but the predictions have "
+                    f"{num_classes} classes; writing class indices instead."
+                )
+        self._names_checked = True
+        self._names = names
+        return names
+
+
+# ----------------------------------------------------------------------------- pure functions
+def header(ids_are_files: bool, with_labels: bool, k: int) -> list[str]:
+    """The CSV's column names."""
+    columns = ["file" if ids_are_files else "index"]
+    if with_labels:
+        columns.append("label")
+    columns += ["predicted", "probability"]
+    for rank in range(2, k + 1):
+        columns += [f"top{rank}", f"top{rank}_probability"]
+    return columns
+
+
+def format_rows(
+    ids: Sequence[str | int],
+    probabilities: Tensor,
+    class_names: Sequence[str],
+    top_k: int,
+    labels: Sequence[int] | None = None,
+) -> list[list[str]]:
+    """One CSV row per sample: id, [true label], then the ``top_k`` classes with their probabilities."""
+    k = min(top_k, probabilities.shape[1])
+    values, indices = probabilities.topk(k, dim=1)
+    rows = []
+    for i, sample_id in enumerate(ids):
+        row = [str(sample_id)]
+        if labels is not None:
+            row.append(_name(class_names, int(labels[i])))
+        for value, index in zip(values[i].tolist(), indices[i].tolist()):
+            row += [_name(class_names, index), f"{value:.6f}"]
+        rows.append(row)
+    return rows
+
+
+def merge_parts(parts: Sequence[str], output_path: str) -> int:
+    """Concatenate the ranks' part files into ``output_path`` (one header, rows sorted); returns the row count.
+
+    Each part starts with its header row (an empty part has none). Rows are sorted by their first
+    column: by name for files, numerically for indices. Part files are deleted afterwards; a
+    missing part counts as empty.
+    """
+    columns: list[str] | None = None
+    rows: list[list[str]] = []
+    for part in parts:
+        if not os.path.exists(part):
+            continue
+        with open(part, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            part_columns = next(reader, None)
+            if part_columns is None:
+                continue
+            if columns is not None and part_columns != columns:
+                raise RuntimeError(f"{part} has columns {part_columns}, other ranks wrote {columns}")
+            columns = part_columns
+            rows.extend(reader)
+    by_index = columns is not None and columns[0] == "index"
+    rows.sort(key=(lambda row: int(row[0])) if by_index else (lambda row: row[0]))
+    with open(output_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns or header(ids_are_files=True, with_labels=False, k=1))
+        writer.writerows(rows)
+    for part in parts:
+        if os.path.exists(part):
+            os.remove(part)
+    return len(rows)
+
+
+def _row_ids(
+    batch: Any, batch_indices: Sequence[int] | None, count: int, first: int = 0
+) -> tuple[list[Any], list[int] | None]:
+    """What each row is about: ``(file names or data set indices, true labels or None)``."""
+    second = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+    if isinstance(second, (list, tuple)) and len(second) == count and all(isinstance(x, str) for x in second):
+        return list(second), None
+    labels = None
+    if isinstance(second, Tensor) and second.ndim == 1 and second.shape[0] == count and not second.is_floating_point():
+        labels = second.tolist()
+    if batch_indices is not None and len(batch_indices) == count:
+        return list(batch_indices), labels
+    # Without the sampler's indices (e.g. an iterable data set) rows are numbered in this rank's order.
+    return list(range(first, first + count)), labels
+
+
+def _name(class_names: Sequence[str], index: int) -> str:
+    return class_names[index] if 0 <= index < len(class_names) else str(index)
+
+
+def _part_path(output_path: str, rank: int) -> str:
+    return f"{output_path}.rank{rank}.part"

@@ -1,0 +1,358 @@
+"""``lit-accel-export``: a checkpoint → self-contained model files for serving, without lit_accel.
+
+Two artifacts, each holding the network, its weights and CIFAR-10's normalization:
+
+* ``model.pt2`` — ``torch.export`` (load with ``torch.export.load(path).module()``). Takes the
+  dtype chosen at export (``--input-dtype``, default uint8).
+* ``model.torchscript.pt`` — TorchScript (``torch.jit.load(path)``, also from C++/LibTorch). Takes
+  uint8 or float input. TorchScript is deprecated in recent PyTorch; it is kept for serving stacks
+  that still need it.
+
+Input contract: images ``(N, 3, 32, 32)``, RGB, any batch size N ≥ 1, brought to 32×32 the way
+``lit-accel predict`` does (shorter side to 32, center crop); either uint8 in 0…255 or float32 in
+[0, 1]. Output: class probabilities ``(N, num_classes)`` (softmax; rows sum to 1), float32.
+Each file carries ``metadata.json`` (class names, input contract, normalization, source
+checkpoint), also written next to them: ``torch.export.load(path, extra_files={"metadata.json":
+""})`` or ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` fills it in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import io
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint
+from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD
+from lit_accel.data.cifar10 import CIFAR10_CLASSES
+from lit_accel.errors import LitAccelUserError
+
+__all__ = ["CheckpointError", "ServingModel", "export_checkpoint", "export_model", "load_classifier", "main"]
+
+IMAGE_SIZE = 32
+PT2_NAME = "model.pt2"
+TORCHSCRIPT_NAME = "model.torchscript.pt"
+METADATA_NAME = "metadata.json"
+Format = Literal["pt2", "torchscript"]
+FORMATS: tuple[Format, ...] = ("pt2", "torchscript")
+# Largest batch the .pt2 accepts; torch.export needs a bound, this one is far above any serving batch.
+_MAX_BATCH = 65536
+# float32 differences between the exported graph and eager PyTorch (op fusion, summation order).
+_CHECK_TOLERANCE = 1e-4
+
+
+class CheckpointError(LitAccelUserError):
+    """The checkpoint to export is missing, unreadable or not one of lit_accel's classifiers."""
+
+
+class ServingModel(nn.Module):
+    """The network with the input normalization folded in: images → class probabilities.
+
+    Args:
+        net: ``(N, 3, H, W)`` normalized float images → ``(N, C)`` logits.
+        mean: per-channel mean of the [0, 1] pixel values the network was trained with.
+        std: per-channel standard deviation of the same.
+
+    ``forward(images)``: uint8 ``(N, 3, H, W)`` in 0…255, or float in [0, 1] → float32
+    probabilities ``(N, C)``. Computes ``softmax(net((images / 255 - mean) / std))``, the same
+    arithmetic as training's ``lit_accel.data.augment.normalize``.
+    """
+
+    def __init__(self, net: nn.Module, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+        super().__init__()
+        self.net = net
+        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        if images.dtype == torch.uint8:
+            x = images.to(torch.float32) / 255.0
+        else:
+            x = images.to(torch.float32)
+        logits = self.net((x - self.mean) / self.std)
+        return torch.softmax(logits.to(torch.float32), dim=-1)
+
+
+# ------------------------------------------------------------------------------- loading
+def resolve_checkpoint(checkpoint: str, runs_dir: str = "runs") -> str:
+    """A checkpoint path, or ``best``/``last``: the newest run's under ``runs_dir`` (as ``--ckpt_path``)."""
+    if checkpoint in CHECKPOINT_ALIASES and not os.path.exists(checkpoint):
+        found = find_checkpoint(runs_dir, checkpoint)
+        if found is None:
+            raise CheckpointError(
+                f"no {checkpoint!r} checkpoint found under {runs_dir}/. Train first with "
+                f"'lit-accel fit --config …', pass --runs-dir with the logger's save_dir, or pass the .ckpt file."
+            )
+        return found
+    if not os.path.exists(checkpoint):
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} not found ({os.path.abspath(checkpoint)}). Pass a .ckpt file written by "
+            f"'lit-accel fit' (runs/<name>/version_<n>/checkpoints/), or 'best'/'last' for the newest run's."
+        )
+    return checkpoint
+
+
+def load_classifier(checkpoint: str) -> nn.Module:
+    """An ``ImageClassifier`` rebuilt from a ``lit-accel fit`` checkpoint, on the CPU, in eval mode.
+
+    Accepts a ``.ckpt`` file or an FSDP2 checkpoint folder (``.distcp`` shards, from
+    ``configs/strategy/fsdp.yaml``), consolidated in memory.
+
+    Raises:
+        CheckpointError: if the checkpoint is missing, unreadable, or does not describe its network.
+    """
+    from lit_accel.models import ImageClassifier
+
+    if os.path.isdir(checkpoint):
+        contents = _consolidated(checkpoint)
+        source: Any = io.BytesIO()
+        torch.save(contents, source)
+        source.seek(0)
+    else:
+        source = checkpoint
+        contents = _read_checkpoint_file(checkpoint)
+    hparams = contents.get("hyper_parameters") if isinstance(contents, dict) else None
+    if not isinstance(contents, dict) or "state_dict" not in contents:
+        raise CheckpointError(f"{checkpoint!r} is not a Lightning checkpoint (it has no 'state_dict').")
+    if not isinstance(hparams, dict) or "net" not in hparams:
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} does not record its network (no 'net' in its hyperparameters): it was not "
+            f"written by 'lit-accel fit'. For a model built in Python, call "
+            f"lit_accel.export.export_model(model.net, out_dir) instead."
+        )
+    try:
+        model = ImageClassifier.load_from_checkpoint(source, map_location="cpu", weights_only=False)
+    except (KeyError, RuntimeError, TypeError, ValueError, ImportError, AttributeError) as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(
+            f"checkpoint {checkpoint!r} could not be rebuilt as a lit_accel ImageClassifier "
+            f"({type(err).__name__}: {message}). Was it written by another version of the network's code?"
+        ) from err
+    return model.eval()
+
+
+def _read_checkpoint_file(path: str) -> Any:
+    try:
+        # weights_only=False: LightningCLI checkpoints hold their config as Python objects. Only
+        # load checkpoints you trust (your own runs), as with any pickle.
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch.load fails with pickle, zip, EOF, Value and Runtime errors alike
+        raise CheckpointError(
+            f"checkpoint {path!r} could not be read ({type(err).__name__}: {err}): the file is damaged or "
+            f"not a checkpoint. Copy it again, or pass another one (runs/<name>/version_<n>/checkpoints/)."
+        ) from err
+
+
+def _consolidated(folder: str) -> dict[str, Any]:
+    """An FSDP2 (ModelParallelStrategy) checkpoint folder → one full checkpoint, in memory."""
+    if not os.path.isfile(os.path.join(folder, ".metadata")):
+        raise CheckpointError(
+            f"{folder!r} is a folder, not a checkpoint (a distributed checkpoint folder holds a .metadata file). "
+            f"Pass a .ckpt file, or 'best'/'last' for the newest run's."
+        )
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        checkpoint = _load_distributed_checkpoint(Path(folder))
+    except (Exception, CheckpointException) as err:  # CheckpointException is a BaseException
+        raise CheckpointError(
+            f"{folder!r} is not a readable distributed checkpoint ({type(err).__name__}). "
+            f"Pass a .ckpt file or the checkpoint folder that ModelCheckpoint wrote under FSDP."
+        ) from err
+    return checkpoint
+
+
+# ------------------------------------------------------------------------------- exporting
+def export_model(
+    net: nn.Module,
+    out_dir: str | os.PathLike[str],
+    *,
+    classes: Sequence[str] | None = None,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    formats: Sequence[Format] = FORMATS,
+    input_dtype: Literal["uint8", "float32"] = "uint8",
+    source: str = "",
+) -> dict[str, Path]:
+    """Write ``net`` (normalized images → logits) as serving artifacts; returns ``{format: path}``.
+
+    Each artifact is checked against the eager model on a random batch of another size than
+    the one traced.
+
+    Args:
+        net: the network, e.g. ``ImageClassifier.net``.
+        out_dir: folder for ``model.pt2``, ``model.torchscript.pt`` and ``metadata.json``.
+        classes: class names, in output order (default: the indices).
+        mean: normalization mean of [0, 1] pixels, folded into the artifact.
+        std: normalization standard deviation, folded into the artifact.
+        formats: which of ``"pt2"``, ``"torchscript"`` to write.
+        input_dtype: the dtype the ``.pt2`` takes (``"uint8"``: 0…255, ``"float32"``: [0, 1]).
+        source: where the weights came from, recorded in the metadata.
+
+    Raises:
+        ValueError: for an unknown format or input dtype.
+    """
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise ValueError(f"formats={list(formats)!r} is not allowed: use one or both of {list(FORMATS)}")
+    if input_dtype not in ("uint8", "float32"):
+        raise ValueError(f"input_dtype={input_dtype!r} is not allowed: use 'uint8' or 'float32'")
+    # No parameter requires grad: outputs of the artifacts carry no autograd graph when served.
+    model = ServingModel(_plain_copy(net), mean, std).eval().requires_grad_(False)
+    example = _example_batch(4, input_dtype)
+    with torch.no_grad():
+        num_classes = model(example).shape[1]
+    names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
+    if len(names) != num_classes:
+        raise ValueError(f"classes has {len(names)} names but the network has {num_classes} outputs")
+    metadata = _metadata(names, mean, std, input_dtype, source)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+    written: dict[str, Path] = {}
+    extra = {METADATA_NAME: json.dumps(metadata)}
+    if "pt2" in formats:
+        written["pt2"] = _export_pt2(model, example, out / PT2_NAME, extra)
+    if "torchscript" in formats:
+        written["torchscript"] = _export_torchscript(model, out / TORCHSCRIPT_NAME, extra)
+    return written
+
+
+def export_checkpoint(
+    checkpoint: str,
+    out_dir: str | os.PathLike[str],
+    *,
+    formats: Sequence[Format] = FORMATS,
+    input_dtype: Literal["uint8", "float32"] = "uint8",
+    classes: Sequence[str] | None = None,
+) -> dict[str, Path]:
+    """Export a ``lit-accel fit`` checkpoint (see :func:`export_model`); CIFAR-10's class names by default.
+
+    Raises:
+        CheckpointError: if the checkpoint is missing, unreadable, or does not describe its network.
+    """
+    model = load_classifier(checkpoint)
+    num_classes = int(model.hparams.get("num_classes", 10))
+    if classes is None and num_classes == len(CIFAR10_CLASSES):
+        classes = CIFAR10_CLASSES
+    return export_model(model.net, out_dir, classes=classes, formats=formats, input_dtype=input_dtype, source=str(checkpoint))
+
+
+def _plain_copy(net: nn.Module) -> nn.Module:
+    """A copy of the network as a plain eval-mode CPU module (a ``torch.compile`` wrapper unwrapped)."""
+    net = getattr(net, "_orig_mod", net)
+    return copy.deepcopy(net).to("cpu").eval()
+
+
+def _example_batch(size: int, input_dtype: str) -> Tensor:
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+    return images if input_dtype == "uint8" else images.to(torch.float32) / 255.0
+
+
+def _export_pt2(model: ServingModel, example: Tensor, path: Path, extra: dict[str, str]) -> Path:
+    batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
+    program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
+    torch.export.save(program, str(path), extra_files=extra)
+    _check(model, torch.export.load(str(path)).module(), example.dtype, path)
+    return path
+
+
+def _export_torchscript(model: ServingModel, path: Path, extra: dict[str, str]) -> Path:
+    with warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export; TorchScript is written on purpose here.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+        # The network is traced (works for any traceable network); the wrapper is scripted, so its
+        # uint8-or-float branch survives. Tracing at batch 2 keeps the batch dimension symbolic.
+        traced = torch.jit.trace(model.net, torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE), check_trace=False)
+        wrapper = ServingModel(traced, model.mean.flatten().tolist(), model.std.flatten().tolist())
+        scripted = torch.jit.script(wrapper.eval().requires_grad_(False))
+        torch.jit.save(scripted, str(path), _extra_files=extra)
+        loaded = torch.jit.load(str(path))
+    for dtype in (torch.uint8, torch.float32):
+        _check(model, loaded, dtype, path)
+    return path
+
+
+def _check(model: nn.Module, exported: Any, dtype: torch.dtype, path: Path) -> None:
+    images = _example_batch(3, "uint8" if dtype == torch.uint8 else "float32")
+    with torch.no_grad():
+        expected, got = model(images), exported(images)
+    difference = float((expected - got).abs().max())
+    if got.shape != expected.shape or difference > _CHECK_TOLERANCE:
+        raise RuntimeError(
+            f"{path} does not reproduce the model: output {tuple(got.shape)} vs {tuple(expected.shape)}, "
+            f"largest difference {difference:.2e} (allowed {_CHECK_TOLERANCE:.0e})"
+        )
+
+
+def _metadata(classes: list[str], mean: Sequence[float], std: Sequence[float], input_dtype: str, source: str) -> dict[str, Any]:
+    return {
+        "classes": classes,
+        "input": {
+            "shape": ["N", 3, IMAGE_SIZE, IMAGE_SIZE],
+            "layout": "NCHW, RGB; images brought to 32x32 by scaling the shorter side to 32, then a center crop",
+            PT2_NAME: "uint8 in 0..255" if input_dtype == "uint8" else "float32 in [0, 1]",
+            TORCHSCRIPT_NAME: "uint8 in 0..255, or float in [0, 1]",
+        },
+        "output": {"shape": ["N", len(classes)], "meaning": "class probabilities (softmax), float32"},
+        "normalization": {"mean": list(mean), "std": list(std), "applied_inside": True},
+        "source_checkpoint": source,
+        "torch_version": torch.__version__,
+    }
+
+
+# ------------------------------------------------------------------------------- command line
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lit-accel-export",
+        description=(
+            "Export a lit-accel checkpoint for serving without lit_accel: torch.export (model.pt2) and "
+            "TorchScript (model.torchscript.pt), normalization included. Input: (N, 3, 32, 32) RGB images, "
+            "uint8 0..255 (or float [0, 1]); output: class probabilities (N, classes)."
+        ),
+    )
+    parser.add_argument("checkpoint", help="a .ckpt file (or FSDP checkpoint folder), or 'best'/'last': the newest run's")
+    parser.add_argument("-o", "--out-dir", default="exported", help="folder for the files (default: %(default)s)")
+    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both", help="what to write (default: %(default)s)")
+    parser.add_argument(
+        "--input-dtype", choices=["uint8", "float32"], default="uint8",
+        help="the input dtype of model.pt2 (TorchScript takes both; default: %(default)s)",
+    )
+    parser.add_argument("--classes", nargs="+", help="class names in output order (default: CIFAR-10's for 10 classes)")
+    parser.add_argument("--runs-dir", default="runs", help="where 'best'/'last' are looked for (default: %(default)s)")
+    return parser
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``lit-accel-export``. A user error ends in one message and exit status 2."""
+    options = _parser().parse_args(args)
+    formats: tuple[Format, ...] = FORMATS if options.format == "both" else (options.format,)
+    try:
+        checkpoint = resolve_checkpoint(options.checkpoint, options.runs_dir)
+        written = export_checkpoint(
+            checkpoint, options.out_dir, formats=formats, input_dtype=options.input_dtype, classes=options.classes
+        )
+    except (LitAccelUserError, ValueError) as err:
+        print(f"lit-accel-export: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(f"exported {checkpoint}:")
+    for path in written.values():
+        print(f"  {path}")
+    print(f"  {Path(options.out_dir) / METADATA_NAME}")
+
+
+if __name__ == "__main__":
+    main()

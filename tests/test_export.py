@@ -1,0 +1,169 @@
+"""``lit-accel-export``: artifacts that serve without lit_accel and predict what the checkpoint predicts."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import config
+
+from lit_accel.cli import LitAccelCLI
+from lit_accel.data import CIFAR10_CLASSES
+from lit_accel.data.augment import normalize
+from lit_accel.export import PT2_NAME, TORCHSCRIPT_NAME, export_model, load_classifier, main
+from lit_accel.models import ImageClassifier
+
+TOLERANCE = 1e-5
+
+# Run in a fresh interpreter: any import of lit_accel fails, and the script checks none happened.
+SERVE_WITHOUT_LIT_ACCEL = r"""
+import importlib.abc, json, sys
+
+class RefuseLitAccel(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "lit_accel":
+            raise ImportError("lit_accel must not be needed to serve the artifacts")
+        return None
+
+sys.meta_path.insert(0, RefuseLitAccel())
+import torch
+
+folder, inputs = sys.argv[1], torch.load(sys.argv[2])
+extra = {"metadata.json": ""}
+pt2 = torch.export.load(f"{folder}/model.pt2", extra_files=extra).module()
+script = torch.jit.load(f"{folder}/model.torchscript.pt")
+with torch.inference_mode():
+    outputs = {
+        "pt2_uint8": [pt2(x) for x in inputs["uint8"]],
+        "script_uint8": [script(x) for x in inputs["uint8"]],
+        "script_float": [script(x) for x in inputs["float"]],
+    }
+outputs["classes"] = json.loads(extra["metadata.json"])["classes"]
+assert "lit_accel" not in sys.modules, "lit_accel was imported"
+torch.save(outputs, sys.argv[3])
+"""
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The best checkpoint of a tiny ``lit-accel fit`` smoke run."""
+    root = tmp_path_factory.mktemp("fit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr("sys.argv", ["lit-accel"])
+        LitAccelCLI(
+            args=[
+                "fit", *config("cifar10.yaml", "smoke.yaml"), "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "2",
+                "--trainer.limit_val_batches", "1",
+            ]
+        )
+    return next((root / "runs").rglob("best-*.ckpt"))
+
+
+def _expected(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
+    """What the checkpoint predicts for uint8 images, the way training and predict feed it."""
+    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()
+    with torch.no_grad():
+        return torch.softmax(model(normalize(images)), dim=-1)
+
+
+def test_console_script_is_installed() -> None:
+    scripts = {ep.name: ep.value for ep in entry_points(group="console_scripts")}
+    assert scripts.get("lit-accel-export") == "lit_accel.export:main"
+
+
+def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "exported"
+    main([str(checkpoint), "--out-dir", str(out)])
+    assert f"exported {checkpoint}" in capsys.readouterr().out
+    assert (out / PT2_NAME).is_file() and (out / TORCHSCRIPT_NAME).is_file()
+    assert json.loads((out / "metadata.json").read_text())["classes"] == list(CIFAR10_CLASSES)
+
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator) for n in (1, 5, 9)]
+    torch.save({"uint8": batches, "float": [b.float() / 255 for b in batches]}, tmp_path / "inputs.pt")
+    serve = subprocess.run(
+        [sys.executable, "-c", SERVE_WITHOUT_LIT_ACCEL, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
+        capture_output=True, text=True, timeout=240,
+    )
+    assert serve.returncode == 0, serve.stderr
+    outputs = torch.load(tmp_path / "outputs.pt")
+    assert outputs["classes"] == list(CIFAR10_CLASSES)
+    for i, images in enumerate(batches):  # batch sizes 1, 5, 9: the batch dimension is dynamic
+        expected = _expected(checkpoint, images)
+        for kind in ("pt2_uint8", "script_uint8", "script_float"):
+            got = outputs[kind][i]
+            assert got.shape == (images.shape[0], 10)
+            torch.testing.assert_close(got, expected, atol=TOLERANCE, rtol=0, msg=f"{kind}, batch {images.shape[0]}")
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_a_distributed_checkpoint_folder_exports_like_its_file(checkpoint: Path, tmp_path: Path) -> None:
+    # The layout ModelParallelStrategy (configs/strategy/fsdp.yaml) writes: the weights as DCP
+    # shards under "state_dict", everything else in meta.pt.
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    folder = tmp_path / "last.ckpt"
+    dcp.save({"state_dict": full.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    full.pop("optimizer_states", None)
+    torch.save(full, folder / "meta.pt")
+
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    written = export_model(load_classifier(str(folder)).net, tmp_path / "out", formats=["pt2"])
+    got = torch.export.load(str(written["pt2"])).module()(images)
+    torch.testing.assert_close(got, _expected(checkpoint, images), atol=TOLERANCE, rtol=0)
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_any_network_exports_with_float_input(tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 30 * 30, 3))
+    written = export_model(net, tmp_path, classes=["a", "b", "c"], input_dtype="float32")
+    images = torch.rand(2, 3, 32, 32)
+    expected = torch.softmax(net(normalize(images)), dim=-1)
+    torch.testing.assert_close(torch.export.load(str(written["pt2"])).module()(images), expected, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(torch.jit.load(str(written["torchscript"]))(images), expected, atol=TOLERANCE, rtol=0)
+    assert json.loads((tmp_path / "metadata.json").read_text())["classes"] == ["a", "b", "c"]
+
+
+def _write_checkpoint_without_net(path: Path) -> str:
+    torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 10}}, path)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("make_argument", "message"),
+    [
+        (lambda d: str(d / "missing.ckpt"), "checkpoint '.*missing.ckpt' not found"),
+        (lambda d: (d / "bad.ckpt").write_text("garbage") and str(d / "bad.ckpt"), "could not be read .*damaged or not a checkpoint"),
+        (lambda d: str(d), "is a folder, not a checkpoint"),
+        (lambda d: _write_checkpoint_without_net(d / "python.ckpt"), "does not record its network .*export_model"),
+        (lambda d: "best", "no 'best' checkpoint found under .*runs/"),
+    ],
+    ids=["missing", "corrupt", "plain-folder", "no-network", "no-run"],
+)
+def test_user_errors_are_one_message_and_exit_status_2(tmp_path, make_argument, message, capsys) -> None:
+    argument = make_argument(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main([argument, "--out-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lit-accel-export: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+def test_bad_export_arguments(tmp_path: Path) -> None:
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    with pytest.raises(ValueError, match=r"formats=\['onnx'\] is not allowed"):
+        export_model(net, tmp_path, formats=["onnx"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match=r"input_dtype='float16' is not allowed"):
+        export_model(net, tmp_path, input_dtype="float16")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="classes has 3 names but the network has 2 outputs"):
+        export_model(net, tmp_path, classes=["a", "b", "c"])

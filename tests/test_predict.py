@@ -1,0 +1,62 @@
+"""``lit-accel predict --data.predict_dir DIR``: a folder of ordinary image files → a CSV of predictions."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import config, run_cli
+from PIL import Image
+
+from lit_accel.cli import LitAccelCLI
+from lit_accel.data import CIFAR10_CLASSES
+from lit_accel.data.augment import normalize
+from lit_accel.data.image_folder import read_image_file
+from lit_accel.models import ImageClassifier
+
+SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
+GOOD = ["a_wide.png", "b_tall.jpg", "c_gray.png", "photos/d_alpha.png"]
+# Until lit-accel wires the writer into `predict` itself, the test adds it on the command line.
+
+
+def _image_folder(root: Path) -> Path:
+    rng = np.random.default_rng(0)
+    (root / "photos").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (20, 50, 3), dtype=np.uint8)).save(root / "a_wide.png")
+    Image.fromarray(rng.integers(0, 256, (97, 33, 3), dtype=np.uint8)).save(root / "b_tall.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(root / "c_gray.png")
+    Image.fromarray(rng.integers(0, 256, (48, 64, 4), dtype=np.uint8)).save(root / "photos" / "d_alpha.png")
+    (root / "readme.txt").write_text("not an image")
+    return root
+
+
+@pytest.mark.slow
+def test_predict_a_folder_of_image_files_to_csv(in_tmp_dir: Path) -> None:
+    LitAccelCLI(args=["fit", *SMOKE, "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "2"])
+    folder = _image_folder(in_tmp_dir / "to_classify")
+
+    result = run_cli(
+        ["predict", *SMOKE, "--ckpt_path", "best", "--data.predict_dir", str(folder), "--predict_writer.output_path", "out/predictions.csv"],
+        cwd=in_tmp_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "skipped readme.txt: not a readable image" in result.stderr
+
+    with open(in_tmp_dir / "out" / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["file", "predicted", "probability", "top2", "top2_probability", "top3", "top3_probability"]
+    assert [row[0] for row in rows[1:]] == sorted(GOOD)
+
+    # The same numbers as the checkpoint's model on the documented resize rule + normalization.
+    best = next((in_tmp_dir / "runs").rglob("best-*.ckpt"))
+    model = ImageClassifier.load_from_checkpoint(best, map_location="cpu", weights_only=False).eval()
+    images = torch.stack([read_image_file(str(folder / name)) for name in sorted(GOOD)])
+    with torch.no_grad():
+        expected = torch.softmax(model(normalize(images)), dim=-1)
+    values, indices = expected.topk(3, dim=1)
+    for row, top_values, top_indices in zip(rows[1:], values.tolist(), indices.tolist()):
+        assert row[1::2] == [CIFAR10_CLASSES[i] for i in top_indices]
+        assert [float(x) for x in row[2::2]] == pytest.approx(top_values, abs=2e-6)
