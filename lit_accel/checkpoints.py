@@ -1,11 +1,16 @@
-"""Finding a finished run's checkpoints by name ("last", "best") from a fresh process."""
+"""Checkpoints from a fresh process: find them by name ("last", "best") and check them first."""
 
 from __future__ import annotations
 
 import glob
 import os
 
-__all__ = ["find_checkpoint", "CHECKPOINT_ALIASES"]
+import torch
+from torch import nn
+
+from lit_accel.errors import CheckpointError
+
+__all__ = ["CHECKPOINT_ALIASES", "check_checkpoint", "find_checkpoint", "read_checkpoint"]
 
 CHECKPOINT_ALIASES = ("best", "last")
 # ModelCheckpoint's file names, set in lit_accel.cli: "last.ckpt" and one "best-….ckpt" per run.
@@ -35,3 +40,64 @@ def find_checkpoint(root: str, which: str) -> str | None:
     if not found:
         return None
     return max(found, key=os.path.getmtime)
+
+
+def read_checkpoint(path: str) -> dict:
+    """Load a checkpoint file's contents (tensors memory-mapped, so cheap).
+
+    Raises:
+        CheckpointError: if the file is truncated, corrupted or not a Lightning checkpoint.
+    """
+    try:
+        # weights_only=True, as Lightning loads it: plain types and tensors, no arbitrary code.
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+            raise KeyError("no 'state_dict' in the file")
+        return checkpoint
+    except Exception as err:  # zipfile, pickle and torch errors all mean "unreadable"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"checkpoint {path} cannot be read ({type(err).__name__}: {first_line}); it is truncated, corrupted "
+            "or not a Lightning checkpoint. Use another checkpoint of the run (e.g. best-*.ckpt), or train again."
+        ) from err
+
+
+def check_checkpoint(path: str, model: nn.Module) -> None:
+    """Fail early, with one clear message, on a checkpoint that cannot be used for ``model``.
+
+    Checks that ``path`` exists, loads (not truncated or corrupted) and holds weights whose names
+    and shapes match ``model``'s. A sharded (FSDP2, folder) checkpoint is only checked for its
+    metadata file: its shards are loaded by the strategy.
+
+    Raises:
+        CheckpointError: naming the checkpoint, the problem and what to do.
+    """
+    if not os.path.exists(path):
+        raise CheckpointError(f"checkpoint {path} does not exist. Pass an existing file, or --ckpt_path best|last.")
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, ".metadata")):
+            raise CheckpointError(
+                f"checkpoint folder {path} has no .metadata file: it is not a complete distributed (FSDP) "
+                "checkpoint. Use another checkpoint of the run, e.g. an earlier best-*.ckpt."
+            )
+        return
+    state = read_checkpoint(path)["state_dict"]
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    found = {name: tuple(t.shape) for name, t in state.items() if isinstance(t, torch.Tensor)}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(n for n in set(expected) & set(found) if expected[n] != found[n])
+    if missing or unexpected or mismatched:
+        details = []
+        if missing:
+            details.append(f"missing {len(missing)} weights (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unknown weights (e.g. {unexpected[0]})")
+        if mismatched:
+            name = mismatched[0]
+            details.append(f"{len(mismatched)} of other shapes (e.g. {name}: {found[name]} vs {expected[name]})")
+        raise CheckpointError(
+            f"checkpoint {path} was saved from a different network than the configured one: {'; '.join(details)}. "
+            "Use the config the checkpoint was trained with (its run folder holds config.yaml): "
+            "--config runs/<name>/version_<n>/config.yaml."
+        )

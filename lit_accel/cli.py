@@ -8,6 +8,7 @@ the logger's folder, also in a fresh process.
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -17,12 +18,13 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from jsonargparse import lazy_instance
 
-from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint
+from lit_accel.callbacks import PredictionCSVWriter, PreemptionCheckpoint, RNGStateCheckpoint
+from lit_accel.checkpoints import CHECKPOINT_ALIASES, check_checkpoint, find_checkpoint, read_checkpoint
 from lit_accel.data import CIFAR10DataModule
-from lit_accel.errors import LitAccelUserError
+from lit_accel.errors import ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
 
 __all__ = ["LitAccelCLI", "main"]
@@ -33,12 +35,31 @@ DEFAULT_LOG_DIR = "runs"
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
+class _ConciseParser(LightningArgumentParser):
+    """On a bad argument, print one usage line instead of every option of every class."""
+
+    def print_usage(self, file=None) -> None:
+        prog = self.prog.replace(" [options]", "")
+        (file or sys.stderr).write(f"usage: {prog} [--config CONFIG ...] [options]\n")
+
+
 class LitAccelCLI(LightningCLI):
     """LightningCLI for :class:`ImageClassifier` and :class:`CIFAR10DataModule` with lit_accel's defaults.
 
-    Adds two always-present callbacks, configurable under their own keys: ``checkpoint``
-    (ModelCheckpoint: ``best-epoch…-acc….ckpt`` for the best ``val/acc`` and ``last.ckpt``) and
-    ``lr_monitor`` (LearningRateMonitor).
+    Adds always-present callbacks, configurable under their own keys:
+
+    * ``checkpoint`` (ModelCheckpoint): ``best-epoch…-acc….ckpt`` for the best ``val/acc`` and
+      ``last.ckpt``, after every validation;
+    * ``step_checkpoint`` (ModelCheckpoint): ``last.ckpt`` also every
+      ``step_checkpoint.every_n_train_steps`` optimizer steps (default 100; 0 turns it off), so a
+      crash loses at most that many steps;
+    * ``preemption`` (PreemptionCheckpoint): SIGTERM or Ctrl-C saves ``last.ckpt`` and stops;
+    * ``rng_state`` (RNGStateCheckpoint): random generators in every checkpoint, for exact resumes;
+    * ``lr_monitor`` (LearningRateMonitor);
+    * ``predict_writer`` (PredictionCSVWriter): ``lit-accel predict`` writes ``predictions.csv``.
+
+    Before a subcommand runs, ``--ckpt_path best|last`` is resolved and the checkpoint is checked
+    (exists, loads, fits the configured network), and bad arguments end in one message.
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
@@ -46,6 +67,7 @@ class LitAccelCLI(LightningCLI):
             ImageClassifier,
             CIFAR10DataModule,
             seed_everything_default=42,
+            parser_class=_ConciseParser,
             args=args,
             run=run,
         )
@@ -60,11 +82,33 @@ class LitAccelCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch:03d}-acc{val/acc:.4f}",
                 "checkpoint.auto_insert_metric_name": False,
+                # Both checkpoint callbacks write the one last.ckpt, the newer state winning;
+                # a version counter would make them write last-v1.ckpt beside it.
+                "checkpoint.enable_version_counter": False,
             }
         )
-        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(ModelCheckpoint, "step_checkpoint")
         parser.set_defaults(
-            {"trainer.logger": lazy_instance(TensorBoardLogger, save_dir=DEFAULT_LOG_DIR, name="lit_accel")}
+            {
+                "step_checkpoint.every_n_train_steps": 100,
+                "step_checkpoint.save_top_k": 0,
+                "step_checkpoint.save_last": True,
+                "step_checkpoint.monitor": None,
+                "step_checkpoint.enable_version_counter": False,
+            }
+        )
+        parser.add_lightning_class_args(PreemptionCheckpoint, "preemption")
+        parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.add_lightning_class_args(PredictionCSVWriter, "predict_writer")
+        parser.set_defaults(
+            {
+                "trainer.logger": lazy_instance(
+                    # default_hp_metric off: Lightning's placeholder hp_metric would hide the
+                    # HParams tab's real metrics (val/acc, test/acc).
+                    TensorBoardLogger, save_dir=DEFAULT_LOG_DIR, name="lit_accel", default_hp_metric=False
+                )
+            }
         )
 
     def before_instantiate_classes(self) -> None:
@@ -72,6 +116,37 @@ class LitAccelCLI(LightningCLI):
         torch.set_float32_matmul_precision("high")
         trainer_config = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
         _check_gpu_available(str(trainer_config.get("accelerator")))
+        _check_cpu_devices(trainer_config.get("accelerator"), trainer_config.get("devices"))
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path file's hyperparameters while parsing, so the model is
+        # built as it was trained; read it first so a damaged file ends in one message.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and os.path.isfile(ckpt_path):
+            read_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def instantiate_classes(self) -> None:
+        """Build everything; an argument that a class rejects becomes one clear message."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            if isinstance(err, LitAccelUserError):
+                raise
+            raise ConfigurationError(f"invalid configuration: {err}") from err
+        try:
+            # Build the optimizer once on a stand-in parameter: a bad learning rate or momentum
+            # fails here, in a message, instead of as a traceback after the run has started.
+            optimizer = self.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
+        except ValueError as err:
+            raise ConfigurationError(f"invalid model.optimizer: {err}. Fix it in the config or on the command line.") from err
+        learning_rate = optimizer.param_groups[0].get("lr")
+        if isinstance(learning_rate, (int, float)) and learning_rate <= 0:
+            raise ConfigurationError(
+                f"model.optimizer lr={learning_rate} is not allowed: use a positive learning rate, "
+                "e.g. --model.optimizer.lr 0.05."
+            )
 
     def before_fit(self) -> None:
         self._resolve_checkpoint_alias("fit")
@@ -86,15 +161,20 @@ class LitAccelCLI(LightningCLI):
         self._resolve_checkpoint_alias("predict")
 
     def _resolve_checkpoint_alias(self, subcommand: str) -> None:
-        """Turn ``--ckpt_path best|last`` into a file from an earlier run (Lightning knows only its own)."""
+        """Turn ``--ckpt_path best|last`` into a file from an earlier run (Lightning knows only its own)
+        and check the checkpoint before anything starts."""
         config = self.config_init[subcommand]
         alias = config.get("ckpt_path")
-        if alias not in CHECKPOINT_ALIASES:
+        if alias is not None and alias not in CHECKPOINT_ALIASES:
+            check_checkpoint(str(alias), self.model)
+            return
+        if alias is None:
             return
         root = _log_root(self.trainer)
         path = find_checkpoint(root, alias)
         if path is not None:
             rank_zero_info(f"--ckpt_path {alias}: using {path}")
+            check_checkpoint(path, self.model)
             config["ckpt_path"] = path
         elif subcommand == "fit" and alias == "last":
             # Resuming with "last" before any checkpoint exists starts afresh, so the same
@@ -117,6 +197,18 @@ def _check_gpu_available(accelerator: str) -> None:
         )
 
 
+def _check_cpu_devices(accelerator: object, devices: object) -> None:
+    cores = os.cpu_count() or 1
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
+    if isinstance(devices, str) and devices.isdigit():
+        devices = int(devices)
+    if on_cpu and isinstance(devices, int) and devices > cores:
+        raise ConfigurationError(
+            f"trainer.devices={devices} but this machine has {cores} CPU cores: each CPU device is a "
+            f"process, so use at most --trainer.devices {cores}."
+        )
+
+
 def _log_root(trainer) -> str:
     logger = trainer.logger
     if logger is not None and getattr(logger, "save_dir", None):
@@ -136,6 +228,10 @@ def main(args: Sequence[str] | None = None) -> None:
     except (LitAccelUserError, MisconfigurationException) as err:
         print(f"lit-accel: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except SIGTERMException:
+        # Stopped by SIGTERM/Ctrl-C after saving a checkpoint: exit like a process killed by
+        # SIGTERM (128 + 15) so schedulers and torchrun see an interrupted, not a finished, run.
+        sys.exit(143)
 
 
 if __name__ == "__main__":

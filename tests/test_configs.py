@@ -17,6 +17,7 @@ IN_PROCESS = [
     SMOKE,
     [*SMOKE, "precision/bf16-mixed.yaml"],
     [*SMOKE, "precision/16-mixed.yaml"],
+    [*SMOKE, "dynamic_batch.yaml"],
 ]
 TWO_PROCESSES = [
     [*SMOKE, "strategy/ddp.yaml", "precision/bf16-mixed.yaml"],
@@ -36,6 +37,11 @@ def test_every_config_file_is_run():
 def test_single_process_configs(names, in_tmp_dir):
     cli = LitAccelCLI(args=["fit", *config(*names), *QUIET])
     assert cli.trainer.state.finished
+    callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
+    if "cifar10.yaml" in names:
+        assert {"ThroughputMeter", "DivergenceGuard"} <= callbacks, "the recipe's callbacks are on"
+    if "dynamic_batch.yaml" in names:
+        assert {"ThroughputMeter", "DivergenceGuard", "DynamicBatchLR"} <= callbacks, "callbacks+ appends"
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     precision = cli.trainer.precision
     if any(name.startswith("precision/") for name in names):

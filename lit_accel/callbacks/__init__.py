@@ -1,3 +1,22 @@
-"""Reusable Lightning callbacks. Each module imports only ``lightning`` and ``torch``."""
+"""Reusable Lightning callbacks. Each module imports only ``lightning`` and ``torch`` (and the
+standard library), so it can be copied into another project on its own."""
 
-__all__: list[str] = []
+from lit_accel.callbacks.divergence_guard import DivergenceGuard
+from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR
+from lit_accel.callbacks.hparams_summary import HParamsSummary
+from lit_accel.callbacks.prediction_writer import PredictionCSVWriter
+from lit_accel.callbacks.preemption_checkpoint import PreemptionCheckpoint
+from lit_accel.callbacks.rng_state import RNGStateCheckpoint
+from lit_accel.callbacks.throughput_meter import ThroughputMeter
+from lit_accel.callbacks.validation_figures import ValidationFigures
+
+__all__ = [
+    "DivergenceGuard",
+    "DynamicBatchLR",
+    "HParamsSummary",
+    "PredictionCSVWriter",
+    "PreemptionCheckpoint",
+    "RNGStateCheckpoint",
+    "ThroughputMeter",
+    "ValidationFigures",
+]

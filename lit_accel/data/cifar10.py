@@ -12,9 +12,17 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD, cutout, normalize, random_crop, random_flip
-from lit_accel.data.datasets import TensorBatchDataset, TransformedTensorDataset, pass_batch_through
+from lit_accel.data.datasets import (
+    EpochPosition,
+    EpochSeededRandomSampler,
+    ResumableDataLoader,
+    TensorBatchDataset,
+    TransformedTensorDataset,
+    pass_batch_through,
+)
+from lit_accel.data.image_folder import ImageFolderDataset
 from lit_accel.data.synthetic import make_synthetic_cifar
-from lit_accel.errors import DataNotFoundError
+from lit_accel.errors import ConfigurationError, DataNotFoundError
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES"]
 
@@ -69,16 +77,23 @@ class CIFAR10DataModule(LightningDataModule):
         horizontal_flip: mirror half of the images.
         cutout: side of the square cut out of each training image, in pixels (0: off).
         download: try to download CIFAR-10 when it is not in ``data_dir``.
-        seed: seeds the validation split and the synthetic data.
+        seed: seeds the validation split and the synthetic data. The training order follows the
+            run's seed (``seed_everything``), on one device as under DDP.
         num_workers: DataLoader worker processes (``"dataloader"`` pipeline only).
         pin_memory: page-locked host memory for faster copies to a GPU.
         persistent_workers: keep workers alive between epochs (``"dataloader"`` only).
         prefetch_factor: batches each worker loads ahead (``"dataloader"`` only).
         drop_last: drop the last, smaller training batch of each epoch.
+        predict_dir: a folder of image files (PNG, JPEG, …, any size; subfolders included) to
+            predict on instead of the test split. Each image is scaled so its shorter side is 32
+            pixels and center-cropped to 32×32 (:mod:`lit_accel.data.image_folder`); files that are
+            not readable images are logged by name and skipped. Predict batches are then
+            ``(images, file names)``, decoded in ``num_workers`` worker processes.
 
     Raises:
         ValueError: for an argument outside its allowed range.
-        DataNotFoundError: if CIFAR-10 is missing and cannot be downloaded.
+        DataNotFoundError: if CIFAR-10 is missing and cannot be downloaded, or ``predict_dir`` is
+            not a folder or holds no files.
 
     Example::
 
@@ -110,6 +125,7 @@ class CIFAR10DataModule(LightningDataModule):
         persistent_workers: bool = True,
         prefetch_factor: int | None = 2,
         drop_last: bool = False,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         _require(batch_size >= 1, "batch_size", batch_size, "a positive number of images")
@@ -122,6 +138,12 @@ class CIFAR10DataModule(LightningDataModule):
         _require(0 <= cutout <= 32, "cutout", cutout, "0 (off) to 32 pixels")
         _require(num_workers >= 0, "num_workers", num_workers, "0 or more")
         _require(prefetch_factor is None or prefetch_factor >= 1, "prefetch_factor", prefetch_factor, "a positive number or null")
+        _require(
+            predict_dir is None or (isinstance(predict_dir, str) and predict_dir.strip() != ""),
+            "predict_dir",
+            predict_dir,
+            "a folder of image files, or null to predict on the test split",
+        )
         train_pool = synthetic_size if synthetic else _CIFAR10_TRAIN_SIZE
         _require(
             val_size < train_pool,
@@ -150,8 +172,11 @@ class CIFAR10DataModule(LightningDataModule):
         self.persistent_workers = persistent_workers
         self.prefetch_factor = prefetch_factor
         self.drop_last = drop_last
+        self.predict_dir = predict_dir
+        self._predict_folder: ImageFolderDataset | None = None
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+        self._train_position = EpochPosition()
 
     # ----------------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:
@@ -175,7 +200,9 @@ class CIFAR10DataModule(LightningDataModule):
             val_index, train_index = order[: self.val_size], order[self.val_size :]
             self._splits["train"] = (images[train_index], labels[train_index])
             self._splits["val"] = (images[val_index], labels[val_index])
-        if stage in ("test", "predict") and "test" not in self._splits:
+        if stage == "predict" and self.predict_dir is not None:
+            self._predict_folder = _open_image_folder(self.predict_dir, self._image_folder_transform())
+        elif stage in ("test", "predict") and "test" not in self._splits:
             self._splits["test"] = self._load_split(train=False)
 
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
@@ -198,6 +225,7 @@ class CIFAR10DataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
+        """Shuffled by ``(seed, epoch)`` and resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         return self._dataloader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
@@ -207,32 +235,50 @@ class CIFAR10DataModule(LightningDataModule):
         return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
-        return self.test_dataloader()
+        if self.predict_dir is None:
+            return self.test_dataloader()
+        if self._predict_folder is None:
+            raise RuntimeError("the predict folder is not opened: call setup('predict') first")
+        workers = self.num_workers
+        return DataLoader(
+            self._predict_folder,
+            batch_size=self.eval_batch_size or self.batch_size,
+            shuffle=False,
+            collate_fn=self._predict_folder.collate,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if workers > 0 else None,
+        )
+
+    def _image_folder_transform(self) -> Any:
+        # Preload: uint8 to the device, normalized there by on_after_batch_transfer, like the splits.
+        return None if self.pipeline == "preload" else self._per_sample_transform(train=False)
 
     def _dataloader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         if split not in self._splits:
             raise RuntimeError(f"the {split!r} split is not loaded: call setup() for its stage first")
         images, labels = self._splits[split]
         if self.pipeline == "preload":
-            return DataLoader(
-                TensorBatchDataset(images, labels),
-                batch_size=batch_size,
-                shuffle=shuffle,
-                drop_last=drop_last,
-                collate_fn=pass_batch_through,
-                pin_memory=self.pin_memory,
-            )
-        workers = self.num_workers
-        return DataLoader(
-            TransformedTensorDataset(images, labels, self._per_sample_transform(train=split == "train")),
-            batch_size=batch_size,
-            shuffle=shuffle,
-            drop_last=drop_last,
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers and workers > 0,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
-        )
+            dataset: Dataset = TensorBatchDataset(images, labels)
+            options: dict[str, Any] = {"collate_fn": pass_batch_through}
+        else:
+            dataset = TransformedTensorDataset(images, labels, self._per_sample_transform(train=split == "train"))
+            workers = self.num_workers
+            options = {
+                "num_workers": workers,
+                "persistent_workers": self.persistent_workers and workers > 0,
+                "prefetch_factor": self.prefetch_factor if workers > 0 else None,
+            }
+        # Own generators: creating an iterator then draws no number from torch's global RNG, so
+        # validation passes and resumes leave the training randomness (augmentation, dropout)
+        # exactly as in an uninterrupted run.
+        options.update(batch_size=batch_size, drop_last=drop_last, pin_memory=self.pin_memory)
+        options["generator"] = torch.Generator().manual_seed(self.seed)
+        if not shuffle:
+            return DataLoader(dataset, **options)
+        # The run's seed (seed_everything), as Lightning's DistributedSampler uses under DDP.
+        sampler = EpochSeededRandomSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        return ResumableDataLoader(dataset, sampler=sampler, position=self._train_position, **options)
 
     def _per_sample_transform(self, train: bool) -> Any:
         from torchvision.transforms import v2
@@ -251,12 +297,20 @@ class CIFAR10DataModule(LightningDataModule):
 
     # ------------------------------------------------------------------- device-side transforms
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Preload pipeline: normalize, and augment training batches, on the device."""
+        """Count training batches (for mid-epoch resume); preload pipeline: normalize and augment."""
+        training = self.trainer is not None and self.trainer.training
+        if training:
+            self._count_training_batch()
         if self.pipeline != "preload":
             return batch
         images, labels = batch
-        training = self.trainer is not None and self.trainer.training
         return self.device_transform(images, train=training), labels
+
+    def _count_training_batch(self) -> None:
+        position = self._train_position
+        position.done += 1
+        limit = self.trainer.num_training_batches
+        position.epoch_finished = position.done >= limit
 
     def device_transform(self, images: Tensor, train: bool) -> Tensor:
         """uint8 batch → normalized float32 batch, with per-sample augmentation when ``train``."""
@@ -277,7 +331,22 @@ class CIFAR10DataModule(LightningDataModule):
 
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed: use {allowed}")
+        raise ConfigurationError(f"{name}={value!r} is not allowed: use {allowed}")
+
+
+def _open_image_folder(folder: str, transform: Any) -> ImageFolderDataset:
+    if not os.path.isdir(folder):
+        raise DataNotFoundError(
+            f"data.predict_dir={folder!r}: no such folder ({os.path.abspath(folder)}). "
+            f"Pass the folder that holds the image files to classify."
+        )
+    dataset = ImageFolderDataset(folder, transform=transform)
+    if len(dataset) == 0:
+        raise DataNotFoundError(
+            f"data.predict_dir={folder!r}: the folder holds no files ({os.path.abspath(folder)}). "
+            f"Put the PNG/JPEG images to classify there."
+        )
+    return dataset
 
 
 def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:

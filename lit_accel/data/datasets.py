@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler
 
-__all__ = ["TensorBatchDataset", "TransformedTensorDataset", "pass_batch_through"]
+__all__ = [
+    "EpochPosition",
+    "EpochSeededRandomSampler",
+    "ResumableDataLoader",
+    "TensorBatchDataset",
+    "TransformedTensorDataset",
+    "pass_batch_through",
+]
 
 
 class TensorBatchDataset(Dataset):
@@ -62,3 +70,80 @@ class TransformedTensorDataset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.labels[index])
+
+
+class EpochSeededRandomSampler(RandomSampler):
+    """A new random order every epoch, fixed by ``(seed, epoch)``: DistributedSampler's semantics
+    on one process.
+
+    Lightning calls :meth:`set_epoch` at the start of each epoch, so epoch ``e`` has the same order
+    in a run and in a run resumed from a checkpoint. Under DDP Lightning replaces this sampler with
+    a ``DistributedSampler`` (it is a ``RandomSampler``, so Lightning knows to shuffle).
+    """
+
+    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator).tolist()
+
+
+@dataclass
+class EpochPosition:
+    """Training batches done in the current epoch, shared by a data module and its loader.
+
+    The data module counts a batch when it reaches the device (``on_after_batch_transfer``), that
+    is when the training step uses it; a count kept by the loader would include the batch that
+    Lightning prefetches.
+    """
+
+    done: int = 0
+    epoch_finished: bool = False
+    skip: int = 0
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that continues an interrupted epoch where a checkpoint left it.
+
+    Lightning saves ``state_dict()`` in every checkpoint and calls ``load_state_dict()`` when a
+    run resumes; the next iteration then skips the batches the interrupted run had already trained
+    on, so no sample is seen twice or missed (the order is reproducible: see
+    :class:`EpochSeededRandomSampler`; under DDP, ``DistributedSampler`` with ``set_epoch``).
+    Skipped batches are fetched and dropped, which is cheap for in-memory data.
+
+    Args:
+        *args: as for ``DataLoader``.
+        position: the shared :class:`EpochPosition` its data module updates.
+        **kwargs: as for ``DataLoader``.
+    """
+
+    def __init__(self, *args: Any, position: EpochPosition, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def __iter__(self) -> Iterator[Any]:
+        skip, self.position.skip = self.position.skip, 0
+        self.position.done, self.position.epoch_finished = skip, False
+        return self._skip_then_yield(super().__iter__(), skip)
+
+    @staticmethod
+    def _skip_then_yield(iterator: Iterator[Any], skip: int) -> Iterator[Any]:
+        # Lazily: Lightning creates the iterator before it calls the sampler's set_epoch, and
+        # the sampler's order must be the epoch's.
+        for _ in range(skip):
+            next(iterator)
+        yield from iterator
+
+    def state_dict(self) -> dict[str, int]:
+        done = 0 if self.position.epoch_finished else self.position.done
+        return {"batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        done = int(state_dict.get("batches_done", 0))
+        self.position.skip = done if 0 < done < len(self) else 0

@@ -124,7 +124,7 @@ class ImageClassifier(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch
         logits = self(images)
         loss = self.loss_fn(logits, labels)
@@ -136,13 +136,15 @@ class ImageClassifier(LightningModule):
             self.log("train/loss_step", loss.detach(), prog_bar=True)
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        return loss
+        return loss, logits
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        return self._shared_step(batch, "train")[0]
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
+        """Returns the logits, so callbacks (ValidationFigures) need no second forward pass."""
+        _, logits = self._shared_step(batch, "val")
+        return {"logits": logits.detach()}
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")

@@ -1,0 +1,236 @@
+"""Resume after a crash, checkpoint on SIGTERM, determinism, multi-node, no hangs, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import REPO_ROOT, config, lit_accel_command, read_scalars, run_cli
+
+from lit_accel.cli import LitAccelCLI, main
+
+TESTS_DIR = Path(__file__).resolve().parent
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SMOKE = [*config("cifar10.yaml", "smoke.yaml"), *QUIET]
+FAULT_ENV = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+
+
+def _final_weights(cli: LitAccelCLI) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in cli.model.state_dict().items()}
+
+
+def _last_checkpoint(root: Path, version: int) -> Path:
+    return root / "runs" / "cifar10" / f"version_{version}" / "checkpoints" / "last.ckpt"
+
+
+# --------------------------------------------------------------------------- crash and resume
+RESUME_RUN = [*SMOKE, "--trainer.max_epochs", "2", "--step_checkpoint.every_n_train_steps", "3"]
+
+
+def test_run_resumed_after_a_crash_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    uninterrupted = LitAccelCLI(args=["fit", *RESUME_RUN])
+    assert uninterrupted.trainer.global_step == 16
+
+    monkeypatch.chdir(tmp_path / "b")
+    sys.path.insert(0, str(TESTS_DIR))
+    crash = ["--trainer.callbacks+=faults.CrashAtStep", "--trainer.callbacks.step", "11"]
+    with pytest.raises(RuntimeError, match="injected crash at step 11"):
+        LitAccelCLI(args=["fit", *RESUME_RUN, *crash])  # mid-epoch 1; last.ckpt is from step 9
+    saved = torch.load(_last_checkpoint(tmp_path / "b", 0), weights_only=False)
+    assert saved["global_step"] == 9 and saved["epoch"] == 1
+
+    resumed = LitAccelCLI(args=["fit", *RESUME_RUN, "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 16 and resumed.trainer.current_epoch == 2
+    # Same weights to the bit: optimizer, scheduler, data order, augmentation and dropout
+    # randomness all continued where the crashed run left them.
+    expected = _final_weights(uninterrupted)
+    for name, value in _final_weights(resumed).items():
+        assert torch.equal(value, expected[name]), name
+    assert resumed.trainer.optimizers[0].param_groups[0]["lr"] == uninterrupted.trainer.optimizers[0].param_groups[0]["lr"]
+
+
+def test_same_config_and_seed_give_identical_metrics(tmp_path, monkeypatch):
+    results = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        cli = LitAccelCLI(args=["fit", *SMOKE, "--trainer.max_epochs", "2"])
+        results.append({k: float(v) for k, v in cli.trainer.callback_metrics.items()})
+    assert results[0] == results[1]
+    assert "val/acc" in results[0]
+
+
+# 2 epochs of 30 batches: 60 optimizer steps.
+LONGER_RUN = [*SMOKE, "--data.synthetic_size", "2304", "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "30"]
+
+
+def _start_fit(cwd: Path, extra: list[str]) -> subprocess.Popen:
+    args = [
+        *lit_accel_command(), "fit", *LONGER_RUN,
+        "--trainer.callbacks+=faults.SleepEachStep", "--trainer.callbacks.seconds", "0.1", *extra,
+    ]
+    env = {**os.environ, **FAULT_ENV, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.05)
+    time.sleep(0.3)  # let the writer finish the file
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_with_last(tmp_path):
+    process = _start_fit(tmp_path, ["--step_checkpoint.every_n_train_steps", "5"])
+    _wait_for(_last_checkpoint(tmp_path, 0), process)
+    process.kill()  # SIGKILL: nothing runs after this, no handler, no final checkpoint
+    process.wait(timeout=30)
+    killed_at = torch.load(_last_checkpoint(tmp_path, 0), weights_only=False)
+    assert 0 < killed_at["global_step"] < 60 and killed_at["global_step"] % 5 == 0
+
+    resumed = run_cli(["fit", *LONGER_RUN, "--ckpt_path", "last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "--ckpt_path last: using runs/cifar10/version_0/checkpoints/last.ckpt" in resumed.stderr + resumed.stdout
+    final = torch.load(_last_checkpoint(tmp_path, 1), weights_only=False)
+    assert final["global_step"] == 60
+    # Callback and data-loader state travelled too: the RNG states and the loader's position.
+    assert any(key.startswith("RNGStateCheckpoint") for key in final["callbacks"])
+    logged_steps = [step for step, _ in read_scalars(tmp_path / "runs" / "cifar10" / "version_1")["train/loss_step"]]
+    assert min(logged_steps) >= killed_at["global_step"], "the resumed run continues, it does not start over"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
+    process = _start_fit(tmp_path, ["--step_checkpoint.every_n_train_steps", "0", "--trainer.log_every_n_steps", "1"])
+    _wait_for(tmp_path / "runs" / "cifar10" / "version_0" / "hparams.yaml", process)
+    time.sleep(1.0)  # mid-epoch 0
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 143, output[-3000:]
+    assert "checkpoint saved to" in output and "Traceback" not in output
+    stopped = torch.load(_last_checkpoint(tmp_path, 0), weights_only=False)
+    assert 0 < stopped["global_step"] < 30, "saved where it stopped, mid-epoch 0"
+
+    resumed = run_cli(["fit", *LONGER_RUN, "--ckpt_path", "last"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(_last_checkpoint(tmp_path, 1), weights_only=False)["global_step"] == 60
+
+
+# --------------------------------------------------------------------------- multi-process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_nodes_on_loopback_with_torchrun(tmp_path):
+    port = _free_port()
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    nodes = []
+    for node_rank in (0, 1):
+        node_dir = tmp_path / f"node{node_rank}"
+        node_dir.mkdir()
+        command = [
+            torchrun, "--nnodes", "2", "--node-rank", str(node_rank), "--nproc-per-node", "1",
+            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "-m", "lit_accel", "fit", *SMOKE,
+            "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+        ]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+        nodes.append(subprocess.Popen(command, cwd=node_dir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [node.communicate(timeout=240)[0] for node in nodes]
+    for node, output in zip(nodes, outputs):
+        assert node.returncode == 0, output[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    assert _last_checkpoint(tmp_path / "node0", 0).is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("failing_rank", [0, 1])
+def test_exception_on_one_ddp_rank_ends_both_processes(tmp_path, failing_rank):
+    marker = f"faulttest{failing_rank}{os.getpid()}"
+    args = [
+        "fit", *SMOKE, "--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.max_epochs", "3",
+        "--trainer.callbacks+=faults.CrashAtStep", "--trainer.callbacks.step", "3",
+        "--trainer.callbacks.rank", str(failing_rank), "--trainer.logger.init_args.name", marker,
+    ]
+    started = time.monotonic()
+    result = run_cli(args, cwd=tmp_path, timeout=180, env=FAULT_ENV)
+    assert result.returncode != 0
+    assert f"injected crash at step 3 on rank {failing_rank}" in result.stderr
+    assert time.monotonic() - started < 180
+    time.sleep(2)
+    leftovers = subprocess.run(["pgrep", "-f", marker], capture_output=True, text=True).stdout.split()
+    assert not leftovers, "a rank outlived the failed job"
+
+
+# --------------------------------------------------------------------------- bad input
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A folder with one finished run (BatchNormCNN) whose files must survive every bad command."""
+    root = tmp_path_factory.mktemp("finished")
+    result = run_cli(["fit", *SMOKE], cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = root / "runs" / "cifar10" / "version_0" / "checkpoints"
+    data = (checkpoints / "last.ckpt").read_bytes()
+    (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    (root / "corrupted.ckpt").write_bytes(b"not a checkpoint" * 100)
+    return root
+
+
+def _fingerprint(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+BAD_INPUTS = {
+    "unknown config key": (["fit", *SMOKE, "--trainer.max_epochz", "3"], "unrecognized arguments: --trainer.max_epochz"),
+    "wrong type": (["fit", *SMOKE, "--trainer.max_epochs", "three"], 'Parser key "trainer.max_epochs"'),
+    "negative learning rate": (["fit", *SMOKE, "--model.optimizer.lr", "-0.1"], "Invalid learning rate: -0.1"),
+    "zero learning rate": (["fit", *SMOKE, "--model.optimizer.lr", "0"], "use a positive learning rate"),
+    "batch size 0": (["fit", *SMOKE, "--data.batch_size", "0"], "batch_size=0 is not allowed"),
+    "validation as large as training": (["fit", *SMOKE, "--data.val_size", "1024"], "val_size=1024 is not allowed"),
+    "missing config file": (["fit", "--config", "configs/nope.yaml"], "File does not exist"),
+    "data missing, no network": (["fit", *config("cifar10.yaml"), *QUIET, "--data.data_dir", "nowhere"], "CIFAR-10 not found"),
+    "truncated checkpoint": (["test", *SMOKE, "--ckpt_path", "truncated.ckpt"], "cannot be read"),
+    "corrupted checkpoint": (["test", *SMOKE, "--ckpt_path", "corrupted.ckpt"], "cannot be read"),
+    "checkpoint of another network": (["test", *SMOKE, "--model.net", "lit_accel.models.SeedCNN", "--ckpt_path", "last"], "different network"),
+    "fsdp_gpu without a GPU": (["fit", *SMOKE, *config("strategy/fsdp_gpu.yaml")], "no usable CUDA GPU"),
+    "more devices than the machine has": (["fit", *SMOKE, "--trainer.accelerator", "cpu", "--trainer.devices", "512"], "trainer.devices=512"),
+}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU cases assume a machine without a GPU")
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_message(case, finished_run, monkeypatch, no_network, capsys):
+    args, expected = BAD_INPUTS[case]
+    monkeypatch.chdir(finished_run)
+    before = _fingerprint(finished_run / "runs" / "cifar10" / "version_0")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err
+    assert "Traceback" not in err and len(err.splitlines()) <= 12, err
+    assert _fingerprint(finished_run / "runs" / "cifar10" / "version_0") == before, "a bad command changed a finished run"
+
+
+def test_bad_input_through_the_console_script(finished_run):
+    result = run_cli(["fit", *SMOKE, "--data.batch_size", "0"], cwd=finished_run)
+    assert result.returncode == 2
+    assert "lit-accel: error: batch_size=0 is not allowed" in result.stderr and "Traceback" not in result.stderr
