@@ -210,10 +210,10 @@ def _check_cpu_devices(accelerator: object, devices: object) -> None:
 
 
 def _log_root(trainer) -> str:
+    """This experiment's folder (``runs/<name>`` for TensorBoard): aliases never pick another one's run."""
     logger = trainer.logger
-    if logger is not None and getattr(logger, "save_dir", None):
-        return str(logger.save_dir)
-    return str(trainer.default_root_dir)
+    root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) if logger is not None else None
+    return str(root or trainer.default_root_dir)
 
 
 def main(args: Sequence[str] | None = None) -> None:

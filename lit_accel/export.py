@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from lit_accel.data.cifar10 import CIFAR10_CLASSES
-from lit_accel.errors import LitAccelUserError
+from lit_accel.errors import CheckpointError, LitAccelUserError
 
 __all__ = ["CheckpointError", "ServingModel", "export_checkpoint", "export_model", "load_classifier", "main"]
 
@@ -51,8 +51,6 @@ _MAX_BATCH = 65536
 _CHECK_TOLERANCE = 1e-4
 
 
-class CheckpointError(LitAccelUserError):
-    """The checkpoint to export is missing, unreadable or not one of lit_accel's classifiers."""
 
 
 class ServingModel(nn.Module):
@@ -131,7 +129,7 @@ def load_classifier(checkpoint: str) -> nn.Module:
             f"lit_accel.export.export_model(model.net, out_dir) instead."
         )
     try:
-        model = ImageClassifier.load_from_checkpoint(source, map_location="cpu", weights_only=False)
+        model = ImageClassifier.load_from_checkpoint(source, map_location="cpu", weights_only=True)
     except (KeyError, RuntimeError, TypeError, ValueError, ImportError, AttributeError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
@@ -143,12 +141,12 @@ def load_classifier(checkpoint: str) -> nn.Module:
 
 def _read_checkpoint_file(path: str) -> Any:
     try:
-        # weights_only=False: LightningCLI checkpoints hold their config as Python objects. Only
-        # load checkpoints you trust (your own runs), as with any pickle.
-        return torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only=True, as Lightning loads them: lit_accel's checkpoints hold plain types and
+        # tensors only, and a foreign pickle cannot run code.
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load fails with pickle, zip, EOF, Value and Runtime errors alike
         raise CheckpointError(
-            f"checkpoint {path!r} could not be read ({type(err).__name__}: {err}): the file is damaged or "
+            f"checkpoint {path!r} could not be read ({type(err).__name__}: {_first_line(err)}): the file is damaged or "
             f"not a checkpoint. Copy it again, or pass another one (runs/<name>/version_<n>/checkpoints/)."
         ) from err
 
@@ -352,6 +350,11 @@ def main(args: Sequence[str] | None = None) -> None:
     for path in written.values():
         print(f"  {path}")
     print(f"  {Path(options.out_dir) / METADATA_NAME}")
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
 
 
 if __name__ == "__main__":

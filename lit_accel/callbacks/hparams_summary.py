@@ -127,7 +127,7 @@ def checkpoint_hparams(path: str) -> dict[str, HParamValue]:
     params: dict[str, HParamValue] = {"checkpoint": str(path)}
     file = os.path.join(path, "meta.pt") if os.path.isdir(path) else path
     try:
-        contents = torch.load(file, map_location="cpu", weights_only=False, mmap=not os.path.isdir(path))
+        contents = torch.load(file, map_location="cpu", weights_only=True, mmap=not os.path.isdir(path))
     except Exception as err:  # a missing or foreign file only costs the columns, not the run
         log.warning("HParamsSummary: could not read hyperparameters from %s (%s)", file, err)
         return params

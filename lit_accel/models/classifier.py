@@ -89,12 +89,12 @@ class ImageClassifier(LightningModule):
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # torchmetrics objects sum over the epoch locally and reduce across ranks once, at epoch
         # end: correct global numbers without a collective per step.
-        self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.train_loss = MeanMetric()
-        self.val_loss = MeanMetric()
-        self.test_loss = MeanMetric()
+        # validate_args=False and nan_strategy="disable": their checks (torch.unique, isnan().any())
+        # force a device-to-host sync every step; labels come from our own data, and NaN losses
+        # are the DivergenceGuard's business.
+        for stage in ("train", "val", "test"):
+            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False))
+            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         self._configured = False
 
     def configure_model(self) -> None:
@@ -130,10 +130,11 @@ class ImageClassifier(LightningModule):
         loss = self.loss_fn(logits, labels)
         mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
-        mean_loss.update(loss.detach(), weight=labels.shape[0])
+        mean_loss.update(loss.detach(), weight=torch.full_like(loss, labels.shape[0], dtype=torch.float32).detach())
         accuracy.update(logits.detach(), labels)
-        if stage == "train":  # per-step values: this rank's batch, no collective
-            self.log("train/loss_step", loss.detach(), prog_bar=True)
+        if stage == "train":  # this rank's batch, no collective; not in the progress bar, whose
+            # refresh would read it back to the host every step
+            self.log("train/loss_step", loss.detach())
         self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits

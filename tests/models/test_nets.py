@@ -14,6 +14,13 @@ def test_logits_shape_and_fsdp_units(net_class):
     assert units and all(any(u is m for m in net.modules()) for u in units)
 
 
+def test_batchnorm_cnn_is_seed_cnn_with_batchnorm():
+    seed, bn = SeedCNN(), BatchNormCNN()
+    kinds = lambda net: [type(m).__name__ for m in net.modules() if type(m).__name__ != "Sequential"][1:]
+    assert [k for k in kinds(bn) if k != "BatchNorm2d"] == kinds(seed)
+    assert kinds(bn).count("BatchNorm2d") == 2
+
+
 def test_seed_cnn_is_the_baseline_architecture():
     net = SeedCNN()
     convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
@@ -33,7 +40,6 @@ def test_seed_cnn_is_the_baseline_architecture():
         (lambda: SeedCNN(num_classes=1), "num_classes"),
         (lambda: SeedCNN(dropout=1.0), "dropout"),
         (lambda: BatchNormCNN(width=0), "width"),
-        (lambda: BatchNormCNN(depth=0), "depth"),
         (lambda: ResNet9(logit_scale=0), "logit_scale"),
     ],
 )

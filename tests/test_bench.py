@@ -1,0 +1,42 @@
+"""The benchmark must not rot: its quickest mode runs every case and prints a well-formed table."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+from helpers import REPO_ROOT
+
+from lit_accel.models import SeedCNN
+
+
+@pytest.mark.slow
+def test_bench_smoke_prints_a_row_for_every_variant(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "bench.py"), "--smoke", "--json", str(tmp_path / "bench.json")],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    cases = {row.split("|")[1].strip() for row in rows}
+    assert cases == {"overhead", "callbacks", "pipeline", "precision", "ddp", "networks"}
+    assert len(rows) == 16
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == 8
+        assert re.fullmatch(r"[\d,]+", cells[2]), f"images/s must be a number: {row}"
+        assert re.fullmatch(r"\d+\.\d{3}", cells[3]), f"ratio must be a number: {row}"
+    network_rows = [r for r in rows if r.startswith("| networks")]
+    assert all(re.fullmatch(r"0\.\d{3}|1\.000", r.strip("|").split("|")[6].strip()) for r in network_rows)
+
+
+def test_plain_loop_trains_without_lit_accel_training_code():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import plain_loop
+    from lit_accel.data import make_synthetic_cifar
+
+    images, labels = make_synthetic_cifar(256, seed=0)
+    result = plain_loop.train(SeedCNN(), images, labels, batch_size=32, warmup_steps=1, timed_steps=4)
+    assert result.images_per_sec > 0 and result.timed_steps == 4
+    source = (REPO_ROOT / "tools" / "plain_loop.py").read_text()
+    assert "lightning" not in source and "lit_accel.data.augment" not in source and "ImageClassifier" not in source

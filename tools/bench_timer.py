@@ -1,0 +1,120 @@
+"""StepTimer: the Lightning side's clock for tools/bench.py (kept apart so subprocesses import it)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since the last :func:`reset_peak_rss` (Linux)."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def reset_peak_rss() -> None:
+    """Linux ≥ 4.0: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
+    try:
+        with open("/proc/self/clear_refs", "w") as refs:
+            refs.write("5")
+    except OSError:
+        pass
+
+
+class StepTimer(Callback):
+    """Training images/s after ``warmup_steps``, excluding validation, plus the data-wait share.
+
+    Time runs from the end of optimizer step ``warmup_steps`` to the end of the fit (or of step
+    ``warmup_steps + timed_steps``); validation intervals are left out. Data wait is the time from
+    one training batch's end to the next one's start. The device is synchronized only at the ends
+    of the timed span and around validation. With ``output`` set, rank 0 writes the result as JSON.
+    """
+
+    def __init__(self, warmup_steps: int = 5, timed_steps: int | None = None, output: str | None = None) -> None:
+        self.warmup_steps = warmup_steps
+        self.timed_steps = timed_steps
+        self.output = output
+        self.result: dict[str, Any] = {}
+        self._timing = False
+        self._mark = 0.0
+        self._batch_start = 0.0
+        self._elapsed = 0.0
+        self._wait = 0.0
+        self._images = 0
+
+    def _sync(self, trainer: pl.Trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
+        reset_peak_rss()
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self._timing:
+            now = time.perf_counter()
+            self._wait += now - self._mark
+            self._batch_start = now
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if not self._timing:
+            if step >= self.warmup_steps and not self.result:
+                self._sync(trainer)
+                self._timing, self._mark = True, time.perf_counter()
+            return
+        now = time.perf_counter()
+        self._elapsed += now - self._mark
+        self._mark = now
+        self._images += int(batch[1].shape[0]) if isinstance(batch, (tuple, list)) else 0
+        if self.timed_steps is not None and step >= self.warmup_steps + self.timed_steps:
+            self._finish(trainer)
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._timing:
+            self._sync(trainer)
+            self._elapsed += time.perf_counter() - self._mark
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._timing:
+            self._sync(trainer)
+            self._mark = time.perf_counter()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._timing:
+            self._finish(trainer)
+
+    def _finish(self, trainer: pl.Trainer) -> None:
+        self._sync(trainer)
+        self._elapsed += time.perf_counter() - self._mark
+        self._timing = False
+        world = trainer.world_size
+        device = trainer.strategy.root_device
+        memory = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mb()
+        self.result = {
+            "images_per_sec": world * self._images / self._elapsed if self._elapsed > 0 else float("nan"),
+            "data_wait_fraction": self._wait / self._elapsed if self._elapsed > 0 else float("nan"),
+            "timed_images": world * self._images,
+            "peak_memory_mb": memory,
+            "world_size": world,
+        }
+        if self.output and trainer.is_global_zero:
+            with open(self.output, "w") as f:
+                json.dump(self.result, f)
+        # keep the pid out of results; useful when a subprocess is debugged by hand
+        self.result["pid"] = os.getpid()
