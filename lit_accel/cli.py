@@ -22,6 +22,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from jsonargparse import lazy_instance
 
 from lit_accel.callbacks import PredictionCSVWriter, PreemptionCheckpoint, RNGStateCheckpoint
+from lit_accel.callbacks.divergence_guard import DivergenceError
 from lit_accel.checkpoints import CHECKPOINT_ALIASES, check_checkpoint, find_checkpoint, read_checkpoint
 from lit_accel.data import CIFAR10DataModule
 from lit_accel.errors import ConfigurationError, LitAccelUserError
@@ -222,12 +223,18 @@ def main(args: Sequence[str] | None = None) -> None:
     User errors are lit_accel's own (missing data, no checkpoint to resume) and Lightning's
     ``MisconfigurationException`` (e.g. a GPU strategy on a machine without a GPU). Configuration
     errors (unknown key, wrong type, missing file) are reported by jsonargparse, also with exit 2.
+    A run the DivergenceGuard gave up on exits with 3, SIGTERM/Ctrl-C with 143, both after saving
+    a checkpoint.
     """
     try:
         LitAccelCLI(args=args)
     except (LitAccelUserError, MisconfigurationException) as err:
         print(f"lit-accel: error: {err}", file=sys.stderr)
         sys.exit(2)
+    except DivergenceError as err:
+        # The guard already saved divergence.ckpt and explained what to try; no traceback needed.
+        print(f"lit-accel: training diverged: {err}", file=sys.stderr)
+        sys.exit(3)
     except SIGTERMException:
         # Stopped by SIGTERM/Ctrl-C after saving a checkpoint: exit like a process killed by
         # SIGTERM (128 + 15) so schedulers and torchrun see an interrupted, not a finished, run.

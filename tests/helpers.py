@@ -40,3 +40,4 @@ def config(*names: str) -> list[str]:
     for name in names:
         args += ["--config", str(CONFIGS / name)]
     return args
+

@@ -17,7 +17,7 @@ def test_bench_smoke_prints_a_row_for_every_variant(tmp_path):
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith("| case")]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith(("| case", "| ---"))]
     cases = {row.split("|")[1].strip() for row in rows}
     assert cases == {"overhead", "callbacks", "pipeline", "precision", "ddp", "networks"}
     assert len(rows) == 16

@@ -36,22 +36,40 @@ def _last_checkpoint(root: Path, version: int) -> Path:
 RESUME_RUN = [*SMOKE, "--trainer.max_epochs", "2", "--step_checkpoint.every_n_train_steps", "3"]
 
 
+DYNAMIC_SCHEDULE = """
+trainer:
+  callbacks+:
+    - class_path: lit_accel.callbacks.DynamicBatchLR
+      init_args:
+        policy: none
+        batch_size_schedule: {1: 96}
+        lr_schedule: {1: 0.5}
+"""
+
+
 def test_run_resumed_after_a_crash_ends_exactly_like_an_uninterrupted_run(tmp_path, monkeypatch):
+    """Recipe callbacks (meter, guard) plus DynamicBatchLR changing batch and LR at epoch 1."""
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    schedule = tmp_path / "dynamic.yaml"
+    schedule.write_text(DYNAMIC_SCHEDULE)
+    run = [*RESUME_RUN, "--config", str(schedule)]
     monkeypatch.chdir(tmp_path / "a")
-    uninterrupted = LitAccelCLI(args=["fit", *RESUME_RUN])
+    uninterrupted = LitAccelCLI(args=["fit", *run])
     assert uninterrupted.trainer.global_step == 16
 
     monkeypatch.chdir(tmp_path / "b")
     sys.path.insert(0, str(TESTS_DIR))
     crash = ["--trainer.callbacks+=faults.CrashAtStep", "--trainer.callbacks.step", "11"]
     with pytest.raises(RuntimeError, match="injected crash at step 11"):
-        LitAccelCLI(args=["fit", *RESUME_RUN, *crash])  # mid-epoch 1; last.ckpt is from step 9
+        LitAccelCLI(args=["fit", *run, *crash])  # mid-epoch 1; last.ckpt is from step 9
     saved = torch.load(_last_checkpoint(tmp_path / "b", 0), weights_only=False)
     assert saved["global_step"] == 9 and saved["epoch"] == 1
+    states = {key.split("{")[0] for key in saved["callbacks"]}
+    assert {"ThroughputMeter", "DivergenceGuard", "DynamicBatchLR", "RNGStateCheckpoint"} <= states
 
-    resumed = LitAccelCLI(args=["fit", *RESUME_RUN, "--ckpt_path", "last"])
+    resumed = LitAccelCLI(args=["fit", *run, "--ckpt_path", "last"])
     assert resumed.trainer.global_step == 16 and resumed.trainer.current_epoch == 2
+    assert resumed.datamodule.batch_size == uninterrupted.datamodule.batch_size == 96
     # Same weights to the bit: optimizer, scheduler, data order, augmentation and dropout
     # randomness all continued where the crashed run left them.
     expected = _final_weights(uninterrupted)

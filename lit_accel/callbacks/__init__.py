@@ -1,7 +1,7 @@
 """Reusable Lightning callbacks. Each module imports only ``lightning`` and ``torch`` (and the
 standard library), so it can be copied into another project on its own."""
 
-from lit_accel.callbacks.divergence_guard import DivergenceGuard
+from lit_accel.callbacks.divergence_guard import DivergenceError, DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR
 from lit_accel.callbacks.hparams_summary import HParamsSummary
 from lit_accel.callbacks.prediction_writer import PredictionCSVWriter
@@ -11,6 +11,7 @@ from lit_accel.callbacks.throughput_meter import ThroughputMeter
 from lit_accel.callbacks.validation_figures import ValidationFigures
 
 __all__ = [
+    "DivergenceError",
     "DivergenceGuard",
     "DynamicBatchLR",
     "HParamsSummary",

@@ -4,10 +4,12 @@ update, roll back with a lower learning rate when it persists, and stop cleanly 
 Imports only ``lightning`` and ``torch`` (and the standard library), so the file can be copied into
 another project.
 
-Cost, measured on a shared 2-core CPU (torch 2.14.1): the guard's hooks take about 0.2 ms per step
+Cost, measured on a shared 2-core CPU (torch 2.14.1): the guard's hooks took about 0.2 ms per step
 for SeedCNN (0.32 M parameters) and 0.5 ms for ResNet9 width 16 (min of 7×50 calls; two fused norms,
 one all-reduce of four numbers, one device-to-host read), against about 25 ms for a SeedCNN fp32
-step at batch 128, i.e. under 1%. A snapshot of SeedCNN + SGD momentum takes about 0.1 ms.
+step at batch 128, i.e. under 1%. That was with a parameter norm at every step; it is now taken
+only on bad steps and before snapshots, so a good step costs one fused norm less. A snapshot of
+SeedCNN + SGD momentum takes about 0.1 ms.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
-__all__ = ["DivergenceGuard"]
+__all__ = ["DivergenceError", "DivergenceGuard"]
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +42,24 @@ _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 _SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "_last_lr")
 
 
+class DivergenceError(RuntimeError):
+    """Training diverged beyond what skipping and rolling back could fix (``on_stop="raise"``).
+
+    The message says at which step, why, with which values, where the state was saved and what to
+    try; a command-line entry point can print it alone, without a traceback.
+    """
+
+
 class DivergenceGuard(Callback):
     """Skip bad optimizer steps, roll back when they persist, stop with a diagnosis when that fails.
 
     At every optimizer step (automatic optimization) the guard looks at the loss (from
-    ``on_before_backward``, summed over accumulated micro-batches), the total gradient norm and the
-    parameter norm (in ``on_before_optimizer_step``, before clipping and before the update), agrees
-    on them across ranks with one all-reduce, and classifies the step:
+    ``on_before_backward``, summed over accumulated micro-batches) and the total gradient norm (in
+    ``on_before_optimizer_step``, before clipping and before the update), agrees on them across
+    ranks with one all-reduce, and classifies the step. The parameter norm is checked only when
+    it matters: on a step that is already bad (non-finite weights make the loss or the gradients
+    non-finite, so a broken update shows up there first), before every snapshot (a snapshot of
+    broken weights would be a useless rollback target) and at the end of training:
 
     * **non-finite parameters** (the previous update broke the model): roll back at once;
     * **non-finite loss** or **non-finite gradient norm**: a bad step;
@@ -66,19 +79,29 @@ class DivergenceGuard(Callback):
        state and LR-scheduler state are restored from the last good snapshot, then every learning
        rate is multiplied by ``lr_backoff``. Snapshots are taken every ``snapshot_every`` good steps
        (and at the start of training) into host memory: a copy of the parameters, buffers and
-       optimizer state (about 3× the model size for Adam). Under FSDP/FSDP2 each rank copies its own
-       local shards. The backoff is written into the optimizer's param groups (``lr``,
-       ``initial_lr``, ``max_lr``, ``min_lr``) and the schedulers' ``base_lrs``/``max_lrs``, so it
-       persists through later scheduler steps and checkpoints.
+       optimizer state (about 3× the model size for Adam), every param-group entry and the
+       schedulers' states. Under FSDP/FSDP2 each rank copies its own local shards. The backoff is
+       written into the optimizer's param groups (``lr``, ``initial_lr``, ``max_lr``, ``min_lr``)
+       and the schedulers' ``base_lrs``/``max_lrs``, so it persists through later scheduler steps
+       and checkpoints, and into the snapshot's copy of them, so backoffs compound: a second
+       rollback to the same snapshot leaves ``lr_backoff²`` of the learning rate.
     3. **stop** when another rollback is needed after ``max_rollbacks`` of them: the current state
        is saved to ``checkpoint_path`` (default ``<trainer.log_dir>/divergence.ckpt``) for
        inspection, the model is put back to the last good snapshot, a message names the step, the
-       reason, the values and what to try, and then either a ``RuntimeError`` is raised
+       reason, the values and what to try, and then either a ``DivergenceError`` is raised
        (``on_stop="raise"``) or ``trainer.should_stop`` is set (``on_stop="stop"``).
 
-    Distributed: the loss, gradient norm and parameter norm are summed across ranks in one
-    all-reduce per step, so every rank sees the same numbers, takes the same decision and keeps the
-    same snapshots; a NaN on one rank makes all ranks skip together and replicas stay identical.
+    Param groups are restored exactly: every entry except ``params`` gets the snapshot's value and
+    entries the snapshot does not have are removed. Other callbacks that change learning rates on
+    top of a schedule can rely on this protocol (no import needed): keep what they applied in an
+    entry of each param group (``DynamicBatchLR`` keeps ``dynamic_lr_scale``), and after a
+    rollback that entry again matches the restored learning rates; the guard's backoff stays on
+    top as a plain factor.
+
+    Distributed: the loss and gradient norm are summed across ranks in one all-reduce per step
+    (the parameter norm, when it is checked, in a second one that every rank runs at the same
+    step), so every rank sees the same numbers, takes the same decision and keeps the same
+    snapshots; a NaN on one rank makes all ranks skip together and replicas stay identical.
     Sharded tensors (DTensor, FSDP) count each shard once.
 
     Mixed precision: under a GradScaler (``16-mixed``) a step with non-finite gradients is the
@@ -92,10 +115,10 @@ class DivergenceGuard(Callback):
     PyTorch. ``trainer.global_step`` counts ``optimizer.step()`` calls, skipped ones included, so
     ``max_steps`` includes skipped steps.
 
-    Cost: one all-reduce of four floats and one device-to-host read (a single sync) per step, two
-    fused norms (gradients and parameters), and a host copy of the state every ``snapshot_every``
-    good steps. The parameter check of an update happens at the next step (same all-reduce), and at
-    the end of training.
+    Cost: one all-reduce of three floats and one device-to-host read (a single sync) per good
+    step, one fused norm (gradients), and every ``snapshot_every`` good steps a parameter norm (one
+    more all-reduce and sync) and a host copy of the state. Bad steps also pay for a parameter
+    norm.
 
     Limits: automatic optimization only (one optimizer); not for optimizers that re-evaluate the
     closure (LBFGS). State is restored in place, so it works with DDP, FSDP2 (ModelParallelStrategy)
@@ -116,7 +139,7 @@ class DivergenceGuard(Callback):
         spike_zscore: if set, a spike must also be this many standard deviations above the window
             mean (guards against ratio false alarms when the loss is near zero).
         scaler_patience: GradScaler skips in a row tolerated before they count as bad steps.
-        on_stop: ``"raise"`` raises ``RuntimeError``; ``"stop"`` sets ``trainer.should_stop``.
+        on_stop: ``"raise"`` raises ``DivergenceError``; ``"stop"`` sets ``trainer.should_stop``.
         save_on_stop: write a checkpoint of the state the guard gave up on.
         checkpoint_path: where; ``None`` means ``<trainer.log_dir>/divergence.ckpt``.
 
@@ -134,8 +157,9 @@ class DivergenceGuard(Callback):
 
     Raises:
         ValueError: an argument is out of range.
-        RuntimeError: the module uses manual optimization; or training diverged beyond
-            ``max_rollbacks`` with ``on_stop="raise"``.
+        RuntimeError: the module uses manual optimization.
+        DivergenceError: (a ``RuntimeError``) training diverged beyond ``max_rollbacks`` with
+            ``on_stop="raise"``; its message is the diagnosis (step, reason, values, what to try).
 
     Example::
 
@@ -184,6 +208,8 @@ class DivergenceGuard(Callback):
         if spike_zscore is not None and not (isinstance(spike_zscore, (int, float)) and spike_zscore > 0):
             raise ValueError(f"spike_zscore={spike_zscore!r} is not allowed: use a number > 0, or None")
         _check_int("scaler_patience", scaler_patience, 0)
+        if not isinstance(save_on_stop, bool):
+            raise ValueError(f"save_on_stop={save_on_stop!r} is not allowed: use true or false")
         if on_stop not in ("raise", "stop"):
             raise ValueError(f"on_stop={on_stop!r} is not allowed: use 'raise' or 'stop'")
         if checkpoint_path is not None and not (isinstance(checkpoint_path, str) and checkpoint_path):
@@ -285,20 +311,13 @@ class DivergenceGuard(Callback):
             _drop_gradients(optimizer, scaler_owns_step)
             return
         self._decided = True
-        loss, grad_norm, param_norm = self._gather_stats(trainer, optimizer, scaler)
+        loss, grad_norm = self._gather_stats(trainer, optimizer, scaler)
         self._last_grad_norm = grad_norm
-        verdict = _classify(
-            loss,
-            grad_norm,
-            param_norm,
-            scaler_active=scaler is not None,
-            loss_hist=self._loss_hist,
-            grad_hist=self._grad_hist,
-            warmup=self.warmup,
-            loss_factor=self.loss_spike_factor,
-            grad_factor=self.grad_spike_factor,
-            zscore=self.spike_zscore,
-        )
+        verdict = self._verdict(loss, grad_norm, None, scaler)
+        if _needs_param_check(verdict.kind, self._good_since_snapshot, self.snapshot_every):
+            # Decided from all-reduced numbers and counters that are the same on every rank, so
+            # every rank joins this second all-reduce.
+            verdict = self._verdict(loss, grad_norm, self._param_norm(trainer), scaler)
         action, self._bad_streak, self._scaler_streak = _escalate(
             verdict.kind,
             self._bad_streak,
@@ -316,6 +335,20 @@ class DivergenceGuard(Callback):
             verdict = verdict._replace(action=action, step=trainer.global_step, loss=loss, grad_norm=grad_norm)
             self._skip(trainer, optimizer, verdict, scaler_owns_step)
 
+    def _verdict(self, loss: float | None, grad_norm: float, param_norm: float | None, scaler: Any) -> _Verdict:
+        return _classify(
+            loss,
+            grad_norm,
+            param_norm,
+            scaler_active=scaler is not None,
+            loss_hist=self._loss_hist,
+            grad_hist=self._grad_hist,
+            warmup=self.warmup,
+            loss_factor=self.loss_spike_factor,
+            grad_factor=self.grad_spike_factor,
+            zscore=self.spike_zscore,
+        )
+
     def _accept(
         self,
         trainer: pl.Trainer,
@@ -329,7 +362,8 @@ class DivergenceGuard(Callback):
             self._grad_hist.append(grad_norm)
         self._good_since_snapshot += 1
         if self._good_since_snapshot >= self.snapshot_every:
-            # The parameters here are those after the previous update, just verified finite.
+            # The parameters here are those after the previous update, verified finite by
+            # _needs_param_check/_classify just before.
             self._snapshot = _Snapshot.take(
                 pl_module, optimizer, _schedulers(trainer), trainer.global_step, reuse=self._snapshot
             )
@@ -379,11 +413,8 @@ class DivergenceGuard(Callback):
         self._release_schedulers()
         if self._stopped or self._snapshot is None:
             return
-        # The last update has not been checked yet: the next step's all-reduce would have done it.
-        device = trainer.strategy.root_device
-        vec = torch.stack([torch.zeros((), device=device), self._sq_norm(trainer, params=True, device=device)])
-        param_norm = math.sqrt(max(_all_sum(trainer, vec).tolist()[1], 0.0))
-        if not math.isfinite(param_norm):
+        # The last update has not been checked yet: the next step's loss would have shown it.
+        if not math.isfinite(self._param_norm(trainer)):
             self._snapshot.restore(pl_module, trainer.optimizers[0], _schedulers(trainer))
             if trainer.is_global_zero:
                 log.warning(
@@ -406,7 +437,7 @@ class DivergenceGuard(Callback):
 
     def _gather_stats(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, scaler: Any
-    ) -> tuple[float | None, float, float]:
+    ) -> tuple[float | None, float]:
         device = trainer.strategy.root_device
         loss, self._loss_acc = self._loss_acc, None
         has_loss = torch.ones((), device=device) if loss is not None else torch.zeros((), device=device)
@@ -415,12 +446,16 @@ class DivergenceGuard(Callback):
         if scaler is not None and _handles_unscaling(optimizer):
             # Fused optimizers unscale inside step(), so the gradients here are still scaled.
             grad_sq = grad_sq / scaler.scale(torch.ones((), device=device)).square()
-        param_sq = self._sq_norm(trainer, params=True, device=device)
-        vec = torch.stack([loss_sum, has_loss, grad_sq, param_sq])
-        # The only host sync of the step: the decision needs the numbers.
-        loss_total, n_loss, grad_total, param_total = _all_sum(trainer, vec).tolist()
+        vec = torch.stack([loss_sum, has_loss, grad_sq])
+        # The only host sync of a good step: the decision needs the numbers.
+        loss_total, n_loss, grad_total = _all_sum(trainer, vec).tolist()
         mean_loss = loss_total / n_loss if n_loss > 0 else None
-        return mean_loss, _sqrt(grad_total), _sqrt(param_total)
+        return mean_loss, _sqrt(grad_total)
+
+    def _param_norm(self, trainer: pl.Trainer) -> float:
+        """Global parameter norm; a collective: every rank must call it at the same step."""
+        device = trainer.strategy.root_device
+        return _sqrt(_all_sum(trainer, self._sq_norm(trainer, params=True, device=device).reshape(1)).item())
 
     def _sq_norm(self, trainer: pl.Trainer, params: bool, device: torch.device) -> Tensor:
         """This rank's share of the global squared norm of the parameters (or gradients)."""
@@ -455,6 +490,9 @@ class DivergenceGuard(Callback):
         schedulers = _schedulers(trainer)
         self._snapshot.restore(pl_module, optimizer, schedulers)
         _scale_learning_rates(optimizer, schedulers, self.lr_backoff)
+        # The snapshot keeps the lowered rates, so the next rollback to it lowers them further
+        # instead of going back to the rates it was taken with.
+        self._snapshot.retake_learning_rates(optimizer, schedulers)
         self.lr_factor *= self.lr_backoff
         self.rollbacks += 1
         self._good_since_snapshot = 0
@@ -487,7 +525,7 @@ class DivergenceGuard(Callback):
         if trainer.is_global_zero:
             log.error(message)
         if self.on_stop == "raise":
-            raise RuntimeError(message)
+            raise DivergenceError(message)
         trainer.should_stop = True
 
     def _log_metrics(self, trainer: pl.Trainer, force: bool) -> None:
@@ -540,10 +578,19 @@ def _is_spike(
     return True
 
 
+def _needs_param_check(kind: str, good_since_snapshot: int, snapshot_every: int) -> bool:
+    """Whether to measure the parameter norm: on a step that is not plainly good, or before a snapshot.
+
+    ``kind`` is the verdict without the parameter norm. Non-finite weights used in the forward make
+    the loss and gradients non-finite, so a good step needs no check unless a snapshot follows.
+    """
+    return kind != "ok" or good_since_snapshot + 1 >= snapshot_every
+
+
 def _classify(
     loss: float | None,
     grad_norm: float,
-    param_norm: float,
+    param_norm: float | None,
     *,
     scaler_active: bool,
     loss_hist: Sequence[float],
@@ -553,8 +600,8 @@ def _classify(
     grad_factor: float | None,
     zscore: float | None,
 ) -> _Verdict:
-    """What is wrong with this step, if anything (numbers in, verdict out)."""
-    if not math.isfinite(param_norm):
+    """What is wrong with this step, if anything (numbers in, verdict out); ``param_norm`` None: not measured."""
+    if param_norm is not None and not math.isfinite(param_norm):
         return _Verdict("broken", "non-finite parameters after the previous update", param_norm)
     if scaler_active and not math.isfinite(grad_norm):
         return _Verdict("scaler", "non-finite gradients (GradScaler skips the step)", grad_norm)
@@ -647,11 +694,15 @@ class _Snapshot:
                         k: _HostTensor.of(v, old.get(k)) if isinstance(v, Tensor) else copy.deepcopy(v)
                         for k, v in state.items()
                     }
-        snap.param_groups = [
+        snap.retake_learning_rates(optimizer, schedulers)
+        return snap
+
+    def retake_learning_rates(self, optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> None:
+        """Copy the param groups (all entries but ``params``) and the scheduler states again."""
+        self.param_groups = [
             {k: copy.deepcopy(v) for k, v in group.items() if k != "params"} for group in optimizer.param_groups
         ]
-        snap.schedulers = [copy.deepcopy(s.state_dict()) for s in schedulers]
-        return snap
+        self.schedulers = [copy.deepcopy(s.state_dict()) for s in schedulers]
 
     def restore(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, schedulers: list[Any]) -> None:
         with torch.no_grad():
@@ -669,6 +720,10 @@ class _Snapshot:
                 for key, value in saved.items():
                     live[key] = value.restore_into(live.get(key)) if isinstance(value, _HostTensor) else copy.deepcopy(value)
         for group, saved in zip(optimizer.param_groups, self.param_groups):
+            # Exactly as saved: an entry another callback added after the snapshot goes away, so
+            # what it stores there (e.g. DynamicBatchLR's dynamic_lr_scale) matches the restored LRs.
+            for key in [k for k in group if k != "params" and k not in saved]:
+                del group[key]
             for key, value in saved.items():
                 if isinstance(group.get(key), Tensor) and isinstance(value, Tensor):
                     group[key].copy_(value)

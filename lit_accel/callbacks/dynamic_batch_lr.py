@@ -36,6 +36,8 @@ _GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 # ReduceLROnPlateau; _last_lr: get_last_lr()) and scalars (eta_min: the cosine schedules).
 _SCHED_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
 _SCHED_LR_SCALARS = ("eta_min",)
+# The param-group entry holding the multiplier this callback has baked into that group's LRs.
+_SCALE_KEY = "dynamic_lr_scale"
 
 
 class DynamicBatchLR(Callback):
@@ -85,6 +87,20 @@ class DynamicBatchLR(Callback):
     scheduler's length is not changed: if the batch grows, an epoch has fewer steps, so a
     step-interval schedule sized from ``trainer.estimated_stepping_batches`` does not reach its
     end (prefer ``interval: epoch`` schedules with batch growth).
+
+    **Where the applied multiplier lives** (protocol with callbacks that restore optimizer state,
+    such as ``DivergenceGuard``'s rollback; no imports between them): the multiplier currently
+    baked into an optimizer's learning rates is stored in each of its param groups under
+    ``"dynamic_lr_scale"`` (the same value in every group), not only in this callback. Before every
+    training batch the callback compares that entry with its target and rescales by the ratio. So
+    when another callback restores param groups and scheduler states from an earlier copy (which
+    carries the entry as it was then), or multiplies the LRs by a factor of its own (a rollback's
+    backoff) without touching the entry, the next batch again gets ``target ×`` whatever the other
+    callback did, instead of a multiplier applied on top of the wrong base. A group without the
+    entry holds the multiplier of a fresh optimizer (1), or, when resuming a checkpoint written
+    before the entry existed, the ``applied_lr_scale`` saved in this callback's state. The entry is
+    saved with the optimizer in checkpoints. A restorer should copy the param groups exactly,
+    removing entries it did not save.
 
     ``lr_scaling`` is how the LR follows the batch (relative to the batch at the start of fit):
     ``"none"`` (default) keeps the LR, ``"linear"`` multiplies it by the batch ratio (Goyal et al.),
@@ -139,8 +155,9 @@ class DynamicBatchLR(Callback):
     Raises:
         ValueError: for an argument outside its allowed range, a batch policy without a maximum, or
             ``batch_size_schedule`` together with a batch policy; at the start of training, if
-            ``accumulate_grad_batches`` must change but manual optimization or the strategy
-            (DeepSpeed) cannot.
+            the batch needs gradient accumulation (``accumulate_grad_batches`` > 1) but manual
+            optimization or the strategy (DeepSpeed) cannot accumulate; the message says which
+            limit to raise or which value to lower.
 
     Example::
 
@@ -224,7 +241,10 @@ class DynamicBatchLR(Callback):
         self._best: float | None = None
         self._wait = 0
         self._cooldown_left = 0
-        self._applied_lr_scale = 1.0  # the multiplier currently baked into the optimizers and schedulers
+        # The multiplier last written into the optimizers (their param groups hold the live value,
+        # _SCALE_KEY); saved so that a checkpoint from before _SCALE_KEY existed still resumes.
+        self._applied_lr_scale = 1.0
+        self._unmarked_scale = 1.0  # the multiplier in a param group without _SCALE_KEY
 
         # per fit
         self._holder: str | None = None  # "datamodule" | "module" | None (fixed DataLoader batch)
@@ -261,6 +281,7 @@ class DynamicBatchLR(Callback):
         self._wait = int(state_dict.get("wait", 0))
         self._cooldown_left = int(state_dict.get("cooldown_left", 0))
         self._applied_lr_scale = float(state_dict.get("applied_lr_scale", 1.0))
+        self._unmarked_scale = self._applied_lr_scale  # optimizer states saved without _SCALE_KEY have it baked in
         # Most strategies restore callbacks before on_fit_start; FSDP/ModelParallel/DeepSpeed after it
         # (strategy.restore_checkpoint_after_setup), then on_train_start applies the state.
         self._pending_apply = True
@@ -269,7 +290,10 @@ class DynamicBatchLR(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned = set()
         if not self._pending_apply:
-            self._applied_lr_scale = 1.0  # fit builds fresh optimizers unless a checkpoint restores them
+            # fit builds fresh optimizers unless a checkpoint restores them (after this hook)
+            self._applied_lr_scale = self._unmarked_scale = 1.0
+            # Mark them now, before other callbacks' on_train_start may copy the param groups.
+            _mark_param_groups(trainer, self._unmarked_scale)
         self._holder = _find_batch_size_holder(trainer, pl_module)
         if self._holder is None:
             return  # the DataLoader's own batch is known only once it is built: on_train_start
@@ -298,11 +322,8 @@ class DynamicBatchLR(Callback):
             _request_train_dataloader_reload(trainer)
         self._pending_apply = False
         if self._accumulate > 1 and not _can_accumulate(trainer, pl_module):
-            raise ValueError(
-                f"DynamicBatchLR needs accumulate_grad_batches={self._accumulate}, which"
-                f" {type(trainer.strategy).__name__} or manual optimization cannot change during fit: keep the"
-                " batch_size_schedule at or below max_batch_size"
-            )
+            raise ValueError(self._accumulation_error(trainer, pl_module))
+        _mark_param_groups(trainer, self._unmarked_scale)  # optimizers restored from older checkpoints
         self._sync_lr(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -317,8 +338,8 @@ class DynamicBatchLR(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if self.warmup_steps == 0 or trainer.global_step > self.warmup_steps:
-            return
+        # Every batch, not only during warm-up: another callback may have restored older param
+        # groups (a rollback) since the last batch. A no-op costs one lookup per optimizer.
         if self._sync_lr(trainer) and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
             self._log(trainer)
 
@@ -341,6 +362,21 @@ class DynamicBatchLR(Callback):
             self._sync_lr(trainer)
 
     # ---------------------------------------------------------------------------------- internals
+    def _accumulation_error(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> str:
+        if not pl_module.automatic_optimization:
+            who = "manual optimization (automatic_optimization = False) does not accumulate gradients"
+        else:
+            strategy = type(trainer.strategy).__name__
+            who = f"{strategy} handles gradient accumulation itself and cannot change it during fit"
+        samples = (self._batch_size or 0) * self._accumulate
+        return (
+            f"DynamicBatchLR needs accumulate_grad_batches={self._accumulate} (batch {self._batch_size} ×"
+            f" {self._accumulate} = {samples} samples per optimizer step on each device, the batch being capped at"
+            f" max_batch_size={self.max_batch_size}), but {who}. Raise max_batch_size to at least {samples} if that"
+            " fits in memory, or keep every batch_size_schedule value at or below max_batch_size (and resume only from"
+            " checkpoints of runs that did not accumulate)."
+        )
+
     def _needs_batch_growth(self) -> bool:
         return self.policy in ("batch", "batch_then_lr") or bool(self.batch_size_schedule)
 
@@ -446,13 +482,10 @@ class DynamicBatchLR(Callback):
         return schedule * _batch_lr_factor(batch_ratio, self.lr_scaling) * self._lr_decay
 
     def _sync_lr(self, trainer: pl.Trainer) -> bool:
-        """Bring the multiplier baked into the optimizers to its target; True if it changed."""
+        """Bring the multiplier baked into each optimizer (its _SCALE_KEY) to the target; True if any changed."""
         target = self._lr_scale_without_warmup(trainer) * _warmup_factor(trainer.global_step, self.warmup_steps)
-        if math.isclose(target, self._applied_lr_scale, rel_tol=1e-12):
-            return False
-        _scale_learning_rates(trainer, target / self._applied_lr_scale)
         self._applied_lr_scale = target
-        return True
+        return _sync_optimizers(trainer, target, self._unmarked_scale)
 
     def _check_loader_batch(self, trainer: pl.Trainer) -> None:
         actual = _loader_batch_size(trainer)
@@ -655,15 +688,43 @@ def _largest_lr(trainer: pl.Trainer) -> float:
     return max(lrs) if lrs else 0.0
 
 
-def _scale_learning_rates(trainer: pl.Trainer, ratio: float) -> None:
-    """Multiply every LR-valued entry of the optimizers and their schedulers by ``ratio``."""
+def _mark_param_groups(trainer: pl.Trainer, scale: float) -> None:
+    """Give every param group without _SCALE_KEY the multiplier its LRs hold (``scale``)."""
     for optimizer in trainer.optimizers:
+        for group in optimizer.param_groups:
+            group.setdefault(_SCALE_KEY, scale)
+
+
+def _applied_scale(optimizer: torch.optim.Optimizer, unmarked: float) -> float:
+    groups = optimizer.param_groups
+    return float(groups[0].get(_SCALE_KEY, unmarked)) if groups else 1.0
+
+
+def _sync_optimizers(trainer: pl.Trainer, target: float, unmarked: float) -> bool:
+    """Rescale each optimizer (and its schedulers) whose _SCALE_KEY differs from ``target``."""
+    ratios: dict[int, float] = {}
+    for optimizer in trainer.optimizers:
+        applied = _applied_scale(optimizer, unmarked)
+        if not math.isclose(target, applied, rel_tol=1e-12):
+            ratios[id(optimizer)] = target / applied
+    if not ratios:
+        return False
+    first = id(trainer.optimizers[0])
+    for optimizer in trainer.optimizers:
+        ratio = ratios.get(id(optimizer))
+        if ratio is None:
+            continue
         for group in optimizer.param_groups:
             for key in _GROUP_LR_KEYS:
                 if key in group:
                     group[key] = _scaled(group[key], ratio)
+            group[_SCALE_KEY] = target
     for config in trainer.lr_scheduler_configs:
-        _scale_scheduler(config.scheduler, ratio)
+        owner = getattr(config.scheduler, "optimizer", None)
+        ratio = ratios.get(id(owner) if owner is not None else first)
+        if ratio is not None:
+            _scale_scheduler(config.scheduler, ratio)
+    return True
 
 
 def _scale_scheduler(scheduler: Any, ratio: float) -> None:

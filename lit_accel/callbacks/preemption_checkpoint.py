@@ -11,6 +11,7 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -22,66 +23,88 @@ log = logging.getLogger(__name__)
 class PreemptionCheckpoint(Callback):
     """On SIGTERM or Ctrl-C: finish the current batch, save a resumable checkpoint, stop.
 
-    Lightning already turns SIGTERM into a stop at the next batch boundary (agreed across ranks: rank
-    0's signal is broadcast) by raising ``SIGTERMException``; this callback saves the checkpoint at
-    that moment, where the model, optimizer, scheduler and loop progress are consistent. The first
-    Ctrl-C (SIGINT) is handled the same way, by sending the process a SIGTERM; a second Ctrl-C
-    interrupts at once. The file is written as ``<checkpoint dir>/<filename>.ckpt``, by default
+    Lightning already turns SIGTERM into a stop at the end of the current training batch by
+    raising ``SIGTERMException``; this callback saves the checkpoint at that moment (in
+    ``on_exception``), where the model, optimizer, scheduler and loop progress are consistent:
+    the checkpoint's ``global_step`` counts the batch that was running when the signal came, and
+    a run resumed from it continues with the next batch. The first Ctrl-C (SIGINT) is handled the
+    same way, by sending the process a SIGTERM; a second Ctrl-C interrupts at once, without a
+    checkpoint. The file is written as ``<checkpoint dir>/<filename>.ckpt`` (the
+    ``ModelCheckpoint``'s ``dirpath``, else ``<default_root_dir>/checkpoints``), by default
     ``last.ckpt`` next to ModelCheckpoint's, so ``--ckpt_path last`` resumes from it. Unlike
     Lightning's ``OnExceptionCheckpoint``, other exceptions (a crash inside a step, whose state may
-    be half-updated) save nothing, and the file is not deleted at the end.
+    be half-updated) save nothing, nothing is saved when the signal comes during
+    ``validate``/``test``/``predict`` (a ``last.ckpt`` of the training run is not overwritten), and
+    the file is not deleted at the end.
+
+    The Ctrl-C handler is installed at ``on_train_start`` of ``fit`` (main thread only; a Ctrl-C
+    before that, e.g. during data set-up or the sanity check, interrupts as usual) and the previous
+    handler is put back in ``teardown`` and, because Lightning does not call ``teardown`` hooks
+    when ``fit`` ends with an exception, in ``on_exception`` too. Installing it after Lightning
+    has saved the process's handlers (just before the training loop) also lets Lightning's own
+    clean-up restore the original one.
+
+    Limitation (distributed): Lightning broadcasts rank 0's SIGTERM flag at the start of every
+    training batch, but at the end of a batch each rank raises ``SIGTERMException`` from its own
+    flag. When a signal reaches the ranks during different batches, they could stop at different
+    steps, and ``save_checkpoint`` (a collective) would then hang. Cluster schedulers (SLURM,
+    Kubernetes) and Ctrl-C in a terminal signal all processes of the job at once, which is the
+    supported case; do not signal a single rank by hand.
 
     Args:
-        filename: checkpoint file name without ``.ckpt``.
-        handle_sigint: treat the first Ctrl-C like SIGTERM.
+        filename: checkpoint file name, without ``.ckpt`` and without a folder.
+        handle_sigint: treat the first Ctrl-C like SIGTERM (``False`` leaves Ctrl-C to Lightning,
+            which stops at once without a checkpoint).
 
-    Logged metrics: none.
+    Logged metrics: none. One info line on rank 0 names the step and the file.
 
     Raises:
-        ValueError: if ``filename`` is empty or contains a path separator.
+        ValueError: if ``filename`` is not a non-empty string, contains a path separator or ends
+            with ``.ckpt``, or ``handle_sigint`` is not a bool.
 
     Example::
 
         trainer:
           callbacks:
             - class_path: lit_accel.callbacks.PreemptionCheckpoint
+              init_args:
+                filename: last
+                handle_sigint: true
     """
 
     def __init__(self, filename: str = "last", handle_sigint: bool = True) -> None:
-        if not filename or os.sep in filename:
-            raise ValueError(f"filename={filename!r} is not allowed: use a plain file name without '{os.sep}'")
+        super().__init__()
+        separators = [sep for sep in (os.sep, os.altsep, "/") if sep]
+        if not isinstance(filename, str) or not filename.strip() or any(sep in filename for sep in separators):
+            raise ValueError(f"filename={filename!r} is not allowed: use a plain file name such as 'last', without '/'")
+        if filename.endswith(".ckpt"):
+            raise ValueError(f"filename={filename!r} is not allowed: leave out '.ckpt' (it is added), e.g. 'last'")
+        if not isinstance(handle_sigint, bool):
+            raise ValueError(f"handle_sigint={handle_sigint!r} is not allowed: use true or false")
         self.filename = filename
         self.handle_sigint = handle_sigint
         self.saved_path: str | None = None
+        self._installed = False  # our SIGINT handler is in place and _previous_sigint is to be restored
         self._previous_sigint: Any = None
 
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if stage != "fit" or not self.handle_sigint or threading.current_thread() is not threading.main_thread():
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not in setup(): Lightning saves every signal handler after setup and puts them back when
+        # fit ends, also after an exception, when no teardown hook runs; ours would come back.
+        if not self.handle_sigint or threading.current_thread() is not threading.main_thread():
             return
-        self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+        if not self._installed:
+            self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
+            self._installed = True
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if self._previous_sigint is not None:
-            signal.signal(signal.SIGINT, self._previous_sigint)
-            self._previous_sigint = None
-
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        # The next Ctrl-C gets the previous handler (Python's: KeyboardInterrupt).
-        signal.signal(signal.SIGINT, self._previous_sigint or signal.default_int_handler)
-        self._previous_sigint = None
-        log.warning("Ctrl-C: stopping after this batch and saving a checkpoint (press Ctrl-C again to abort now)")
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def checkpoint_path(self, trainer: pl.Trainer) -> str:
-        """Where the checkpoint goes: the ModelCheckpoint's folder, else the default root dir."""
-        callback = trainer.checkpoint_callback
-        folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
-        return os.path.join(folder, f"{self.filename}.ckpt")
+        self._restore_sigint()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
+        self._restore_sigint()  # no teardown hook follows an exception
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
-        # Every rank gets here together (Lightning broadcasts the signal), as save_checkpoint needs.
+        # Every rank gets here at the same batch when the signal reached all ranks together (see
+        # the class docstring), as save_checkpoint needs.
         path = self.checkpoint_path(trainer)
         trainer.save_checkpoint(path)
         self.saved_path = path
@@ -89,3 +112,24 @@ class PreemptionCheckpoint(Callback):
             f"Stopped by SIGTERM/Ctrl-C at epoch {trainer.current_epoch}, step {trainer.global_step}; "
             f"checkpoint saved to {path}. Resume with the same command and --ckpt_path last."
         )
+
+    def checkpoint_path(self, trainer: pl.Trainer) -> str:
+        """Where the checkpoint goes: the ModelCheckpoint's folder, else ``<default_root_dir>/checkpoints``."""
+        callback = trainer.checkpoint_callback
+        folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
+        return os.path.join(folder, f"{self.filename}.ckpt")
+
+    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
+        # The next Ctrl-C gets the previous handler (Python's: KeyboardInterrupt).
+        self._restore_sigint()
+        log.warning("Ctrl-C: stopping after this batch and saving a checkpoint (press Ctrl-C again to abort now)")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _restore_sigint(self) -> None:
+        if not self._installed:
+            return
+        previous = self._previous_sigint
+        # None: the previous handler was not installed from Python; Python's own is the closest.
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        self._installed = False
+        self._previous_sigint = None

@@ -20,7 +20,14 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from lit_accel.callbacks.divergence_guard import DivergenceGuard, _classify, _escalate, _is_spike
+from lit_accel.callbacks.divergence_guard import (
+    DivergenceError,
+    DivergenceGuard,
+    _classify,
+    _escalate,
+    _is_spike,
+    _needs_param_check,
+)
 
 GUARD_LOGGER = "lit_accel.callbacks.divergence_guard"
 # Small windows so spike detection is live after a few steps of these short runs.
@@ -51,7 +58,7 @@ def test_is_spike(value: float, history: list[float], factor: float | None, zsco
     assert _is_spike(value, history, factor, zscore, warmup=3) is expected
 
 
-def _verdict(loss: float | None, grad: float, param: float = 1.0, scaler: bool = False) -> tuple[str, str]:
+def _verdict(loss: float | None, grad: float, param: float | None = 1.0, scaler: bool = False) -> tuple[str, str]:
     v = _classify(
         loss, grad, param, scaler_active=scaler, loss_hist=[1.0] * 5, grad_hist=[1.0] * 5,
         warmup=3, loss_factor=3.0, grad_factor=10.0, zscore=None,
@@ -61,6 +68,7 @@ def _verdict(loss: float | None, grad: float, param: float = 1.0, scaler: bool =
 
 def test_classify_order() -> None:
     assert _verdict(1.0, 1.0) == ("ok", "")
+    assert _verdict(float("nan"), float("nan"), param=None) == ("bad", "non-finite loss")  # norm not measured
     assert _verdict(float("nan"), float("nan"), param=float("inf"))[0] == "broken"
     assert _verdict(float("nan"), float("nan"), scaler=True)[0] == "scaler"
     assert _verdict(float("nan"), float("nan")) == ("bad", "non-finite loss")
@@ -68,6 +76,14 @@ def test_classify_order() -> None:
     assert _verdict(4.0, 1.0)[1].startswith("loss spike")
     assert _verdict(1.0, 11.0)[1].startswith("gradient-norm spike")
     assert _verdict(None, 1.0) == ("ok", "")
+
+
+def test_needs_param_check_on_bad_steps_and_before_snapshots() -> None:
+    assert not _needs_param_check("ok", good_since_snapshot=0, snapshot_every=3)
+    assert not _needs_param_check("ok", good_since_snapshot=1, snapshot_every=3)
+    assert _needs_param_check("ok", good_since_snapshot=2, snapshot_every=3)  # this good step takes a snapshot
+    for kind in ("bad", "scaler"):
+        assert _needs_param_check(kind, good_since_snapshot=0, snapshot_every=3)
 
 
 def _actions(kinds: list[str], **config: Any) -> list[str]:
@@ -110,6 +126,7 @@ def test_escalate() -> None:
         ({"on_stop": "exit"}, "on_stop='exit'"),
         ({"checkpoint_path": ""}, "checkpoint_path=''"),
         ({"window": True}, "window=True"),
+        ({"save_on_stop": "no"}, "save_on_stop='no'"),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict[str, Any], match: str) -> None:
@@ -349,6 +366,34 @@ def test_non_finite_parameters_roll_back_at_once(tmp_path: Path, caplog: pytest.
     assert all(torch.isfinite(p).all() for p in rec.after[7]["params"].values())
 
 
+class WithUnused(Scripted):
+    """A parameter the forward never uses: its NaN shows in no loss or gradient, only in the norm."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.unused = nn.Parameter(torch.zeros(2))
+
+
+class PoisonUnused(Callback):
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                pl_module.unused.fill_(float("nan"))
+
+
+def test_snapshots_are_checked_for_non_finite_parameters(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
+    guard = DivergenceGuard(rollback_after=3, window=5, warmup=3, snapshot_every=4)
+    model = WithUnused()
+    _trainer(tmp_path, [guard, PoisonUnused()], max_steps=6).fit(model)
+    # Steps 2 and 3 look fine; the snapshot due at step 3 finds the NaN and rolls back instead.
+    assert guard.rollbacks == 1 and guard.skipped_steps == 1
+    (message,) = _messages(caplog)
+    assert message.startswith("DivergenceGuard: step 3: skipped the update and rolled back to the snapshot from step 0")
+    assert "non-finite parameters" in message
+    assert torch.equal(model.unused.detach(), torch.zeros(2))
+
+
 def test_non_finite_parameters_after_the_last_step_are_restored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
     guard, rec = DivergenceGuard(**FAST), Recorder()
@@ -374,6 +419,9 @@ def test_stops_after_max_rollbacks_with_message_and_checkpoint(
     # Steps 3-4 roll back, 5-6 roll back, 7 skips, 8 stops.
     assert trainer.should_stop and trainer.global_step == 9
     assert guard.state_dict() == {"skipped_steps": 6, "rollbacks": 2, "scaler_skips": 0, "lr_factor": 0.25}
+    # The optimizer's own LR follows lr_factor: both rollbacks go to the step-0 snapshot and compound.
+    assert [rec.lrs[s] for s in range(3, 9)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
     (stop,) = [r for r in caplog.records if r.levelno == logging.ERROR]
     text = stop.getMessage()
     for part in (
@@ -393,11 +441,47 @@ def test_stops_after_max_rollbacks_with_message_and_checkpoint(
     assert _same(model.state_dict(), rec.before[0]["params"])
 
 
+def test_lr_backoff_compounds_across_rollbacks_to_one_snapshot(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
+    guard = DivergenceGuard(rollback_after=2, max_rollbacks=None, **FAST)
+    rec = Recorder()
+    trainer = _trainer(tmp_path, [guard, rec], max_steps=12)
+    trainer.fit(Scripted("sgd", nan_at=(3, 4, 6, 7)))
+    # Rollbacks at steps 4 and 7, both to the snapshot taken at train start (step 0).
+    assert [m for m in _messages(caplog) if "rolled back" in m and "snapshot from step 0" in m] == [
+        m for m in _messages(caplog) if "rolled back" in m
+    ]
+    assert guard.rollbacks == 2 and guard.lr_factor == 0.25
+    assert [rec.lrs[s] for s in range(12)] == pytest.approx([0.1] * 5 + [0.05] * 3 + [0.025] * 4)
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.base_lrs == pytest.approx([0.025])  # later scheduler steps keep the backoff
+
+
+def test_rollback_restores_param_groups_exactly(tmp_path: Path) -> None:
+    """An entry another callback adds to a param group after the snapshot goes away on a rollback."""
+
+    class AddsEntry(Callback):
+        def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+            if trainer.global_step == 1:
+                for group in trainer.optimizers[0].param_groups:
+                    group["added_later"] = 1.0
+
+    guard, rec = DivergenceGuard(rollback_after=1, **FAST), Recorder()
+    trainer = _trainer(tmp_path, [guard, AddsEntry(), rec], max_steps=4)
+    trainer.fit(Scripted("sgd", nan_at=(2,)))
+    assert guard.rollbacks == 1
+    assert "added_later" not in trainer.optimizers[0].param_groups[0]
+    assert rec.lrs[3] == pytest.approx(0.05)
+
+
 def test_stop_can_raise(tmp_path: Path) -> None:
     guard = DivergenceGuard(rollback_after=1, max_rollbacks=0, on_stop="raise", save_on_stop=False, **FAST)
-    with pytest.raises(RuntimeError, match=r"stopped training at step 2 .*non-finite loss"):
+    with pytest.raises(DivergenceError, match=r"stopped training at step 2 .*non-finite loss"):
         _trainer(tmp_path, [guard]).fit(Scripted("sgd", nan_at=(2,)))
     assert not (tmp_path / "divergence.ckpt").exists()
+    assert issubclass(DivergenceError, RuntimeError)  # `except RuntimeError` keeps catching it
 
 
 def test_logged_metrics(tmp_path: Path) -> None:
@@ -511,7 +595,7 @@ class DumpState(Callback):
 @pytest.mark.timeout(180)
 def test_ddp_nan_on_one_rank_skips_on_both(tmp_path: Path) -> None:
     trainer = _trainer(
-        tmp_path, [DivergenceGuard(**FAST), DumpState(tmp_path)], strategy="ddp_spawn", devices=2, max_steps=7
+        tmp_path, [DivergenceGuard(**FAST), DumpState(tmp_path)], strategy="ddp_fork", devices=2, max_steps=7
     )
     # Rank 1 only: NaN loss at step 2; at step 5 a loss offset of +1000, which leaves the gradients
     # (all-reduced by DDP, so equal on both ranks) unchanged: only rank 1 sees the spike locally.

@@ -16,8 +16,10 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_accel.callbacks.divergence_guard import DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import (
     DynamicBatchLR,
+    _SCALE_KEY,
     _batch_lr_factor,
     _decay_ratio,
     _grow_samples,
@@ -497,7 +499,7 @@ def _ddp_fit(tmp_path: Path) -> None:
     script = [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 0.2, 0.05, 0.05]]
     cb = DynamicBatchLR(policy="batch_then_lr", patience=1, min_delta=0.1, max_batch_size=8)
     model = ScriptedModule(script, holder="datamodule", out_dir=str(tmp_path))
-    trainer = _trainer(tmp_path, [cb], max_epochs=5, strategy="ddp_spawn", devices=2)
+    trainer = _trainer(tmp_path, [cb], max_epochs=5, strategy="ddp_fork", devices=2)
     trainer.fit(model, datamodule=ScriptedDataModule(batch_size=4))
 
 
@@ -529,5 +531,64 @@ def test_manual_optimization_rejects_a_schedule_that_needs_accumulation(tmp_path
             opt.step()
 
     cb = DynamicBatchLR(policy="none", batch_size_schedule={0: 16}, max_batch_size=8)
-    with pytest.raises(ValueError, match="accumulate_grad_batches=2"):
+    with pytest.raises(ValueError, match="accumulate_grad_batches=2") as error:
         _trainer(tmp_path, [cb], max_epochs=1).fit(Manual([1.0]))
+    message = str(error.value)
+    assert "manual optimization" in message and "batch 8 × 2 = 16 samples" in message
+    assert "Raise max_batch_size to at least 16" in message  # what to do
+
+
+class NaNAt(ScriptedModule):
+    """ScriptedModule whose loss is NaN at the given optimizer steps (for DivergenceGuard)."""
+
+    def __init__(self, nan_at: tuple[int, ...], **kwargs: Any) -> None:
+        super().__init__([1.0] * 4, **kwargs)
+        self.nan_at = set(nan_at)
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.global_step in self.nan_at else loss
+
+
+@pytest.mark.parametrize("guard_first", [True, False])
+@pytest.mark.parametrize(
+    ("warmup", "nan_at", "expected"),
+    [
+        # Rollback inside the warm-up: step 4 is 0.1 × warm-up 5/10 × backoff 0.5.
+        (10, 3, [0.01, 0.02, 0.03, 0.04, 0.025, 0.03, 0.035, 0.04, 0.045] + [0.05] * 7),
+        # Rollback after the warm-up to the snapshot taken at step 0 (inside it).
+        (4, 6, [0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1] + [0.05] * 9),
+    ],
+)
+def test_divergence_guard_rollback_keeps_the_multiplier(tmp_path, guard_first, warmup, nan_at, expected):
+    """A rollback restores param groups from before warm-up steps: the multiplier must still be right."""
+    no_spikes = {"loss_spike_factor": None, "grad_spike_factor": None, "spike_zscore": None}
+    guard = DivergenceGuard(rollback_after=1, **no_spikes)  # only the scripted NaN is bad
+    dynamic = DynamicBatchLR(policy="none", warmup_steps=warmup)
+    model = NaNAt((nan_at,))
+    callbacks = [guard, dynamic] if guard_first else [dynamic, guard]
+    trainer = _trainer(tmp_path, callbacks, max_epochs=2, limit_val_batches=0)
+    trainer.fit(model)
+    assert guard.rollbacks == 1 and guard.skipped_steps == 1
+    assert model.lrs[0] + model.lrs[1] == pytest.approx(expected, rel=1e-12)
+    assert trainer.optimizers[0].param_groups[0][_SCALE_KEY] == 1.0
+
+
+@pytest.mark.parametrize("old_checkpoint", [False, True])
+def test_resume_reads_the_multiplier_from_the_optimizer_or_an_old_checkpoint(tmp_path, old_checkpoint):
+    def make():
+        return DynamicBatchLR(policy="none", lr_schedule={0: 0.5, 2: 0.25})
+
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
+    _trainer(tmp_path / "a", [make(), ckpt], max_epochs=1, enable_checkpointing=True).fit(ScriptedModule([1.0] * 3))
+    path = tmp_path / "ckpt" / "last.ckpt"
+    checkpoint = torch.load(path, weights_only=True)
+    groups = checkpoint["optimizer_states"][0]["param_groups"]
+    assert groups[0][_SCALE_KEY] == 0.5 and groups[0]["lr"] == pytest.approx(0.05)
+    if old_checkpoint:  # written before the scale lived in the param groups
+        for group in groups:
+            del group[_SCALE_KEY]
+        torch.save(checkpoint, path)
+    resumed = ScriptedModule([1.0] * 3)
+    _trainer(tmp_path / "b", [make()], max_epochs=3).fit(resumed, ckpt_path=str(path))
+    assert _first_lr(resumed) == pytest.approx([0.05, 0.025])

@@ -172,7 +172,7 @@ def test_a_second_predict_replaces_the_file(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_ddp_ranks_write_one_merged_sorted_file(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    _predict(tmp_path, PredictionCSVWriter(str(out), top_k=3), Scripted(), Data(11, classes=NAMES), strategy="ddp_spawn", devices=2)
+    _predict(tmp_path, PredictionCSVWriter(str(out), top_k=3), Scripted(), Data(11, classes=NAMES), strategy="ddp_fork", devices=2)
     rows = _read(out)
     # 11 files over 2 ranks (6 + 5, Lightning's predict sampler repeats none): each exactly once.
     assert rows[1:] == _expected_rows([f"img_{i:02d}.png" for i in range(11)], top_k=3)

@@ -671,7 +671,7 @@ def test_ddp_two_processes_global_rate_is_the_sum_and_slowest_step_is_reported(t
     meter = ThroughputMeter(log_every_n_steps=2, warmup_steps=0, peak_flops_per_sec=1e6, print_summary=False)
     logger = RecordingLogger(path=str(tmp_path / "rank0_log.jsonl"))
     trainer = _trainer(
-        tmp_path, meter, logger, strategy="ddp_spawn", devices=2, max_epochs=2,
+        tmp_path, meter, logger, strategy="ddp_fork", devices=2, max_epochs=2,
         callbacks=[meter, WriteTotals(str(tmp_path))],
     )
     trainer.fit(RankScriptedModule(), DataLoader(_xy(16), batch_size=4))

@@ -143,7 +143,7 @@ EXPECTED_COUNTS = [[3, 1, 0], [0, 3, 1], [1, 0, 3]]  # samples 0, 4, 8 (labels 0
 
 
 class Recording(ValidationFigures):
-    """Records what would be drawn, per rank, instead of drawing (under ddp_spawn: to files)."""
+    """Records what would be drawn, per rank, instead of drawing (under DDP: to files)."""
 
     def __init__(self, out: Path | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -258,7 +258,7 @@ def test_batches_that_are_not_images_and_labels_are_skipped_with_one_warning(tmp
 @pytest.mark.timeout(180)
 def test_ddp_sums_counts_over_ranks_and_draws_on_rank_0_only(tmp_path: Path) -> None:
     figures = Recording(out=tmp_path, misclassified=8)
-    trainer = _trainer(tmp_path, [figures], max_epochs=1, limit_train_batches=1, strategy="ddp_spawn", devices=2)
+    trainer = _trainer(tmp_path, [figures], max_epochs=1, limit_train_batches=1, strategy="ddp_fork", devices=2)
     trainer.fit(Scripted(), datamodule=Data())
     assert not (tmp_path / "rank1.pt").exists()
     (drawn,) = torch.load(tmp_path / "rank0.pt")
