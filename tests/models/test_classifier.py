@@ -68,7 +68,7 @@ def test_channels_last_and_compile_switches(tmp_path):
     dm = CIFAR10DataModule(synthetic=True, synthetic_size=256, val_size=64, batch_size=32)
     trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=1)
     trainer.fit(model, dm)
-    assert torch.isfinite(trainer.callback_metrics["train/loss_step"])
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
 @pytest.mark.parametrize(
