@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import Logger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = REPO_ROOT / "configs"
@@ -41,3 +45,48 @@ def config(*names: str) -> list[str]:
         args += ["--config", str(CONFIGS / name)]
     return args
 
+
+
+class MemoryLogger(Logger):
+    """A Lightning logger that keeps every ``log_metrics`` call as ``(step, {key: float})`` in ``rows``.
+
+    Args:
+        prefix: keep only keys starting with it (rows with none are dropped).
+        path: also append each row to this JSON-lines file (for ranks in other processes).
+    """
+
+    def __init__(self, prefix: str = "", path: str | None = None) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.path = path
+        self.rows: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        row = {k: float(v) for k, v in metrics.items() if k.startswith(self.prefix)}
+        if not row:
+            return
+        self.rows.append((step, row))
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps([step, row]) + "\n")
+
+    def at(self, step: int, key: str) -> float:
+        """The one value logged for ``key`` at ``step``."""
+        values = [row[key] for s, row in self.rows if s == step and key in row]
+        assert len(values) == 1, (step, key, self.rows)
+        return values[0]
+
+    def keys(self) -> set[str]:
+        """Every metric key logged so far."""
+        return {k for _, row in self.rows for k in row}

@@ -502,6 +502,8 @@ class ThroughputMeter(Callback):
             )
         if not isinstance(measure_flops, bool):
             raise ValueError(f"measure_flops={measure_flops!r} is not allowed: use true or false")
+        if not isinstance(print_summary, bool):
+            raise ValueError(f"print_summary={print_summary!r} is not allowed: use true or false")
         self.log_every_n_steps = log_every_n_steps
         self.warmup_steps = warmup_steps
         self.peak_flops_per_sec = None if peak_flops_per_sec is None else float(peak_flops_per_sec)

@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import MemoryLogger
 from lit_accel.callbacks.divergence_guard import (
     DivergenceError,
     DivergenceGuard,
@@ -257,26 +258,6 @@ class Recorder(Callback):
         self.sched_epochs[step] = trainer.lr_scheduler_configs[0].scheduler.last_epoch
 
 
-class ListLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.rows: list[tuple[int | None, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "list"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.rows.append((step, dict(metrics)))
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
     config: dict[str, Any] = dict(
         accelerator="cpu",
@@ -485,7 +466,7 @@ def test_stop_can_raise(tmp_path: Path) -> None:
 
 
 def test_logged_metrics(tmp_path: Path) -> None:
-    logger, guard, rec = ListLogger(), DivergenceGuard(**FAST), Recorder()
+    logger, guard, rec = MemoryLogger(), DivergenceGuard(**FAST), Recorder()
     _trainer(tmp_path, [guard, rec], max_steps=6, logger=logger, log_every_n_steps=2).fit(Scripted(nan_at=(3,)))
     rows = [(step, m) for step, m in logger.rows if any(k.startswith("guard/") for k in m)]
     assert [step for step, _ in rows] == [1, 3, 5]  # every 2nd step, and the skip at step 3
@@ -530,7 +511,7 @@ def test_fp16_fused_optimizer_guard_skip(tmp_path: Path) -> None:
 
 
 def test_works_on_lightning_boring_model(tmp_path: Path) -> None:
-    logger, guard = ListLogger(), DivergenceGuard()
+    logger, guard = MemoryLogger(), DivergenceGuard()
     trainer = _trainer(tmp_path, [guard], max_steps=5, logger=logger, log_every_n_steps=1)
     trainer.fit(BoringModel(), datamodule=BoringDataModule())
     steps = [step for step, m in logger.rows if "guard/grad_norm" in m]

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers.logger import Logger
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import MemoryLogger
 from lit_accel.callbacks.divergence_guard import DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import (
     DynamicBatchLR,
@@ -173,26 +174,6 @@ def test_tables_from_yaml_have_int_keys():
 
 
 # ----------------------------------------------------------------------------- Trainer fixtures
-class RecordingLogger(Logger):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.records.append((step, dict(metrics)))
-
-
 class BatchSizeListener(Callback):
     """Stands in for a throughput meter: records the documented protocol calls."""
 
@@ -332,7 +313,7 @@ def test_lr_policy_respects_min_lr(tmp_path):
 
 
 def test_batch_growth_with_datamodule_accumulates_past_max_and_scales_lr(tmp_path):
-    logger = RecordingLogger()
+    logger = MemoryLogger()
     listener = BatchSizeListener()
     cb = DynamicBatchLR(
         policy="batch", patience=1, batch_factor=2.0, max_batch_size=8, max_effective_batch_size=32, lr_scaling="linear"
@@ -351,8 +332,8 @@ def test_batch_growth_with_datamodule_accumulates_past_max_and_scales_lr(tmp_pat
     assert dm.batch_size == 8
     assert dm.train_loader_builds == 2  # the first build and one rebuild for 4 -> 8
     assert listener.calls == [(2, 8)]
-    per_epoch = [m for _, m in logger.records if "dynamic/batch_size" in m]
-    assert [step for step, m in logger.records if "dynamic/batch_size" in m] == [0, 8, 16, 20, 22, 23]
+    per_epoch = [m for _, m in logger.rows if "dynamic/batch_size" in m]
+    assert [step for step, m in logger.rows if "dynamic/batch_size" in m] == [0, 8, 16, 20, 22, 23]
     assert [m["dynamic/effective_batch_size"] for m in per_epoch] == [4, 4, 8, 16, 32, 32]
     assert [m["dynamic/batch_size"] for m in per_epoch] == [4, 4, 8, 8, 8, 8]
     assert per_epoch[-1]["dynamic/lr_scale"] == pytest.approx(8.0)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lit_accel.callbacks.throughput_meter as tm
+from helpers import MemoryLogger
 from lit_accel.callbacks.throughput_meter import ThroughputMeter
 from lit_accel.models import SeedCNN
 
@@ -44,47 +45,6 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     CLOCK.t = 0.0
     monkeypatch.setattr(tm, "_clock", CLOCK)
     return CLOCK
-
-
-class RecordingLogger(Logger):
-    """Keeps every ``throughput/*`` row; with ``path`` also appends it there (for spawned ranks)."""
-
-    def __init__(self, path: str | None = None) -> None:
-        super().__init__()
-        self.rows: list[tuple[int, dict[str, float]]] = []
-        self.path = path
-
-    @property
-    def name(self) -> str:
-        return "recording"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    @property
-    def experiment(self) -> None:
-        return None
-
-    def log_hyperparams(self, *args, **kwargs) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        row = {k: float(v) for k, v in metrics.items() if k.startswith("throughput/")}
-        if not row:
-            return
-        self.rows.append((step, row))
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps([step, row]) + "\n")
-
-    def at(self, step: int, key: str) -> float:
-        values = [row[key] for s, row in self.rows if s == step and key in row]
-        assert len(values) == 1, (step, key, self.rows)
-        return values[0]
-
-    def keys(self) -> set[str]:
-        return {k for _, row in self.rows for k in row}
 
 
 def _xy(n: int) -> TensorDataset:
@@ -165,7 +125,7 @@ def test_exact_rates_data_wait_and_mfu_from_scripted_timings(tmp_path, clock):
     computes = [1.0, 1.0, 1.75, 1.25, 1.5, 2.5]
     model = ScriptedModule(waits, computes, flops_per_sample=1000.0)
     meter = ThroughputMeter(log_every_n_steps=2, warmup_steps=2, peak_flops_per_sec=1e6)
-    logger = RecordingLogger()
+    logger = MemoryLogger(prefix="throughput/")
     trainer = _trainer(
         tmp_path, meter, logger, num_sanity_val_steps=1, val_check_interval=3, limit_val_batches=1
     )
@@ -202,7 +162,7 @@ def test_partial_last_batch_is_counted(tmp_path, clock):
     """10 samples in batches of 4, 4, 2, for two epochs: each log covers exactly 10 samples in 3 s."""
     model = ScriptedModule(waits=[0.0] * 6, computes=[1.0] * 6)
     meter = ThroughputMeter(log_every_n_steps=3, warmup_steps=0, measure_flops=False)
-    logger = RecordingLogger()
+    logger = MemoryLogger(prefix="throughput/")
     _trainer(tmp_path, meter, logger, max_epochs=2).fit(model, DataLoader(_xy(10), batch_size=4))
 
     for step in (3, 6):
@@ -243,7 +203,7 @@ def test_mid_fit_batch_size_change_recounts_flops_and_warms_up_again(tmp_path, c
     Warm-up 2 in each window; the first batch of each size is FLOP-counted, never timed."""
     model = ScriptedModule(waits=[0.0] * 7, computes=[1.0] * 7)
     meter = ThroughputMeter(log_every_n_steps=100, warmup_steps=2, peak_flops_per_sec=1e9)
-    logger = RecordingLogger()
+    logger = MemoryLogger(prefix="throughput/")
     trainer = _trainer(
         tmp_path, meter, logger, max_epochs=2, reload_dataloaders_every_n_epochs=1,
         callbacks=[meter, BatchSizeSwitcher(3)],
@@ -361,7 +321,7 @@ def _cifar_like(n: int) -> TensorDataset:
 def test_flops_auto_measured_for_seedcnn_equal_the_analytic_count(tmp_path):
     assert seedcnn_flops_per_sample() == 23_577_600
     meter = ThroughputMeter(log_every_n_steps=2, warmup_steps=0, peak_flops_per_sec=1e12)
-    logger = RecordingLogger()
+    logger = MemoryLogger(prefix="throughput/")
     # 6 samples in batches of 4 and 2; epoch 0 counts both sizes, epoch 1 is timed
     _trainer(tmp_path, meter, logger, max_epochs=2).fit(CNNModule(), DataLoader(_cifar_like(6), batch_size=4))
 
@@ -390,7 +350,7 @@ def test_counting_flops_during_the_real_step_does_not_change_training(tmp_path):
 def test_module_flops_per_batch_is_used_instead_of_counting(tmp_path, clock):
     model = ScriptedModule(waits=[0.0] * 4, computes=[2.0] * 4, flops_per_sample=50.0)
     meter = ThroughputMeter(log_every_n_steps=4, warmup_steps=1, peak_flops_per_sec=1e3)
-    logger = RecordingLogger()
+    logger = MemoryLogger(prefix="throughput/")
     _trainer(tmp_path, meter, logger).fit(model, DataLoader(_xy(16), batch_size=4))
     assert meter._flops_cache == {}
     # batches 1-3 timed: 12 samples * 50 FLOPs in 6 s
@@ -565,7 +525,7 @@ def test_works_on_a_minimal_module_and_datamodule_with_dict_batches(tmp_path, mo
     monkeypatch.setattr(tm, "_measure_matmul_peak", lambda dtype: 1e9)
     monkeypatch.setattr(tm, "_CPU_PEAK_CACHE", {})
     meter = ThroughputMeter(log_every_n_steps=4, warmup_steps=0)
-    logger = RecordingLogger()
+    logger = MemoryLogger(prefix="throughput/")
     _trainer(tmp_path, meter, logger, max_epochs=2).fit(PlainModule(), datamodule=PlainDataModule())
 
     # 10 samples in batches of 3, 3, 3, 1; epoch 0 counts sizes 3 and 1, so batches 1, 2 are timed
@@ -632,6 +592,7 @@ def test_checkpoint_resume_restores_totals(tmp_path, clock):
         ({"peak_flops_per_sec": "fast"}, "peak_flops_per_sec"),
         ({"batch_size_fn": 3}, "batch_size_fn"),
         ({"measure_flops": "yes"}, "measure_flops"),
+        ({"print_summary": "no"}, "print_summary"),
     ],
 )
 def test_bad_arguments_raise(kwargs, name):
@@ -669,7 +630,7 @@ class WriteTotals(Callback):
 def test_ddp_two_processes_global_rate_is_the_sum_and_slowest_step_is_reported(tmp_path):
     # 16 samples, 8 per rank in batches of 4, 2 epochs: 4 batches per rank; batch 0 is FLOP-counted
     meter = ThroughputMeter(log_every_n_steps=2, warmup_steps=0, peak_flops_per_sec=1e6, print_summary=False)
-    logger = RecordingLogger(path=str(tmp_path / "rank0_log.jsonl"))
+    logger = MemoryLogger(prefix="throughput/", path=str(tmp_path / "rank0_log.jsonl"))
     trainer = _trainer(
         tmp_path, meter, logger, strategy="ddp_fork", devices=2, max_epochs=2,
         callbacks=[meter, WriteTotals(str(tmp_path))],
