@@ -17,10 +17,11 @@ def test_bench_smoke_prints_a_row_for_every_variant(tmp_path):
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and not line.startswith(("| case", "| ---"))]
+    main_table, network_table = result.stdout.split("\n\n")[-2:]
+    rows = [line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith(("| case", "| ---"))]
     cases = {row.split("|")[1].strip() for row in rows}
     assert cases == {"overhead", "callbacks", "pipeline", "precision", "ddp", "networks"}
-    assert len(rows) == 16
+    assert len(rows) == 17
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 8
@@ -28,6 +29,13 @@ def test_bench_smoke_prints_a_row_for_every_variant(tmp_path):
         assert re.fullmatch(r"\d+\.\d{3}", cells[3]), f"ratio must be a number: {row}"
     network_rows = [r for r in rows if r.startswith("| networks")]
     assert all(re.fullmatch(r"0\.\d{3}|1\.000", r.strip("|").split("|")[6].strip()) for r in network_rows)
+    time_to_accuracy = network_table.splitlines()[2:]
+    assert len(time_to_accuracy) == len(network_rows) == 4
+    for row in time_to_accuracy:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert re.fullmatch(r"\d+\.\d", cells[2]) and re.fullmatch(r"0\.\d{3}|1\.000", cells[4]), row
+        assert re.fullmatch(r"0\.\d{3}|1\.000|—", cells[3]), row  # no validation within 15 s of a smoke run
+        assert all(re.fullmatch(r"\d+\.\d|not reached", c) for c in cells[5:]), row
 
 
 def test_plain_loop_trains_without_lit_accel_training_code():

@@ -201,7 +201,7 @@ def test_exception_on_one_ddp_rank_ends_both_processes(tmp_path, failing_rank):
 # --------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory) -> Path:
-    """A folder with one finished run (the recipe's SeedCNN) whose files must survive every bad command."""
+    """A folder with one finished run (the recipe's BatchNormCNN) whose files must survive every bad command."""
     root = tmp_path_factory.mktemp("finished")
     result = run_cli(["fit", *SMOKE], cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -227,7 +227,7 @@ BAD_INPUTS = {
     "data missing, no network": (["fit", *config("cifar10.yaml"), *QUIET, "--data.data_dir", "nowhere"], "CIFAR-10 not found"),
     "truncated checkpoint": (["test", *SMOKE, "--ckpt_path", "truncated.ckpt"], "cannot be read"),
     "corrupted checkpoint": (["test", *SMOKE, "--ckpt_path", "corrupted.ckpt"], "cannot be read"),
-    "checkpoint of another network": (["test", *SMOKE, "--model.net", "lit_accel.models.BatchNormCNN", "--ckpt_path", "last"], "different network"),
+    "checkpoint of another network": (["test", *SMOKE, "--model.net", "lit_accel.models.SeedCNN", "--ckpt_path", "last"], "different network"),
     "fsdp_gpu without a GPU": (["fit", *SMOKE, *config("strategy/fsdp_gpu.yaml")], "no usable CUDA GPU"),
     "more devices than the machine has": (["fit", *SMOKE, "--trainer.accelerator", "cpu", "--trainer.devices", "512"], "trainer.devices=512"),
 }

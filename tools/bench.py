@@ -12,8 +12,9 @@ callbacks  lit-accel with ThroughputMeter + DivergenceGuard + DynamicBatchLR vs 
 pipeline   preload vs dataloader with 0, 1, 2 workers
 precision  32-true vs bf16-mixed vs 16-mixed (runs as bf16-mixed on a CPU)
 ddp        1 vs 2 processes (global images/s; scaling efficiency = ratio / 2); subprocesses
-networks   SeedCNN, BatchNormCNN, ResNet9: images/s and validation accuracy after the same
-           wall-clock training budget
+networks   accuracy per second of training: SeedCNN (two LRs), BatchNormCNN, ResNet9 trained
+           for the same training time (validation left out), validated every 50 steps; images/s,
+           accuracy after 15 s and at the end, seconds to reach 0.90 / 0.93 / 0.95
 =========  ==================================================================================
 
 Usage::
@@ -56,6 +57,13 @@ import plain_loop  # noqa: E402
 from bench_timer import StepTimer, reset_peak_rss  # noqa: E402
 
 CASES = ("overhead", "callbacks", "pipeline", "precision", "ddp", "networks")
+# networks case: (network, learning rate). SeedCNN at the recipe's old 0.02 and at 0.05, its best of
+# {0.02, 0.05} on the synthetic set; BatchNormCNN at 0.05, its best of {0.02, 0.05, 0.1, 0.2}.
+NETWORKS = (("SeedCNN", 0.02), ("SeedCNN", 0.05), ("BatchNormCNN", 0.05), ("ResNet9", 0.05))
+# validation accuracies the networks case reports the training time to reach
+ACCURACY_TARGETS = (0.90, 0.93, 0.95)
+# and the validation accuracy reached after this many seconds of training
+EARLY_SECONDS = 15.0
 
 
 @dataclass
@@ -67,6 +75,7 @@ class Settings:
     reps: int
     network_seconds: float
     network_reps: int = 1
+    network_val_every: int = 50
     net: str = "SeedCNN"
     resnet_width: int = 64
 
@@ -110,11 +119,21 @@ def _lit_args(s: Settings, net: str | None = None, data_images: int | None = Non
     return args
 
 
-def _timed_fit(s: Settings, extra: list[str], callbacks: list[Any] | None = None, validate: bool = False) -> dict[str, Any]:
-    """One in-process ``lit-accel fit`` (the real CLI class) with a StepTimer; returns its numbers."""
+def _timed_fit(
+    s: Settings,
+    extra: list[str],
+    callbacks: list[Any] | None = None,
+    validate: bool = False,
+    budget_seconds: float | None = None,
+) -> dict[str, Any]:
+    """One in-process ``lit-accel fit`` (the real CLI class) with a StepTimer; returns its numbers.
+
+    With ``validate``, the model is validated once more after the fit (``val_acc``, and the last
+    point of ``curve``); with ``budget_seconds``, training stops after that much training time.
+    """
     from lit_accel.cli import LitAccelCLI
 
-    timer = StepTimer(s.warmup_steps, None if validate else s.timed_steps)
+    timer = StepTimer(s.warmup_steps, None if validate else s.timed_steps, budget_seconds=budget_seconds)
 
     class _BenchCLI(LitAccelCLI):
         def instantiate_classes(self) -> None:
@@ -129,6 +148,7 @@ def _timed_fit(s: Settings, extra: list[str], callbacks: list[Any] | None = None
             (metrics,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
             result["val_acc"] = metrics["val/acc"]
             result["train_steps"] = cli.trainer.global_step
+            result["curve"] = [*result.get("curve", []), (result["train_seconds"], cli.trainer.global_step, metrics["val/acc"])]
     return result
 
 
@@ -217,15 +237,18 @@ def build_case(name: str, s: Settings) -> list[Variant]:
     if name == "ddp":
         return [Variant("1 process", _subprocess_run(s, 1)), Variant("DDP, 2 processes", _subprocess_run(s, 2))]
     if name == "networks":
-        budget = time.strftime("00:%H:%M:%S", time.gmtime(s.network_seconds))
         variants = []
-        for net in ("SeedCNN", "BatchNormCNN", "ResNet9"):
+        for net, lr in NETWORKS:
             args = [
                 *_lit_args(s, net=net, data_images=20_000 + 2_000, val_images=2_000),
-                "--trainer.max_time", budget, "--trainer.max_epochs", "1000",
+                "--model.optimizer.lr", str(lr),
+                "--trainer.max_epochs", "1000",
+                "--trainer.check_val_every_n_epoch", "null",
+                "--trainer.val_check_interval", str(s.network_val_every),
             ]
             label = f"ResNet9 (width {s.resnet_width})" if net == "ResNet9" else net
-            variants.append(Variant(label, lambda args=args: _timed_fit(s, args, validate=True)))
+            run = lambda args=args: _timed_fit(s, args, validate=True, budget_seconds=s.network_seconds)
+            variants.append(Variant(f"{label}, lr {lr}", run))
         return variants
     raise ValueError(f"case {name!r} is not known: use one of {', '.join(CASES)}")
 
@@ -260,8 +283,26 @@ def summarize(case: str, variants: list[Variant]) -> list[dict[str, Any]]:
         }
         if "val_acc" in variant.results[0]:
             row["val_acc"] = _median([r["val_acc"] for r in variant.results])
+        if "curve" in variant.results[0] and case == "networks":
+            row["train_seconds"] = _median([r["train_seconds"] for r in variant.results])
+            row["seconds_to"] = {
+                f"{target:.2f}": _median([seconds_to_accuracy(r["curve"], target) for r in variant.results])
+                for target in ACCURACY_TARGETS
+            }
+            row["early_val_acc"] = _median([accuracy_after(r["curve"], EARLY_SECONDS) for r in variant.results])
+            row["curves"] = [r["curve"] for r in variant.results]
         rows.append(row)
     return rows
+
+
+def seconds_to_accuracy(curve: list[tuple[float, int, float]], target: float) -> float:
+    """Training seconds at the first validation with accuracy ≥ ``target``; inf if none reached it."""
+    return next((seconds for seconds, _step, accuracy in curve if accuracy >= target), float("inf"))
+
+
+def accuracy_after(curve: list[tuple[float, int, float]], seconds: float) -> float:
+    """Accuracy at the last validation within ``seconds`` of training; NaN if there was none."""
+    return max((point for point in curve if point[0] <= seconds), default=(0.0, 0, float("nan")))[2]
 
 
 def _fmt(value: float, pattern: str) -> str:
@@ -278,6 +319,25 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {row['case']} | {row['variant']} | {_fmt(row['images_per_sec'], '{:,.0f}')} | "
             f"{_fmt(row['ratio'], '{:.3f}')} | {_fmt(row['data_wait'], '{:.1%}')} | "
             f"{_fmt(row['peak_memory_mb'], '{:,.0f}')} | {_fmt(row.get('val_acc', float('nan')), '{:.3f}')} | {row['reps']} |"
+        )
+    return "\n".join(lines)
+
+
+def network_table(rows: list[dict[str, Any]]) -> str:
+    """Accuracy per second of training: the networks case's time-to-accuracy view."""
+    targets = [f"{t:.2f}" for t in ACCURACY_TARGETS]
+    lines = [
+        f"| network | images/s | training s | val acc after {EARLY_SECONDS:.0f} s | val acc at the end | "
+        + " | ".join(f"s to val acc {t}" for t in targets) + " |",
+        "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in targets) + " |",
+    ]
+    for row in rows:
+        if "seconds_to" not in row:
+            continue
+        reached = [row["seconds_to"][t] for t in targets]
+        lines.append(
+            f"| {row['variant']} | {_fmt(row['images_per_sec'], '{:,.0f}')} | {row['train_seconds']:.1f} | "
+            f"{_fmt(row['early_val_acc'], '{:.3f}')} | {row['val_acc']:.3f} | " + " | ".join("not reached" if v == float("inf") else f"{v:.1f}" for v in reached) + " |"
         )
     return "\n".join(lines)
 
@@ -330,7 +390,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--device cuda: no CUDA GPU on this machine")
     gpu = args.device == "cuda"
     if args.smoke:
-        s = Settings(args.device, 32, 1, 3, 1, 1.0, resnet_width=8)
+        s = Settings(args.device, 32, 1, 3, 1, 1.0, resnet_width=8, network_val_every=10)
     elif args.full:
         s = Settings(args.device, 512 if gpu else 128, 10, 300 if gpu else 150, 5, 30.0 if gpu else 45.0, network_reps=3)
     else:
@@ -354,6 +414,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         rows += summarize(case, variants)
         print(f"# {case}: {time.perf_counter() - started:.0f} s", flush=True)
     print(table(rows))
+    if any("seconds_to" in row for row in rows):
+        print()
+        print(network_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine(), "settings": s.__dict__, "rows": rows}, indent=2))
     return rows

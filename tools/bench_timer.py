@@ -42,12 +42,24 @@ class StepTimer(Callback):
     ``warmup_steps + timed_steps``); validation intervals are left out. Data wait is the time from
     one training batch's end to the next one's start. The device is synchronized only at the ends
     of the timed span and around validation. With ``output`` set, rank 0 writes the result as JSON.
+
+    With ``budget_seconds`` set, training stops once that much timed training (validation left
+    out) has run. Each validation adds ``(training seconds, global step, val/acc)`` to
+    ``result["curve"]``: accuracy against training time, for time-to-accuracy comparisons.
     """
 
-    def __init__(self, warmup_steps: int = 5, timed_steps: int | None = None, output: str | None = None) -> None:
+    def __init__(
+        self,
+        warmup_steps: int = 5,
+        timed_steps: int | None = None,
+        output: str | None = None,
+        budget_seconds: float | None = None,
+    ) -> None:
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
         self.output = output
+        self.budget_seconds = budget_seconds
+        self.curve: list[tuple[float, int, float]] = []
         self.result: dict[str, Any] = {}
         self._timing = False
         self._mark = 0.0
@@ -84,6 +96,8 @@ class StepTimer(Callback):
         self._images += int(batch[1].shape[0]) if isinstance(batch, (tuple, list)) else 0
         if self.timed_steps is not None and step >= self.warmup_steps + self.timed_steps:
             self._finish(trainer)
+        elif self.budget_seconds is not None and self._elapsed >= self.budget_seconds:
+            trainer.should_stop = True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._timing:
@@ -91,6 +105,11 @@ class StepTimer(Callback):
             self._elapsed += time.perf_counter() - self._mark
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        accuracy = trainer.callback_metrics.get("val/acc")
+        if accuracy is not None:
+            self.curve.append((round(self._elapsed, 3), trainer.global_step, float(accuracy)))
         if self._timing:
             self._sync(trainer)
             self._mark = time.perf_counter()
@@ -112,6 +131,8 @@ class StepTimer(Callback):
             "timed_images": world * self._images,
             "peak_memory_mb": memory,
             "world_size": world,
+            "train_seconds": self._elapsed,
+            "curve": list(self.curve),
         }
         if self.output and trainer.is_global_zero:
             with open(self.output, "w") as f:

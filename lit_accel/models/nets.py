@@ -65,17 +65,28 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 
 class BatchNormCNN(nn.Module):
-    """SeedCNN with BatchNorm: the same layers, each convolution followed by BatchNorm.
+    """A BatchNorm CNN built to learn more per second than SeedCNN on a CPU.
 
-    Conv ``w`` 3×3 - BN - ReLU, MaxPool 2, Conv ``2w`` 3×3 - BN - ReLU, MaxPool 2, Flatten, Dense
-    128 ReLU, Dropout, Dense ``num_classes`` ("valid" convolutions, as in SeedCNN). BatchNorm keeps
-    the activations well scaled, so each step makes more progress; on a 2-core CPU a step costs
-    about 20% more, and after 45 s of training on the synthetic set it was not ahead of SeedCNN
-    (BENCHMARKS.md, "networks").
+    SeedCNN's layout at half the width, with BatchNorm: Conv ``w`` 3×3, MaxPool 2, BN, ReLU,
+    Conv ``2w`` 3×3, MaxPool 2, BN, ReLU, Flatten, Dense 128 ReLU, Dropout, Dense
+    ``num_classes`` ("valid" convolutions, 32 → 30 → 15 → 13 → 6, as in SeedCNN). About 0.16 M
+    parameters and 1.3 M multiply-adds per image at ``width=16``, against SeedCNN's 0.32 M and 4.2 M.
+
+    Why it is faster per second of training:
+
+    - BatchNorm keeps activations well scaled, so a half-width network learns as much per step as
+      SeedCNN (more, early on) and takes a larger learning rate (0.05 rather than 0.02).
+    - Half the width is a quarter of the second convolution's work, the bulk of SeedCNN's.
+    - BatchNorm and ReLU come after the pooling, on a quarter of the values; the convolutions have
+      no bias (BatchNorm's shift replaces it).
+
+    Measured on 2 CPU cores (BENCHMARKS.md, "networks"): it reaches a given validation accuracy
+    in about half of SeedCNN's training time on the synthetic set.
 
     Args:
         num_classes: number of output logits.
-        width: channels of the first convolution (the second has twice as many); 32 as SeedCNN.
+        width: channels of the first convolution (the second has twice as many). 16 is the
+            measured best on a 2-core CPU; 32 is SeedCNN's width.
         dropout: dropout probability before the last layer.
 
     Example::
@@ -83,10 +94,10 @@ class BatchNormCNN(nn.Module):
         model:
           net:
             class_path: lit_accel.models.BatchNormCNN
-            init_args: {width: 32}
+            init_args: {width: 16}
     """
 
-    def __init__(self, num_classes: int = 10, width: int = 32, dropout: float = 0.2) -> None:
+    def __init__(self, num_classes: int = 10, width: int = 16, dropout: float = 0.2) -> None:
         super().__init__()
         _check_common(num_classes, dropout)
         if width < 1:
@@ -94,13 +105,13 @@ class BatchNormCNN(nn.Module):
         w = width
         self.features = nn.Sequential(
             nn.Conv2d(3, w, kernel_size=3, bias=False),
+            nn.MaxPool2d(2),
             nn.BatchNorm2d(w),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
             nn.Conv2d(w, 2 * w, kernel_size=3, bias=False),
+            nn.MaxPool2d(2),
             nn.BatchNorm2d(2 * w),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
             nn.Flatten(),

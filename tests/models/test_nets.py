@@ -1,6 +1,11 @@
+from functools import partial
+
+import lightning as L
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from lit_accel import CIFAR10DataModule, ImageClassifier
 from lit_accel.models import BatchNormCNN, ResNet9, SeedCNN
 
 
@@ -14,11 +19,51 @@ def test_logits_shape_and_fsdp_units(net_class):
     assert units and all(any(u is m for m in net.modules()) for u in units)
 
 
-def test_batchnorm_cnn_is_seed_cnn_with_batchnorm():
-    seed, bn = SeedCNN(), BatchNormCNN()
-    kinds = lambda net: [type(m).__name__ for m in net.modules() if type(m).__name__ != "Sequential"][1:]
-    assert [k for k in kinds(bn) if k != "BatchNorm2d"] == kinds(seed)
-    assert kinds(bn).count("BatchNorm2d") == 2
+def test_batchnorm_cnn_normalizes_after_pooling_at_half_seed_cnn_width():
+    net = BatchNormCNN()
+    kinds = [type(m).__name__ for m in net.features]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 2
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.bias) for c in convs] == [(3, 16, None), (16, 32, None)]
+    assert BatchNormCNN(width=32).classifier[1].in_features == SeedCNN().classifier[1].in_features
+
+
+def _multiply_adds_per_image(net: torch.nn.Module) -> float:
+    with FlopCounterMode(display=False) as counter:
+        net(torch.randn(1, 3, 32, 32))
+    return counter.get_total_flops() / 2
+
+
+def test_batchnorm_cnn_needs_under_half_the_compute_of_seed_cnn():
+    assert _multiply_adds_per_image(BatchNormCNN()) < 0.5 * _multiply_adds_per_image(SeedCNN())
+
+
+def _val_acc_after(steps: int, make_net, lr: float, tmp_path) -> float:
+    L.seed_everything(0)
+    net = make_net()
+    data = CIFAR10DataModule(synthetic=True, synthetic_size=11_000, val_size=1_000, batch_size=64)
+    optimizer = partial(torch.optim.SGD, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model = ImageClassifier(net, optimizer=optimizer, label_smoothing=0.1)
+    trainer = L.Trainer(
+        accelerator="cpu", max_steps=steps, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(model, data)
+    (metrics,) = trainer.validate(model, data, verbose=False)
+    return metrics["val/acc"]
+
+
+@pytest.mark.slow
+def test_batchnorm_cnn_learns_more_per_step_than_seed_cnn_at_its_best_lr(tmp_path):
+    """With under half the compute per image (above), more accuracy per step is more per second.
+
+    The wall-clock comparison itself is a benchmark (tools/bench.py --cases networks); this checks
+    its clock-free half. SeedCNN gets the better of its two learning rates.
+    """
+    seed_cnn = max(_val_acc_after(300, SeedCNN, lr, tmp_path) for lr in (0.02, 0.05))
+    batchnorm_cnn = _val_acc_after(300, BatchNormCNN, 0.05, tmp_path)
+    assert batchnorm_cnn > seed_cnn
 
 
 def test_seed_cnn_is_the_baseline_architecture():
