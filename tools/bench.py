@@ -22,6 +22,7 @@ Usage::
     python tools/bench.py                        # quick: every case, a couple of minutes on 2 CPU cores
     python tools/bench.py --full                 # the BENCHMARKS.md run
     python tools/bench.py --cases overhead,precision --reps 7
+    python tools/bench.py --full --cases pipeline,precision --net BatchNormCNN   # the recipe's network
     python tools/bench.py --device cuda --full   # the GPU variant (under 8 minutes on one GPU)
     python tools/bench.py --smoke                # seconds: checks the bench itself (used by a test)
 
@@ -45,6 +46,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -57,9 +59,9 @@ import plain_loop  # noqa: E402
 from bench_timer import StepTimer, reset_peak_rss  # noqa: E402
 
 CASES = ("overhead", "callbacks", "pipeline", "precision", "ddp", "networks")
-# networks case: (network, learning rate). SeedCNN at the recipe's old 0.02 and at 0.05, its best of
-# {0.02, 0.05} on the synthetic set; BatchNormCNN at 0.05, its best of {0.02, 0.05, 0.1, 0.2}.
-NETWORKS = (("SeedCNN", 0.02), ("SeedCNN", 0.05), ("BatchNormCNN", 0.05), ("ResNet9", 0.05))
+# networks case, NET[@WIDTH]:LR each (--networks): SeedCNN at the recipe's former LR and at its best,
+# BatchNormCNN at its best (the LR and width sweeps are in BENCHMARKS.md), ResNet9 for reference.
+NETWORKS = "SeedCNN:0.02,SeedCNN:0.05,BatchNormCNN:0.05,ResNet9:0.05"
 # validation accuracies the networks case reports the training time to reach
 ACCURACY_TARGETS = (0.90, 0.93, 0.95)
 # and the validation accuracy reached after this many seconds of training
@@ -76,6 +78,7 @@ class Settings:
     network_seconds: float
     network_reps: int = 1
     network_val_every: int = 50
+    networks: str = NETWORKS
     net: str = "SeedCNN"
     resnet_width: int = 64
 
@@ -128,8 +131,9 @@ def _timed_fit(
 ) -> dict[str, Any]:
     """One in-process ``lit-accel fit`` (the real CLI class) with a StepTimer; returns its numbers.
 
-    With ``validate``, the model is validated once more after the fit (``val_acc``, and the last
-    point of ``curve``); with ``budget_seconds``, training stops after that much training time.
+    With ``validate``, the model is validated once more after the fit (``val_acc``; also the last
+    point of ``curve`` unless the fit validated at its last step); with ``budget_seconds``, training
+    stops after that much training time.
     """
     from lit_accel.cli import LitAccelCLI
 
@@ -148,7 +152,10 @@ def _timed_fit(
             (metrics,) = cli.trainer.validate(cli.model, cli.datamodule, verbose=False)
             result["val_acc"] = metrics["val/acc"]
             result["train_steps"] = cli.trainer.global_step
-            result["curve"] = [*result.get("curve", []), (result["train_seconds"], cli.trainer.global_step, metrics["val/acc"])]
+            curve = result.get("curve", [])
+            if not curve or curve[-1][1] != cli.trainer.global_step:  # the fit may have validated there
+                end = (round(result.get("train_seconds", 0.0), 3), cli.trainer.global_step, metrics["val/acc"])
+                result["curve"] = [*curve, end]
     return result
 
 
@@ -166,7 +173,7 @@ def _plain_run(s: Settings, precision: str = "32-true") -> Callable[[], dict[str
 
     def run() -> dict[str, Any]:
         torch.manual_seed(0)
-        net = getattr(nets, s.net)()
+        net = getattr(nets, s.net)(**({"width": s.resnet_width} if s.net == "ResNet9" else {}))
         if s.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         reset_peak_rss()
@@ -238,7 +245,7 @@ def build_case(name: str, s: Settings) -> list[Variant]:
         return [Variant("1 process", _subprocess_run(s, 1)), Variant("DDP, 2 processes", _subprocess_run(s, 2))]
     if name == "networks":
         variants = []
-        for net, lr in NETWORKS:
+        for net, width, lr in parse_networks(s.networks):
             args = [
                 *_lit_args(s, net=net, data_images=20_000 + 2_000, val_images=2_000),
                 "--model.optimizer.lr", str(lr),
@@ -246,11 +253,29 @@ def build_case(name: str, s: Settings) -> list[Variant]:
                 "--trainer.check_val_every_n_epoch", "null",
                 "--trainer.val_check_interval", str(s.network_val_every),
             ]
-            label = f"ResNet9 (width {s.resnet_width})" if net == "ResNet9" else net
-            run = lambda args=args: _timed_fit(s, args, validate=True, budget_seconds=s.network_seconds)
-            variants.append(Variant(f"{label}, lr {lr}", run))
+            if net == "ResNet9" and width is None:
+                width = s.resnet_width
+            if width is not None:
+                args += ["--model.net.width", str(width)]
+            label = f"{net} (width {width}), lr {lr}" if width is not None else f"{net}, lr {lr}"
+            run = partial(_timed_fit, s, args, validate=True, budget_seconds=s.network_seconds)
+            variants.append(Variant(label, run))
         return variants
     raise ValueError(f"case {name!r} is not known: use one of {', '.join(CASES)}")
+
+
+def parse_networks(spec: str) -> list[tuple[str, int | None, float]]:
+    """``"SeedCNN:0.05,BatchNormCNN@24:0.05"`` → ``[("SeedCNN", None, 0.05), ("BatchNormCNN", 24, 0.05)]``."""
+    import lit_accel.models as nets
+
+    parsed = []
+    for item in spec.split(","):
+        name_width, _, lr = item.strip().partition(":")
+        name, _, width = name_width.partition("@")
+        if name not in nets.__all__ or name == "ImageClassifier" or not lr:
+            raise ValueError(f"--networks item {item!r} is not allowed: use NET[@WIDTH]:LR, e.g. BatchNormCNN@16:0.05")
+        parsed.append((name, int(width) if width else None, float(lr)))
+    return parsed
 
 
 def run_case(variants: list[Variant], reps: int) -> None:
@@ -334,10 +359,10 @@ def network_table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         if "seconds_to" not in row:
             continue
-        reached = [row["seconds_to"][t] for t in targets]
+        reached = ["not reached" if v == float("inf") else f"{v:.1f}" for v in (row["seconds_to"][t] for t in targets)]
         lines.append(
             f"| {row['variant']} | {_fmt(row['images_per_sec'], '{:,.0f}')} | {row['train_seconds']:.1f} | "
-            f"{_fmt(row['early_val_acc'], '{:.3f}')} | {row['val_acc']:.3f} | " + " | ".join("not reached" if v == float("inf") else f"{v:.1f}" for v in reached) + " |"
+            f"{_fmt(row['early_val_acc'], '{:.3f}')} | {row['val_acc']:.3f} | {' | '.join(reached)} |"
         )
     return "\n".join(lines)
 
@@ -378,7 +403,13 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--reps", type=int, help="repetitions per variant (default: quick 3, full 5, smoke 1)")
     parser.add_argument("--network-reps", type=int, help="repetitions in the networks case (quick 1, full 3)")
     parser.add_argument("--batch-size", type=int, help="per step (default 128 on CPU, 512 on CUDA)")
-    parser.add_argument("--resnet-width", type=int, default=64, help="ResNet9 width in the networks case")
+    parser.add_argument("--resnet-width", type=int, default=64, help="ResNet9 width (networks case, --net ResNet9)")
+    parser.add_argument("--networks", default=NETWORKS, help="networks case: NET[@WIDTH]:LR, comma-separated")
+    parser.add_argument("--network-seconds", type=float, help="networks case: training seconds per run")
+    parser.add_argument(
+        "--net", default="SeedCNN", choices=("SeedCNN", "BatchNormCNN", "ResNet9"),
+        help="the network of every case but networks (default SeedCNN, the baseline)",
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     args = parser.parse_args(argv)
 
@@ -399,6 +430,14 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         s.reps = args.reps
     if args.network_reps:
         s.network_reps = args.network_reps
+    s.net = args.net
+    s.networks = args.networks
+    try:
+        parse_networks(s.networks)  # a bad spec fails now, not after the other cases
+    except ValueError as error:
+        parser.error(str(error))
+    if args.network_seconds:
+        s.network_seconds = args.network_seconds
     if args.batch_size:
         s.batch_size = args.batch_size
     if not args.smoke:

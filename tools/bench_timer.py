@@ -44,8 +44,9 @@ class StepTimer(Callback):
     of the timed span and around validation. With ``output`` set, rank 0 writes the result as JSON.
 
     With ``budget_seconds`` set, training stops once that much timed training (validation left
-    out) has run. Each validation adds ``(training seconds, global step, val/acc)`` to
-    ``result["curve"]``: accuracy against training time, for time-to-accuracy comparisons.
+    out) has run on any rank. Each validation during the fit adds ``(training seconds, global step,
+    val/acc)`` to ``curve``, copied into ``result["curve"]`` when the timing ends: accuracy against
+    training time, for time-to-accuracy comparisons.
     """
 
     def __init__(
@@ -58,6 +59,8 @@ class StepTimer(Callback):
         self.warmup_steps = warmup_steps
         self.timed_steps = timed_steps
         self.output = output
+        if budget_seconds is not None and budget_seconds <= 0:
+            raise ValueError(f"budget_seconds={budget_seconds!r} is not allowed: use a positive number of seconds or None")
         self.budget_seconds = budget_seconds
         self.curve: list[tuple[float, int, float]] = []
         self.result: dict[str, Any] = {}
@@ -96,8 +99,10 @@ class StepTimer(Callback):
         self._images += int(batch[1].shape[0]) if isinstance(batch, (tuple, list)) else 0
         if self.timed_steps is not None and step >= self.warmup_steps + self.timed_steps:
             self._finish(trainer)
-        elif self.budget_seconds is not None and self._elapsed >= self.budget_seconds:
-            trainer.should_stop = True
+        elif self.budget_seconds is not None:
+            # one rank's clock must not stop it alone: the others would wait for it in a collective
+            spent = trainer.strategy.reduce_boolean_decision(self._elapsed >= self.budget_seconds, all=False)
+            trainer.should_stop = trainer.should_stop or spent
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._timing:

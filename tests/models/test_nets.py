@@ -55,11 +55,13 @@ def _val_acc_after(steps: int, make_net, lr: float, tmp_path) -> float:
 
 
 @pytest.mark.slow
-def test_batchnorm_cnn_learns_more_per_step_than_seed_cnn_at_its_best_lr(tmp_path):
-    """With under half the compute per image (above), more accuracy per step is more per second.
+def test_batchnorm_cnn_is_ahead_of_seed_cnn_after_the_same_early_steps(tmp_path):
+    """Under half the compute per image (above) and not behind per step means ahead per second.
 
     The wall-clock comparison itself is a benchmark (tools/bench.py --cases networks); this checks
-    its clock-free half. SeedCNN gets the better of its two learning rates.
+    its clock-free half early in training, where BatchNorm helps most (later, the two need about
+    as many steps per accuracy level: BENCHMARKS.md). SeedCNN gets the better of two learning
+    rates. Measured here: 0.868 vs 0.831 (SeedCNN at 0.05) and 0.812 (at 0.02).
     """
     seed_cnn = max(_val_acc_after(300, SeedCNN, lr, tmp_path) for lr in (0.02, 0.05))
     batchnorm_cnn = _val_acc_after(300, BatchNormCNN, 0.05, tmp_path)
