@@ -5,12 +5,15 @@ from __future__ import annotations
 import glob
 import os
 
+from typing import Any
+
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 
 from lit_accel.errors import CheckpointError
 
-__all__ = ["CHECKPOINT_ALIASES", "check_checkpoint", "find_checkpoint", "read_checkpoint"]
+__all__ = ["CHECKPOINT_ALIASES", "LastAfterEveryValidation", "check_checkpoint", "find_checkpoint", "read_checkpoint"]
 
 CHECKPOINT_ALIASES = ("best", "last")
 # ModelCheckpoint's file names, set in lit_accel.cli: "last.ckpt" and one "best-….ckpt" per run.
@@ -101,3 +104,29 @@ def check_checkpoint(path: str, model: nn.Module) -> None:
             "Use the config the checkpoint was trained with (its run folder holds config.yaml): "
             "--config runs/<name>/version_<n>/config.yaml."
         )
+
+
+class LastAfterEveryValidation(ModelCheckpoint):
+    """ModelCheckpoint whose ``last.ckpt`` is the state after every validation and at the end of fit.
+
+    Lightning 2.6's ModelCheckpoint rewrites ``last`` at validation end only when it also wrote a
+    top-k file at that step, so after a validation that does not improve the monitored metric
+    ``last.ckpt`` stays behind; at the end of fit it writes ``last`` only if it never wrote one.
+    Both gaps would make ``--ckpt_path last`` (test, or a relaunched fit) use an older state.
+    The arguments are ModelCheckpoint's.
+    """
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_if_behind(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        super().on_train_end(trainer, pl_module)
+        if not trainer.sanity_checking and not trainer.fast_dev_run:
+            self._save_last_if_behind(trainer)
+
+    def _save_last_if_behind(self, trainer: Any) -> None:
+        # _last_global_step_saved: the step of this callback's newest file (top-k or last)
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -23,7 +23,13 @@ from jsonargparse import lazy_instance
 
 from lit_accel.callbacks import PredictionCSVWriter, PreemptionCheckpoint, RNGStateCheckpoint
 from lit_accel.callbacks.divergence_guard import DivergenceError
-from lit_accel.checkpoints import CHECKPOINT_ALIASES, check_checkpoint, find_checkpoint, read_checkpoint
+from lit_accel.checkpoints import (
+    CHECKPOINT_ALIASES,
+    LastAfterEveryValidation,
+    check_checkpoint,
+    find_checkpoint,
+    read_checkpoint,
+)
 from lit_accel.data import CIFAR10DataModule
 from lit_accel.errors import ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
@@ -49,8 +55,9 @@ class LitAccelCLI(LightningCLI):
 
     Adds always-present callbacks, configurable under their own keys:
 
-    * ``checkpoint`` (ModelCheckpoint): ``best-epoch…-acc….ckpt`` for the best ``val/acc`` and
-      ``last.ckpt``, after every validation;
+    * ``checkpoint`` (:class:`~lit_accel.checkpoints.LastAfterEveryValidation`, a ModelCheckpoint):
+      ``best-epoch…-acc….ckpt`` for the best ``val/acc``, and ``last.ckpt`` after every validation
+      and at the end of fit;
     * ``step_checkpoint`` (ModelCheckpoint): ``last.ckpt`` also every
       ``step_checkpoint.every_n_train_steps`` optimizer steps (default 100; 0 turns it off), so a
       crash loses at most that many steps;
@@ -74,7 +81,7 @@ class LitAccelCLI(LightningCLI):
         )
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LastAfterEveryValidation, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/acc",

@@ -9,9 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
-
 # cifar-10-batches-py as the official archive unpacks: five training batches, one test batch and
 # the label names, each a protocol-2 pickle of a dict (written by Python 2, so its str keys load
 # as str with encoding="latin1"); "data" is uint8 (N, 3072): the 1024 red, then green, then blue

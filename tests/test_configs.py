@@ -1,7 +1,5 @@
 """Every YAML file in configs/ runs through the real CLI with a tiny budget."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import CONFIGS, config, run_cli
@@ -45,16 +43,19 @@ def test_single_process_configs(names, in_tmp_dir):
     assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
     precision = cli.trainer.precision
     if any(name.startswith("precision/") for name in names):
-        assert precision == "bf16-mixed", "on CPU both mixed precisions run as bf16"
+        on_gpu = cli.trainer.strategy.root_device.type == "cuda"
+        expected = "16-mixed" if on_gpu and "precision/16-mixed.yaml" in names else "bf16-mixed"
+        assert precision == expected, "on CPU both mixed precisions run as bf16"
     else:
         assert precision == "32-true"
 
 
-def test_default_recipe_on_the_real_cifar10_code_path(in_tmp_dir, cifar10_root, cifar10_checksum_patched):
+@pytest.mark.parametrize("names", REAL_CIFAR, ids=lambda names: "+".join(names))
+def test_default_recipe_on_the_real_cifar10_code_path(names, in_tmp_dir, cifar10_root, cifar10_checksum_patched):
     root, _ = cifar10_root
     cli = LitAccelCLI(
         args=[
-            "fit", *config("cifar10.yaml"), *QUIET,
+            "fit", *config(*names), *QUIET,
             "--data.data_dir", str(root), "--data.val_size", "50", "--data.batch_size", "32",
             "--trainer.max_epochs", "1",
         ]

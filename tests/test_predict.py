@@ -19,7 +19,6 @@ from lit_accel.models import ImageClassifier
 
 SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
 GOOD = ["a_wide.png", "b_tall.jpg", "c_gray.png", "photos/d_alpha.png"]
-# Until lit-accel wires the writer into `predict` itself, the test adds it on the command line.
 
 
 def _image_folder(root: Path) -> Path:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO_ROOT, config, lit_accel_command, read_scalars, run_cli
+from helpers import config, lit_accel_command, read_scalars, run_cli
 
 from lit_accel.cli import LitAccelCLI, main
 

@@ -41,7 +41,6 @@ import json
 import logging
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings

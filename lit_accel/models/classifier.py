@@ -38,7 +38,8 @@ class ImageClassifier(LightningModule):
 
     Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,
     ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (per epoch, over all
-    ranks).
+    ranks; ``train/loss`` and ``train/acc`` leave out steps whose loss is not finite, the steps
+    DivergenceGuard skips).
 
     Raises:
         ValueError: for ``num_classes`` < 2 or ``label_smoothing`` outside [0, 1).
@@ -93,7 +94,10 @@ class ImageClassifier(LightningModule):
         # force a device-to-host sync every step; labels come from our own data, and NaN losses
         # are the DivergenceGuard's business.
         for stage in ("train", "val", "test"):
-            setattr(self, f"{stage}_acc", MulticlassAccuracy(num_classes=num_classes, average="micro", validate_args=False))
+            accuracy = MulticlassAccuracy(
+                num_classes=num_classes, average="micro", validate_args=False, ignore_index=_SKIPPED_LABEL
+            )
+            setattr(self, f"{stage}_acc", accuracy)
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         self._configured = False
 
@@ -130,7 +134,14 @@ class ImageClassifier(LightningModule):
         loss = self.loss_fn(logits, labels)
         mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
-        mean_loss.update(loss.detach(), weight=torch.full_like(loss, labels.shape[0], dtype=torch.float32).detach())
+        loss_value, weight = loss.detach(), torch.full_like(loss, labels.shape[0], dtype=torch.float32).detach()
+        if stage == "train":
+            # A non-finite loss is a step DivergenceGuard skips: keep it out of the epoch's loss and
+            # accuracy (masked on the device, no host sync). Validation and test keep NaN visible.
+            finite = torch.isfinite(loss_value)
+            loss_value, weight = torch.where(finite, loss_value, 0.0), torch.where(finite, weight, 0.0)
+            labels = torch.where(finite, labels, _SKIPPED_LABEL)
+        mean_loss.update(loss_value, weight=weight)
         accuracy.update(logits.detach(), labels)
         if stage == "train":
             # Training logs only on the steps the loggers write: each self.log call costs about
@@ -173,6 +184,10 @@ class ImageClassifier(LightningModule):
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+
+
+# label of the samples of a skipped (non-finite loss) training step: the train accuracy ignores it
+_SKIPPED_LABEL = -100
 
 
 def _logger_writes_this_step(trainer: Any) -> bool:

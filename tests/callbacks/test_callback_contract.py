@@ -124,6 +124,32 @@ def test_state_round_trip_and_missing_keys(tmp_path: Path, name: str) -> None:
     _cls(name)().load_state_dict({})  # an older checkpoint without any of the keys
 
 
+def _perturbed(state: Any) -> Any:
+    """``state`` with every int and float changed, so a load that restores nothing is caught."""
+    if isinstance(state, bool) or state is None or isinstance(state, (str, torch.Tensor)):
+        return state
+    if isinstance(state, (int, float)):
+        return state + 1
+    if isinstance(state, dict):
+        return {key: _perturbed(value) for key, value in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_perturbed(value) for value in state)
+    return state
+
+
+# RNGStateCheckpoint's state_dict() reports the live generators, not stored progress
+# (tests/callbacks/test_rng_state.py covers its restore).
+PROGRESS_STATES = [name for name in NAMES if name != "RNGStateCheckpoint"]
+
+
+@pytest.mark.parametrize("name", PROGRESS_STATES)
+def test_a_fresh_instance_restores_saved_progress(tmp_path: Path, name: str) -> None:
+    saved = _perturbed(_cls(name)().state_dict())
+    fresh = _cls(name)()
+    fresh.load_state_dict(_through_checkpoint(saved, tmp_path / "state.ckpt"))
+    assert _same(fresh.state_dict(), saved)
+
+
 # ------------------------------------------------------------------------------------ two fits
 
 NUM_CLASSES = 3

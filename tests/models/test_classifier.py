@@ -78,3 +78,31 @@ def test_channels_last_and_compile_switches(tmp_path):
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=f"{name}=.* is not allowed"):
         ImageClassifier(**kwargs)
+
+
+class _NaNOnSecondTrainingCall(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net, self.calls = SeedCNN(), 0
+
+    def forward(self, images):
+        logits = self.net(images)
+        if self.training:
+            self.calls += 1
+            if self.calls == 2:
+                return logits * float("nan")
+        return logits
+
+
+def test_a_skipped_non_finite_step_stays_out_of_the_epoch_training_metrics(tmp_path):
+    from lit_accel.callbacks import DivergenceGuard
+
+    L.seed_everything(0)
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=320, val_size=64, batch_size=32)
+    model = ImageClassifier(_NaNOnSecondTrainingCall())
+    guard = DivergenceGuard()
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=4, limit_val_batches=0, callbacks=[guard])
+    trainer.fit(model, dm)
+    assert guard.skipped_steps == 1  # the NaN step happened and was skipped
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
