@@ -126,6 +126,12 @@ class LitAccelCLI(LightningCLI):
         _check_gpu_available(str(trainer_config.get("accelerator")))
         _check_cpu_devices(trainer_config.get("accelerator"), trainer_config.get("devices"))
 
+    def _set_seed(self) -> None:
+        # LightningCLI replaces `seed_everything: true` by the seed it draws here: check it first.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _check_seed_agreed(config.get("seed_everything"))
+        super()._set_seed()
+
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads a --ckpt_path file's hyperparameters while parsing, so the model is
         # built as it was trained; read it first so a damaged file ends in one message.
@@ -214,6 +220,22 @@ def _check_cpu_devices(accelerator: object, devices: object) -> None:
         raise ConfigurationError(
             f"trainer.devices={devices} but this machine has {cores} CPU cores: each CPU device is a "
             f"process, so use at most --trainer.devices {cores}."
+        )
+
+
+def _check_seed_agreed(seed: object) -> None:
+    """``seed_everything: true`` draws a random seed per process unless a launcher shares it.
+
+    Lightning's own launcher passes the first process's seed on (``PL_GLOBAL_SEED``); under
+    torchrun every process would draw its own, and the samplers would shard the data differently
+    on each rank (overlapping and missing samples).
+    """
+    launched_outside = int(os.environ.get("WORLD_SIZE", "1")) > 1 and "PL_GLOBAL_SEED" not in os.environ
+    if seed is True and launched_outside:
+        raise ConfigurationError(
+            f"seed_everything={seed!r} with WORLD_SIZE={os.environ['WORLD_SIZE']} processes started by another "
+            "launcher (e.g. torchrun): each process would draw a different random seed and shard the data "
+            "differently. Use an integer, e.g. --seed_everything 42."
         )
 
 

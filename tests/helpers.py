@@ -9,6 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -90,3 +93,36 @@ class MemoryLogger(Logger):
     def keys(self) -> set[str]:
         """Every metric key logged so far."""
         return {k for _, row in self.rows for k in row}
+
+
+def quiet_cpu_trainer(root: Path, callbacks: list[Callback] | tuple[Callback, ...] = (), **overrides: Any) -> pl.Trainer:
+    """A one-process CPU Trainer writing under ``root``: no logger, progress bar, model summary or
+    checkpointing unless ``overrides`` (which win over every default) say otherwise."""
+    settings: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+        callbacks=list(callbacks),
+    )
+    return pl.Trainer(**{**settings, **overrides})
+
+
+def same_state(a: Any, b: Any) -> bool:
+    """Equal nested state (tensors, dicts, lists, numbers); NaN equals NaN here."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_state(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(same_state(x, y) for x, y in zip(a, b))
+    return a == b or (a != a and b != b)
+
+
+def through_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``state`` saved in a checkpoint file and loaded back as Lightning loads it (weights_only)."""
+    torch.save({"callbacks": {"state": state}}, path)
+    return torch.load(path, weights_only=True)["callbacks"]["state"]

@@ -61,3 +61,13 @@ def test_console_script_is_installed_and_lists_subcommands(tmp_path):
     assert result.returncode == 0, result.stderr
     for subcommand in ("fit", "validate", "test", "predict"):
         assert subcommand in result.stdout
+
+
+def test_random_seed_per_process_under_an_outside_launcher_is_refused(in_tmp_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMOKE, "--seed_everything", "true"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "seed_everything=True with WORLD_SIZE=2" in err and "--seed_everything 42" in err and "Traceback" not in err

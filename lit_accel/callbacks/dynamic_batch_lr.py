@@ -197,11 +197,11 @@ class DynamicBatchLR(Callback):
         _require(mode in ("min", "max"), "mode", mode, "'min' or 'max'")
         _require(policy in _POLICIES, "policy", policy, f"one of {_POLICIES}")
         _require(_is_int(patience) and patience >= 1, "patience", patience, "an integer >= 1")
-        _require(min_delta >= 0, "min_delta", min_delta, "a number >= 0")
+        _require(_is_number(min_delta) and min_delta >= 0, "min_delta", min_delta, "a number >= 0")
         _require(_is_int(cooldown) and cooldown >= 0, "cooldown", cooldown, "an integer >= 0")
-        _require(0 < lr_factor < 1, "lr_factor", lr_factor, "a number in (0, 1)")
-        _require(min_lr >= 0, "min_lr", min_lr, "a number >= 0")
-        _require(batch_factor > 1, "batch_factor", batch_factor, "a number > 1")
+        _require(_is_number(lr_factor) and 0 < lr_factor < 1, "lr_factor", lr_factor, "a number in (0, 1)")
+        _require(_is_number(min_lr) and min_lr >= 0, "min_lr", min_lr, "a number >= 0")
+        _require(_is_number(batch_factor) and batch_factor > 1, "batch_factor", batch_factor, "a number > 1")
         for name, value in (("max_batch_size", max_batch_size), ("max_effective_batch_size", max_effective_batch_size)):
             _require(value is None or (_is_int(value) and value >= 1), name, value, "a positive integer or null")
         _require(lr_scaling in _SCALINGS, "lr_scaling", lr_scaling, f"one of {_SCALINGS}")
@@ -765,7 +765,14 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: object) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_table(name: str, table: dict[int, Any] | None, integer: bool) -> dict[int, Any]:
+    if table is not None and not isinstance(table, dict):
+        raise ValueError(f"{name}={table!r} is not allowed: use a mapping of epoch to value, e.g. {{0: 256, 10: 512}}")
     if not table:
         return {}
     checked: dict[int, Any] = {}
@@ -775,7 +782,7 @@ def _check_table(name: str, table: dict[int, Any] | None, integer: bool) -> dict
         if integer:
             _require(_is_int(value) and value >= 1, name, table, "positive integer batch sizes as values")
         else:
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+            ok = _is_number(value) and value > 0
             _require(ok, name, table, "positive factors as values")
         checked[epoch] = value if integer else float(value)
     return checked

@@ -53,6 +53,9 @@ class HParamsSummary(Callback):
     Args:
         include_trainer: also write the ``trainer/…`` settings.
 
+    Raises:
+        ValueError: if ``include_trainer`` is not a bool.
+
     Logged keys: none as scalars; the HParams summary of the run (TensorBoard tag
     ``_hparams_/session_start_info``).
 
@@ -67,6 +70,8 @@ class HParamsSummary(Callback):
     """
 
     def __init__(self, include_trainer: bool = True) -> None:
+        if not isinstance(include_trainer, bool):
+            raise ValueError(f"include_trainer={include_trainer!r} is not allowed: use true or false")
         self.include_trainer = include_trainer
         self._written: set[str] = set()
         self._warned = False

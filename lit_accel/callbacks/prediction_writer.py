@@ -49,7 +49,8 @@ class PredictionCSVWriter(BasePredictionWriter):
     Logged keys: none (it writes a file and tells its path with ``rank_zero_info``).
 
     Raises:
-        ValueError: for ``top_k`` < 1 or an empty ``output_path``.
+        ValueError: for ``top_k`` not an integer ≥ 1, an empty ``output_path``, ``class_names``
+            not a list of strings, or a non-bool ``softmax``.
 
     Example::
 
@@ -71,8 +72,12 @@ class PredictionCSVWriter(BasePredictionWriter):
         super().__init__(write_interval="batch")
         if not isinstance(output_path, str) or not output_path.strip():
             raise ValueError(f"output_path={output_path!r} is not allowed: use a file path such as 'predictions.csv'")
-        if top_k < 1:
-            raise ValueError(f"top_k={top_k!r} is not allowed: use 1 or more classes")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"top_k={top_k!r} is not allowed: use 1 or more classes (an integer)")
+        if class_names is not None and (not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)):
+            raise ValueError(f"class_names={class_names!r} is not allowed: use a list of names, one per class")
+        if not isinstance(softmax, bool):
+            raise ValueError(f"softmax={softmax!r} is not allowed: use true or false")
         self.output_path = output_path
         self.top_k = top_k
         self.class_names = list(class_names) if class_names is not None else None

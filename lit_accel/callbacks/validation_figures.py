@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -59,8 +60,10 @@ class ValidationFigures(Callback):
     ``val/misclassified``.
 
     Raises:
-        ValueError: for ``every_n_epochs`` < 1, ``misclassified`` outside 0–256, only one of
-            ``mean``/``std``, or ``mean``/``std`` of different lengths or with a ``std`` ≤ 0.
+        ValueError: for ``every_n_epochs`` not an integer ≥ 1, ``misclassified`` not an integer in
+            0–256, a non-bool ``confusion_matrix``, ``class_names`` not a list of strings, only one
+            of ``mean``/``std``, or ``mean``/``std`` of different lengths, not finite, or with a
+            ``std`` ≤ 0.
 
     Example::
 
@@ -83,15 +86,21 @@ class ValidationFigures(Callback):
         std: list[float] | None = None,
         class_names: list[str] | None = None,
     ) -> None:
-        if every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs!r} is not allowed: use 1 or more")
-        if not 0 <= misclassified <= _MAX_MISCLASSIFIED:
+        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs={every_n_epochs!r} is not allowed: use 1 or more (an integer)")
+        if not isinstance(confusion_matrix, bool):
+            raise ValueError(f"confusion_matrix={confusion_matrix!r} is not allowed: use true or false")
+        if class_names is not None and (not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)):
+            raise ValueError(f"class_names={class_names!r} is not allowed: use a list of names, one per class")
+        if isinstance(misclassified, bool) or not isinstance(misclassified, int) or not 0 <= misclassified <= _MAX_MISCLASSIFIED:
             raise ValueError(f"misclassified={misclassified!r} is not allowed: use 0 (off) to {_MAX_MISCLASSIFIED} images")
         if (mean is None) != (std is None):
             raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: give both or neither")
         if mean is not None and std is not None:
             if len(mean) != len(std) or not mean:
                 raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: use one value per channel in each")
+            if not all(math.isfinite(v) for v in [*mean, *std]):
+                raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: use finite values")
             if min(std) <= 0:
                 raise ValueError(f"std={std!r} is not allowed: use positive values")
         self.every_n_epochs = every_n_epochs

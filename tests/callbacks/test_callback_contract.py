@@ -18,6 +18,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from helpers import quiet_cpu_trainer, same_state, through_checkpoint
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -99,28 +100,13 @@ def test_picklable(name: str) -> None:
     assert type(clone) is type(callback) and clone.state_key == callback.state_key
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return isinstance(b, (list, tuple)) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b or (a != a and b != b)  # NaN == NaN for this purpose
-
-
-def _through_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    torch.save({"callbacks": {"x": state}}, path)
-    return torch.load(path, weights_only=True)["callbacks"]["x"]  # how Lightning loads checkpoints
-
-
 @pytest.mark.parametrize("name", NAMES)
 def test_state_round_trip_and_missing_keys(tmp_path: Path, name: str) -> None:
     callback = _cls(name)()
     state = callback.state_dict()
     other = _cls(name)()
-    other.load_state_dict(_through_checkpoint(state, tmp_path / "state.ckpt"))
-    assert _same(other.state_dict(), state)
+    other.load_state_dict(through_checkpoint(state, tmp_path / "state.ckpt"))
+    assert same_state(other.state_dict(), state)
     _cls(name)().load_state_dict({})  # an older checkpoint without any of the keys
 
 
@@ -146,8 +132,8 @@ PROGRESS_STATES = [name for name in NAMES if name != "RNGStateCheckpoint"]
 def test_a_fresh_instance_restores_saved_progress(tmp_path: Path, name: str) -> None:
     saved = _perturbed(_cls(name)().state_dict())
     fresh = _cls(name)()
-    fresh.load_state_dict(_through_checkpoint(saved, tmp_path / "state.ckpt"))
-    assert _same(fresh.state_dict(), saved)
+    fresh.load_state_dict(through_checkpoint(saved, tmp_path / "state.ckpt"))
+    assert same_state(fresh.state_dict(), saved)
 
 
 # ------------------------------------------------------------------------------------ two fits
@@ -209,20 +195,15 @@ class TinyData(pl.LightningDataModule):
 
 
 def _trainer(tmp_path: Path, callback: Callback, max_epochs: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
+    return quiet_cpu_trainer(
+        tmp_path,
+        [callback],
         max_epochs=max_epochs,
         limit_train_batches=2,
         limit_val_batches=1,
         num_sanity_val_steps=0,
         log_every_n_steps=1,
         logger=TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=[callback],
     )
 
 
@@ -233,7 +214,7 @@ def test_survives_two_fits_and_a_resume(tmp_path: Path, name: str) -> None:
     first.fit(TinyClassifier(), datamodule=TinyData())
     first.save_checkpoint(tmp_path / "first.ckpt")
     checkpoint = torch.load(tmp_path / "first.ckpt", weights_only=True)
-    assert _same(checkpoint["callbacks"].get(callback.state_key, {}), callback.state_dict())
+    assert same_state(checkpoint["callbacks"].get(callback.state_key, {}), callback.state_dict())
 
     # The same instance again, resuming the first fit's checkpoint through Lightning's own loading.
     second = _trainer(tmp_path, callback, max_epochs=2)

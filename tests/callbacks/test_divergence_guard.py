@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import MemoryLogger
+from helpers import MemoryLogger, quiet_cpu_trainer, same_state
 from lit_accel.callbacks.divergence_guard import (
     DivergenceError,
     DivergenceGuard,
@@ -115,6 +115,9 @@ def test_escalate() -> None:
         ({"max_rollbacks": -1}, "max_rollbacks=-1"),
         ({"lr_backoff": 0.0}, "lr_backoff=0.0"),
         ({"lr_backoff": 1.5}, "lr_backoff=1.5"),
+        ({"lr_backoff": True}, "lr_backoff=True"),
+        ({"loss_spike_factor": float("inf")}, "loss_spike_factor=inf"),
+        ({"spike_zscore": float("nan")}, "spike_zscore=nan"),
         ({"snapshot_every": 0}, "snapshot_every=0"),
         ({"window": 1}, "window=1"),
         ({"warmup": 1}, "warmup=1"),
@@ -214,16 +217,6 @@ def _state(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any
     }
 
 
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 class Recorder(Callback):
     """State before and after every optimizer step, losses, LRs and pre-guard gradient norms.
 
@@ -258,19 +251,7 @@ class Recorder(Callback):
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    config: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=10,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        limit_val_batches=0,
-    )
-    config.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **config)
+    return quiet_cpu_trainer(tmp_path, callbacks, **{"max_steps": 10, "limit_val_batches": 0, **kwargs})
 
 
 def _messages(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -288,8 +269,8 @@ def test_nan_step_is_skipped_without_touching_state(
     guard, rec = DivergenceGuard(**FAST), Recorder()
     _trainer(tmp_path, [guard, rec], max_steps=8).fit(Scripted(optimizer, nan_at=(4,)))
 
-    assert _same(rec.after[4], rec.before[4])  # parameters and optimizer state (momentum / Adam moments)
-    assert not _same(rec.after[3], rec.before[3]) and not _same(rec.after[5], rec.before[5])
+    assert same_state(rec.after[4], rec.before[4])  # parameters and optimizer state (momentum / Adam moments)
+    assert not same_state(rec.after[3], rec.before[3]) and not same_state(rec.after[5], rec.before[5])
     assert math.isnan(rec.losses[4]) and all(math.isfinite(rec.losses[s]) for s in (5, 6, 7))
     assert rec.losses[7] < rec.losses[0]
     # The step-interval scheduler is held on the skipped step: 8 steps, 7 scheduler steps.
@@ -306,8 +287,8 @@ def test_nan_in_one_accumulated_micro_batch_skips_the_whole_step(tmp_path: Path)
     _trainer(tmp_path, [guard, rec], max_steps=4, accumulate_grad_batches=2).fit(
         Scripted("adam", nan_batch_idx=(5,))
     )
-    assert _same(rec.after[2], rec.after[1])
-    assert not _same(rec.after[3], rec.after[2])
+    assert same_state(rec.after[2], rec.after[1])
+    assert not same_state(rec.after[3], rec.after[2])
     assert guard.skipped_steps == 1
 
 
@@ -327,8 +308,8 @@ def test_persistent_explosion_rolls_back_with_lower_lr_and_recovers(
     snap_step = int(re.search(r"snapshot from step (\d+)", rollback[0]).group(1))
     assert snap_step == 3  # 4 good steps (0-3) after the snapshot taken at train start
     # Weights and momentum buffers restored exactly (the param groups differ by the backoff).
-    assert _same(rec.after[8]["params"], rec.before[snap_step]["params"])
-    assert _same(rec.after[8]["opt"]["state"], rec.before[snap_step]["opt"]["state"])
+    assert same_state(rec.after[8]["params"], rec.before[snap_step]["params"])
+    assert same_state(rec.after[8]["opt"]["state"], rec.before[snap_step]["opt"]["state"])
     # The backoff persists through later scheduler steps (it is in the scheduler's base_lrs).
     assert all(rec.lrs[s] == pytest.approx(0.05) for s in range(9, 24))
     assert all(math.isfinite(rec.losses[s]) for s in range(9, 24)) and rec.losses[23] < rec.losses[0]
@@ -342,7 +323,7 @@ def test_non_finite_parameters_roll_back_at_once(tmp_path: Path, caplog: pytest.
     (message,) = _messages(caplog)
     assert message.startswith("DivergenceGuard: step 5: skipped the update and rolled back to the snapshot from step 0")
     assert "non-finite parameters" in message
-    assert _same(rec.after[5]["params"], rec.before[0]["params"])
+    assert same_state(rec.after[5]["params"], rec.before[0]["params"])
     assert all(torch.isfinite(p).all() for p in rec.after[7]["params"].values())
 
 
@@ -418,7 +399,7 @@ def test_stops_after_max_rollbacks_with_message_and_checkpoint(
     assert checkpoint["callbacks"][guard.state_key]["rollbacks"] == 2
     assert checkpoint["global_step"] == 9
     # The live model is left at the last good snapshot.
-    assert _same(model.state_dict(), rec.before[0]["params"])
+    assert same_state(model.state_dict(), rec.before[0]["params"])
 
 
 def test_lr_backoff_compounds_across_rollbacks_to_one_snapshot(
@@ -481,7 +462,7 @@ def test_logged_metrics(tmp_path: Path) -> None:
 def test_bf16_mixed(tmp_path: Path) -> None:
     guard, rec = DivergenceGuard(**FAST), Recorder()
     _trainer(tmp_path, [guard, rec], max_steps=6, precision="bf16-mixed").fit(Scripted("adam", nan_at=(2,)))
-    assert _same(rec.after[2], rec.before[2])
+    assert same_state(rec.after[2], rec.before[2])
     assert guard.skipped_steps == 1 and math.isfinite(rec.losses[5])
 
 
@@ -497,7 +478,7 @@ def test_fp16_scaler_skips_are_counted_apart_unless_they_persist(tmp_path: Path)
     trainer.fit(Scripted("sgd", nan_at=(2, 4, 5, 6)))
     # Step 2: one scaler skip. Steps 4-6: scaler skip, then beyond patience: bad, bad -> rollback.
     assert guard.state_dict() == {"skipped_steps": 2, "rollbacks": 1, "scaler_skips": 2, "lr_factor": 0.5}
-    assert _same(rec.after[2]["params"], rec.before[2]["params"])
+    assert same_state(rec.after[2]["params"], rec.before[2]["params"])
 
 
 def test_fp16_fused_optimizer_guard_skip(tmp_path: Path) -> None:
@@ -506,7 +487,7 @@ def test_fp16_fused_optimizer_guard_skip(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [guard, rec], max_steps=8, plugins=[_fp16_plugin()])
     trainer.fit(Scripted("fused_adam", loss_multiplier={5: 30.0}))
     assert guard.skipped_steps == 1 and guard.scaler_skips == 0
-    assert _same(rec.after[5], rec.before[5])
+    assert same_state(rec.after[5], rec.before[5])
 
 
 def test_works_on_lightning_boring_model(tmp_path: Path) -> None:
@@ -584,5 +565,5 @@ def test_ddp_nan_on_one_rank_skips_on_both(tmp_path: Path) -> None:
     for rows in ranks:
         assert rows["guard"]["skipped_steps"] == 2
         for step in range(7):
-            assert _same(rows["after"][step], rows["before"][step]) is (step in (2, 5))
-    assert _same(ranks[0]["final"], ranks[1]["final"])
+            assert same_state(rows["after"][step], rows["before"][step]) is (step in (2, 5))
+    assert same_state(ranks[0]["final"], ranks[1]["final"])

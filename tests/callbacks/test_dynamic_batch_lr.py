@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
-from helpers import MemoryLogger
+from helpers import MemoryLogger, quiet_cpu_trainer
 from lit_accel.callbacks.divergence_guard import DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import (
     DynamicBatchLR,
@@ -141,6 +141,11 @@ def test_small_helpers():
         ({"batch_size_schedule": {-1: 8}}, "batch_size_schedule"),
         ({"batch_size_schedule": {1: 0}}, "batch_size_schedule"),
         ({"lr_schedule": {1: -0.5}}, "lr_schedule"),
+        ({"lr_schedule": {1: float("inf")}}, "lr_schedule"),
+        ({"lr_schedule": [0.5]}, "lr_schedule=\\[0.5\\] is not allowed: use a mapping"),
+        ({"batch_factor": float("inf")}, "batch_factor=inf"),
+        ({"min_delta": "0.1"}, "min_delta='0.1'"),
+        ({"lr_factor": True}, "lr_factor=True"),
     ],
 )
 def test_bad_arguments_raise(kwargs, name):
@@ -264,20 +269,8 @@ class ScriptedDataModule(LightningDataModule):
 
 
 def _trainer(tmp_path, callbacks, max_epochs, **kwargs) -> Trainer:
-    kwargs.setdefault("logger", False)
-    kwargs.setdefault("enable_checkpointing", False)
-    kwargs.setdefault("devices", 1)
-    return Trainer(
-        accelerator="cpu",
-        max_epochs=max_epochs,
-        callbacks=callbacks,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        log_every_n_steps=1,
-        default_root_dir=tmp_path,
-        **kwargs,
-    )
+    defaults = {"max_epochs": max_epochs, "num_sanity_val_steps": 0, "log_every_n_steps": 1}
+    return quiet_cpu_trainer(tmp_path, callbacks, **{**defaults, **kwargs})
 
 
 def _first_lr(model) -> list[float]:

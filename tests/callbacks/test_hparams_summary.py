@@ -131,3 +131,8 @@ def test_holds_no_state_and_pickles() -> None:
     summary = HParamsSummary(include_trainer=False)
     assert summary.state_dict() == {}
     assert pickle.loads(pickle.dumps(summary)).include_trainer is False
+
+
+def test_include_trainer_must_be_a_bool() -> None:
+    with pytest.raises(ValueError, match="include_trainer='no' is not allowed: use true or false"):
+        HParamsSummary(include_trainer="no")

@@ -59,6 +59,10 @@ def test_merge_parts_refuses_ranks_that_disagree_on_columns(tmp_path: Path) -> N
         ({"top_k": 0}, r"top_k=0 is not allowed: use 1 or more"),
         ({"output_path": ""}, r"output_path='' is not allowed"),
         ({"output_path": "   "}, r"output_path='   ' is not allowed"),
+        ({"top_k": 2.5}, r"top_k=2.5 is not allowed"),
+        ({"top_k": True}, r"top_k=True is not allowed"),
+        ({"class_names": "abc"}, r"class_names='abc' is not allowed: use a list of names"),
+        ({"softmax": "yes"}, r"softmax='yes' is not allowed: use true or false"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:

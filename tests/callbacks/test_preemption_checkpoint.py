@@ -12,6 +12,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+from helpers import quiet_cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -108,20 +109,8 @@ def _restore_signal_handlers() -> Iterator[None]:
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], **kwargs: Any) -> pl.Trainer:
-    config: dict[str, Any] = dict(
-        accelerator="cpu",
-        devices=1,
-        max_steps=MAX_STEPS,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        default_root_dir=tmp_path,
-    )
-    config.update(kwargs)
-    return pl.Trainer(callbacks=callbacks, **config)
+    defaults = {"max_steps": MAX_STEPS, "limit_val_batches": 0, "num_sanity_val_steps": 0}
+    return quiet_cpu_trainer(tmp_path, callbacks, **{**defaults, **kwargs})
 
 
 def _weights(module: nn.Module) -> dict[str, torch.Tensor]:

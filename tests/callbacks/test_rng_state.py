@@ -10,6 +10,7 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
+from helpers import quiet_cpu_trainer, through_checkpoint
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from torch import nn
@@ -34,11 +35,6 @@ def _scramble() -> None:
     np.random.seed(1234)
 
 
-def _through_disk(state: dict[str, Any], path: Path) -> dict[str, Any]:
-    torch.save({"callbacks": {"RNGStateCheckpoint": state}}, path)
-    return torch.load(path, weights_only=True)["callbacks"]["RNGStateCheckpoint"]  # as Lightning loads it
-
-
 @pytest.mark.parametrize("gauss_cached", [False, True])
 def test_state_round_trip_through_weights_only_load(tmp_path: Path, gauss_cached: bool) -> None:
     torch.manual_seed(0)
@@ -53,7 +49,7 @@ def test_state_round_trip_through_weights_only_load(tmp_path: Path, gauss_cached
     _scramble()
     assert _draw() != expected
     callback = RNGStateCheckpoint()
-    callback.load_state_dict(_through_disk(saved, tmp_path / "state.ckpt"))
+    callback.load_state_dict(through_checkpoint(saved, tmp_path / "state.ckpt"))
     assert _draw() != expected  # nothing is applied before training starts
     callback.on_train_start(None, None)  # type: ignore[arg-type]  # the hook uses neither
     assert _draw() == expected
@@ -67,7 +63,7 @@ def test_missing_states_load_the_others(tmp_path: Path) -> None:
     expected = torch.rand(3)
     _scramble()
     callback = RNGStateCheckpoint()
-    callback.load_state_dict(_through_disk(saved, tmp_path / "state.ckpt"))
+    callback.load_state_dict(through_checkpoint(saved, tmp_path / "state.ckpt"))
     callback.on_train_start(None, None)  # type: ignore[arg-type]
     assert torch.equal(torch.rand(3), expected)
 
@@ -114,17 +110,7 @@ class Noisy(pl.LightningModule):
 
 
 def _trainer(tmp_path: Path, callbacks: list[Callback], max_steps: int) -> pl.Trainer:
-    return pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=max_steps,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        callbacks=callbacks,
-    )
+    return quiet_cpu_trainer(tmp_path, callbacks, max_steps=max_steps)
 
 
 def _weights(module: nn.Module) -> list[torch.Tensor]:

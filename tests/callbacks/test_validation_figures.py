@@ -78,6 +78,11 @@ def test_drawings_are_rgb_uint8_pictures() -> None:
         ({"mean": [0.5]}, r"give both or neither"),
         ({"mean": [0.5, 0.5], "std": [0.2]}, r"one value per channel"),
         ({"mean": [0.5], "std": [0.0]}, r"std=\[0.0\] is not allowed: use positive values"),
+        ({"mean": [float("nan")], "std": [0.2]}, r"is not allowed: use finite values"),
+        ({"every_n_epochs": True}, r"every_n_epochs=True is not allowed"),
+        ({"misclassified": 2.5}, r"misclassified=2.5 is not allowed"),
+        ({"confusion_matrix": "no"}, r"confusion_matrix='no' is not allowed: use true or false"),
+        ({"class_names": 3}, r"class_names=3 is not allowed: use a list of names"),
     ],
 )
 def test_bad_arguments(kwargs: dict, message: str) -> None:
