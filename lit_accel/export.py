@@ -22,6 +22,7 @@ import argparse
 import copy
 import io
 import json
+import math
 import os
 import sys
 import warnings
@@ -68,6 +69,11 @@ class ServingModel(nn.Module):
 
     def __init__(self, net: nn.Module, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
         super().__init__()
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in [*mean, *std]) or min(std) <= 0:
+            raise ValueError(
+                f"mean={list(mean)!r}, std={list(std)!r} is not allowed: use 3 finite values each (one per RGB "
+                "channel), std positive"
+            )
         self.net = net
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
@@ -199,7 +205,8 @@ def export_model(
         source: where the weights came from, recorded in the metadata.
 
     Raises:
-        ValueError: for an unknown format or input dtype.
+        ValueError: for an unknown format or input dtype, or a ``mean``/``std`` that is not 3 finite
+            values (``std`` positive).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:

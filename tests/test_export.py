@@ -167,3 +167,7 @@ def test_bad_export_arguments(tmp_path: Path) -> None:
         export_model(net, tmp_path, input_dtype="float16")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="classes has 3 names but the network has 2 outputs"):
         export_model(net, tmp_path, classes=["a", "b", "c"])
+    with pytest.raises(ValueError, match=r"mean=\[0.5\], std=\[0.2\] is not allowed: use 3 finite values"):
+        export_model(net, tmp_path, mean=[0.5], std=[0.2])
+    with pytest.raises(ValueError, match=r"std=\[0.2, 0.2, 0.0\] is not allowed"):
+        export_model(net, tmp_path, std=[0.2, 0.2, 0.0])

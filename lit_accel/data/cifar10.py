@@ -183,8 +183,8 @@ class CIFAR10DataModule(LightningDataModule):
         """Download CIFAR-10 once per node (Lightning calls this on local rank 0 only)."""
         if self.synthetic:
             return
+        # one archive holds both splits, and torchvision checks every file of both here
         self._load_cifar(train=True, download=self.download)
-        self._load_cifar(train=False, download=self.download)
 
     def setup(self, stage: str) -> None:
         """Load the splits a stage needs; every rank builds the identical split."""

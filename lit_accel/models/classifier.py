@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 import torch
@@ -42,7 +43,8 @@ class ImageClassifier(LightningModule):
     DivergenceGuard skips).
 
     Raises:
-        ValueError: for ``num_classes`` < 2 or ``label_smoothing`` outside [0, 1).
+        ValueError: for ``num_classes`` < 2, ``label_smoothing`` outside [0, 1), an unknown
+            ``lr_scheduler_interval``, or ``compile_options`` that ``torch.compile`` does not take.
 
     Example::
 
@@ -76,6 +78,12 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"label_smoothing={label_smoothing!r} is not allowed: use a value in [0, 1)")
         if lr_scheduler_interval not in ("epoch", "step"):
             raise ValueError(f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: use 'epoch' or 'step'")
+        try:  # a wrong key would otherwise fail only when the network is compiled, after start-up
+            inspect.signature(torch.compile).bind(None, **(compile_options or {}))
+        except TypeError as err:
+            raise ValueError(
+                f"compile_options={compile_options!r} is not allowed: use keyword arguments of torch.compile ({err})"
+            ) from None
         # Under LightningCLI the hyperparameters are the config (class paths included), so a
         # checkpoint rebuilds its own network with ImageClassifier.load_from_checkpoint(path).
         # Built in Python, the network and factories are objects: keep them out of hparams.

@@ -7,6 +7,8 @@ root (one all-gather per unit instead of one for the whole network).
 
 from __future__ import annotations
 
+import math
+
 from torch import Tensor, nn
 
 __all__ = ["SeedCNN", "BatchNormCNN", "ResNet9"]
@@ -164,7 +166,7 @@ class ResNet9(nn.Module):
         _check_common(num_classes, 0.0)
         if width < 1:
             raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
-        if logit_scale <= 0:
+        if not (math.isfinite(logit_scale) and logit_scale > 0):
             raise ValueError(f"logit_scale={logit_scale!r} is not allowed: use a positive number")
         w = width
         self.logit_scale = logit_scale

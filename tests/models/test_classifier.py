@@ -106,3 +106,9 @@ def test_a_skipped_non_finite_step_stays_out_of_the_epoch_training_metrics(tmp_p
     assert guard.skipped_steps == 1  # the NaN step happened and was skipped
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
+
+
+def test_compile_options_are_checked_at_construction():
+    with pytest.raises(ValueError, match=r"compile_options=\{'modee': 'max-autotune'\} is not allowed"):
+        ImageClassifier(compile=True, compile_options={"modee": "max-autotune"})
+    ImageClassifier(compile=True, compile_options={"mode": "max-autotune", "dynamic": False})

@@ -88,6 +88,7 @@ def test_seed_cnn_is_the_baseline_architecture():
         (lambda: SeedCNN(dropout=1.0), "dropout"),
         (lambda: BatchNormCNN(width=0), "width"),
         (lambda: ResNet9(logit_scale=0), "logit_scale"),
+        (lambda: ResNet9(logit_scale=float("inf")), "logit_scale"),
     ],
 )
 def test_bad_arguments_raise(make, name):
