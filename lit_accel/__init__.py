@@ -2,13 +2,13 @@
 
 Public API::
 
-    from lit_accel import CIFAR10DataModule, ImageClassifier, SeedCNN, BatchNormCNN, ResNet9
+    from lit_accel import CIFAR10DataModule, ImageClassifier, SeedCNN, BatchNormCNN, LiteCNN, ResNet9
     from lit_accel.callbacks import ...
 """
 
 from lit_accel.data import CIFAR10DataModule, make_synthetic_cifar
-from lit_accel.models import BatchNormCNN, ImageClassifier, ResNet9, SeedCNN
+from lit_accel.models import BatchNormCNN, ImageClassifier, LiteCNN, ResNet9, SeedCNN
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormCNN", "CIFAR10DataModule", "ImageClassifier", "ResNet9", "SeedCNN", "make_synthetic_cifar"]
+__all__ = ["BatchNormCNN", "CIFAR10DataModule", "ImageClassifier", "LiteCNN", "ResNet9", "SeedCNN", "make_synthetic_cifar"]

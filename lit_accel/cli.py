@@ -33,6 +33,7 @@ from lit_accel.checkpoints import (
 from lit_accel.data import CIFAR10DataModule
 from lit_accel.errors import ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
+from lit_accel.schedules import WarmupDecayLR
 
 __all__ = ["LitAccelCLI", "main"]
 
@@ -161,6 +162,7 @@ class LitAccelCLI(LightningCLI):
                 f"model.optimizer lr={learning_rate} is not allowed: use a positive learning rate, "
                 "e.g. --model.optimizer.lr 0.05."
             )
+        _check_lr_scheduler(self.model, optimizer)
 
     def before_fit(self) -> None:
         self._resolve_checkpoint_alias("fit")
@@ -200,6 +202,21 @@ class LitAccelCLI(LightningCLI):
                 f"--ckpt_path {alias}: no {alias!r} checkpoint found under {root}/. Train first with "
                 f"'lit-accel fit --config …' (same logger settings), or pass the checkpoint file itself."
             )
+
+
+def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer) -> None:
+    """Build the scheduler once on the stand-in optimizer: bad settings fail before the run starts."""
+    if model.lr_scheduler_factory is None:
+        return
+    try:
+        scheduler = model.lr_scheduler_factory(optimizer)
+    except ValueError as err:
+        raise ConfigurationError(f"invalid model.lr_scheduler: {err}. Fix it in the config or on the command line.") from err
+    if isinstance(scheduler, WarmupDecayLR) and model.lr_scheduler_interval == "epoch":
+        raise ConfigurationError(
+            "model.lr_scheduler_interval=epoch is not allowed with WarmupDecayLR, which steps every optimizer "
+            "step: remove it, or pass --model.lr_scheduler_interval step."
+        )
 
 
 def _check_gpu_available(accelerator: str) -> None:

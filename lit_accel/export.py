@@ -61,13 +61,21 @@ class ServingModel(nn.Module):
         net: ``(N, 3, H, W)`` normalized float images → ``(N, C)`` logits.
         mean: per-channel mean of the [0, 1] pixel values the network was trained with.
         std: per-channel standard deviation of the same.
+        flip_tta: average the logits of each image and of its mirror image, as ``ImageClassifier``
+            does with ``flip_tta`` in validation, test and predict.
 
     ``forward(images)``: uint8 ``(N, 3, H, W)`` in 0…255, or float in [0, 1] → float32
     probabilities ``(N, C)``. Computes ``softmax(net((images / 255 - mean) / std))``, the same
     arithmetic as training's ``lit_accel.data.augment.normalize``.
     """
 
-    def __init__(self, net: nn.Module, mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD) -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+        flip_tta: bool = False,
+    ) -> None:
         super().__init__()
         if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in [*mean, *std]) or min(std) <= 0:
             raise ValueError(
@@ -75,6 +83,7 @@ class ServingModel(nn.Module):
                 "channel), std positive"
             )
         self.net = net
+        self.flip_tta = flip_tta
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
@@ -83,7 +92,10 @@ class ServingModel(nn.Module):
             x = images.to(torch.float32) / 255.0
         else:
             x = images.to(torch.float32)
-        logits = self.net((x - self.mean) / self.std)
+        x = (x - self.mean) / self.std
+        logits = self.net(x)
+        if self.flip_tta:
+            logits = 0.5 * (logits + self.net(torch.flip(x, [-1])))
         return torch.softmax(logits.to(torch.float32), dim=-1)
 
 
@@ -188,6 +200,7 @@ def export_model(
     formats: Sequence[Format] = FORMATS,
     input_dtype: Literal["uint8", "float32"] = "uint8",
     source: str = "",
+    flip_tta: bool = False,
 ) -> dict[str, Path]:
     """Write ``net`` (normalized images → logits) as serving artifacts; returns ``{format: path}``.
 
@@ -203,6 +216,7 @@ def export_model(
         formats: which of ``"pt2"``, ``"torchscript"`` to write.
         input_dtype: the dtype the ``.pt2`` takes (``"uint8"``: 0…255, ``"float32"``: [0, 1]).
         source: where the weights came from, recorded in the metadata.
+        flip_tta: fold test-time flip averaging into the artifact (see :class:`ServingModel`).
 
     Raises:
         ValueError: for an unknown format or input dtype, or a ``mean``/``std`` that is not 3 finite
@@ -214,14 +228,14 @@ def export_model(
     if input_dtype not in ("uint8", "float32"):
         raise ValueError(f"input_dtype={input_dtype!r} is not allowed: use 'uint8' or 'float32'")
     # No parameter requires grad: outputs of the artifacts carry no autograd graph when served.
-    model = ServingModel(_plain_copy(net), mean, std).eval().requires_grad_(False)
+    model = ServingModel(_plain_copy(net), mean, std, flip_tta=flip_tta).eval().requires_grad_(False)
     example = _example_batch(4, input_dtype)
     with torch.no_grad():
         num_classes = model(example).shape[1]
     names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"classes has {len(names)} names but the network has {num_classes} outputs")
-    metadata = _metadata(names, mean, std, input_dtype, source)
+    metadata = _metadata(names, mean, std, input_dtype, source, flip_tta)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -251,7 +265,10 @@ def export_checkpoint(
     num_classes = int(model.hparams.get("num_classes", 10))
     if classes is None and num_classes == len(CIFAR10_CLASSES):
         classes = CIFAR10_CLASSES
-    return export_model(model.net, out_dir, classes=classes, formats=formats, input_dtype=input_dtype, source=str(checkpoint))
+    flip_tta = bool(model.hparams.get("flip_tta", False))
+    return export_model(
+        model.net, out_dir, classes=classes, formats=formats, input_dtype=input_dtype, source=str(checkpoint), flip_tta=flip_tta
+    )
 
 
 def _plain_copy(net: nn.Module) -> nn.Module:
@@ -282,7 +299,7 @@ def _export_torchscript(model: ServingModel, path: Path, extra: dict[str, str]) 
         # The network is traced (works for any traceable network); the wrapper is scripted, so its
         # uint8-or-float branch survives. Tracing at batch 2 keeps the batch dimension symbolic.
         traced = torch.jit.trace(model.net, torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE), check_trace=False)
-        wrapper = ServingModel(traced, model.mean.flatten().tolist(), model.std.flatten().tolist())
+        wrapper = ServingModel(traced, model.mean.flatten().tolist(), model.std.flatten().tolist(), model.flip_tta)
         scripted = torch.jit.script(wrapper.eval().requires_grad_(False))
         torch.jit.save(scripted, str(path), _extra_files=extra)
         loaded = torch.jit.load(str(path))
@@ -303,7 +320,9 @@ def _check(model: nn.Module, exported: Any, dtype: torch.dtype, path: Path) -> N
         )
 
 
-def _metadata(classes: list[str], mean: Sequence[float], std: Sequence[float], input_dtype: str, source: str) -> dict[str, Any]:
+def _metadata(
+    classes: list[str], mean: Sequence[float], std: Sequence[float], input_dtype: str, source: str, flip_tta: bool
+) -> dict[str, Any]:
     return {
         "classes": classes,
         "input": {
@@ -314,6 +333,7 @@ def _metadata(classes: list[str], mean: Sequence[float], std: Sequence[float], i
         },
         "output": {"shape": ["N", len(classes)], "meaning": "class probabilities (softmax), float32"},
         "normalization": {"mean": list(mean), "std": list(std), "applied_inside": True},
+        "flip_tta": {"applied_inside": flip_tta, "meaning": "logits averaged over each image and its mirror image"},
         "source_checkpoint": source,
         "torch_version": torch.__version__,
     }

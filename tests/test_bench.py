@@ -1,12 +1,14 @@
 """The benchmark must not rot: its quickest mode runs every case and prints a well-formed table."""
 
 import itertools
+import json
 import re
 import subprocess
 import sys
 
 import lightning as L
 import pytest
+import torch
 from helpers import REPO_ROOT
 
 from lit_accel import CIFAR10DataModule, ImageClassifier
@@ -76,3 +78,61 @@ def test_step_timer_stops_at_its_training_time_budget_and_records_the_curve(tmp_
     assert all(0.0 <= accuracy <= 1.0 for _seconds, _step, accuracy in timer.result["curve"])
     with pytest.raises(ValueError, match="budget_seconds=0"):
         bench_timer.StepTimer(budget_seconds=0)
+
+
+# --------------------------------------------------------------------- the recipe harness
+@pytest.mark.slow
+def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_folder(tmp_path, cifar10_root):
+    """The maintainers' path: any CIFAR-format folder (here the fixture's, not the official files)."""
+    root, _ = cifar10_root
+    out = tmp_path / "recipes.json"
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO_ROOT / "tools" / "bench.py"), "--cases", "recipe", "--smoke",
+            "--data-dir", str(root), "--recipes", "recipe,epochs2", "--json", str(out),
+        ],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == ["recipe", "epochs2"]
+    # smoke.yaml makes the recipe 1 epoch; "epochs2" adds --trainer.max_epochs 2 after it
+    assert [len(rows[name]["curves"][0]) for name in rows] == [1, 2]
+    for row in rows.values():
+        assert row["fit_seconds"] > row["train_seconds"] > 0, "whole process includes start-up"
+        assert row["test_seconds"] > 0 and row["reps"] == 1
+        assert 0.0 <= row["test_acc"] <= 1.0 and 0.0 <= row["train_acc"] <= 1.0
+        assert row["val_acc"] == pytest.approx(row["curves"][0][-1][2])
+    table_rows = [line for line in result.stdout.splitlines() if re.match(r"\| (recipe|epochs2) \| [\d.]+ \|", line)]
+    assert len(table_rows) == 2 and all(re.search(r"\| 0\.\d{4} \|", line) for line in table_rows)
+
+
+def test_recipe_harness_rejects_unknown_recipes_and_folders(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import bench_recipe
+
+    with pytest.raises(ValueError, match="recipe 'nope' is not known"):
+        bench_recipe.parse_recipes("recipe,nope", [])
+    with pytest.raises(ValueError, match="use NAME=ARGS with a new NAME"):
+        bench_recipe.parse_recipes("recipe", ["recipe=--trainer.max_epochs 1"])
+    mine = bench_recipe.parse_recipes("", ["lr4=--model.optimizer.init_args.lr 0.004"])
+    assert [(r.name, r.args) for r in mine] == [("lr4", ["--model.optimizer.init_args.lr", "0.004"])]
+    with pytest.raises(ValueError, match="no cifar-10-batches-py/ folder"):
+        bench_recipe.data_arguments(str(tmp_path), smoke=False)
+    assert bench_recipe.data_arguments(None, smoke=False) == ["--data.synthetic", "true"]
+
+
+def test_synthetic_set_written_as_a_cifar_folder_reads_back_the_same(tmp_path):
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import synthetic_cifar_folder
+
+    from lit_accel.data import make_synthetic_cifar
+    from lit_accel.data.cifar10 import read_cifar_folder
+
+    synthetic_cifar_folder.write_folder(tmp_path, train_size=52, test_size=7, seed=3)
+    images, labels, classes = read_cifar_folder(str(tmp_path), train=True)
+    expected_images, expected_labels = make_synthetic_cifar(52, seed=3, split=0)
+    assert torch.equal(images, expected_images) and torch.equal(labels, expected_labels)
+    test_images, _, _ = read_cifar_folder(str(tmp_path), train=False)
+    assert torch.equal(test_images, make_synthetic_cifar(7, seed=3, split=1)[0])
+    assert classes[0] == "airplane"

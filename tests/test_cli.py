@@ -29,7 +29,7 @@ def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
 def test_tensorboard_logs_by_default(in_tmp_dir):
     LitAccelCLI(args=["fit", *SMOKE])
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
-    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr-SGD"):
+    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert (in_tmp_dir / "runs" / "cifar10" / "version_0" / "config.yaml").exists()
 

@@ -16,7 +16,7 @@ from helpers import config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.data import CIFAR10_CLASSES
 from lit_accel.data.augment import normalize
-from lit_accel.export import PT2_NAME, TORCHSCRIPT_NAME, export_model, load_classifier, main
+from lit_accel.export import PT2_NAME, TORCHSCRIPT_NAME, export_checkpoint, export_model, main
 from lit_accel.models import ImageClassifier
 
 TOLERANCE = 1e-5
@@ -68,10 +68,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 
 def _expected(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
-    """What the checkpoint predicts for uint8 images, the way training and predict feed it."""
+    """What the checkpoint predicts for uint8 images, the way ``lit-accel predict`` does (flip averaging included)."""
     model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()
     with torch.no_grad():
-        return torch.softmax(model(normalize(images)), dim=-1)
+        return torch.softmax(model.evaluation_logits(normalize(images)), dim=-1)
 
 
 def test_console_script_is_installed() -> None:
@@ -98,6 +98,11 @@ def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(ch
     assert outputs["classes"] == list(CIFAR10_CLASSES)
     for i, images in enumerate(batches):  # batch sizes 1, 5, 9: the batch dimension is dynamic
         expected = _expected(checkpoint, images)
+        single_pass = torch.softmax(
+            ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()(normalize(images)),
+            dim=-1,
+        )
+        assert not torch.allclose(single_pass, expected, atol=TOLERANCE), "the recipe averages over flips: a single pass differs"
         for kind in ("pt2_uint8", "script_uint8", "script_float"):
             got = outputs[kind][i]
             assert got.shape == (images.shape[0], 10)
@@ -117,7 +122,7 @@ def test_a_distributed_checkpoint_folder_exports_like_its_file(checkpoint: Path,
     torch.save(full, folder / "meta.pt")
 
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    written = export_model(load_classifier(str(folder)).net, tmp_path / "out", formats=["pt2"])
+    written = export_checkpoint(str(folder), tmp_path / "out", formats=["pt2"])
     got = torch.export.load(str(written["pt2"])).module()(images)
     torch.testing.assert_close(got, _expected(checkpoint, images), atol=TOLERANCE, rtol=0)
 

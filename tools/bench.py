@@ -15,6 +15,10 @@ ddp        1 vs 2 processes (global images/s; scaling efficiency = ratio / 2); s
 networks   accuracy per second of training: SeedCNN (two LRs), BatchNormCNN, ResNet9 trained
            for the same training time (validation left out), validated every 50 steps; images/s,
            accuracy after 15 s and at the end, seconds to reach 0.90 / 0.93 / 0.95
+recipe     whole ``lit-accel fit`` + ``lit-accel test`` processes of the shipped recipe and named
+           alternatives, on the synthetic set or any CIFAR-format folder (``--data-dir``): seconds,
+           test accuracy, train vs val accuracy, val accuracy per epoch (tools/bench_recipe.py).
+           Not part of ``all``: run it by name.
 =========  ==================================================================================
 
 Usage::
@@ -25,6 +29,7 @@ Usage::
     python tools/bench.py --full --cases pipeline,precision --net BatchNormCNN   # the recipe's network
     python tools/bench.py --device cuda --full   # the GPU variant (under 8 minutes on one GPU)
     python tools/bench.py --smoke                # seconds: checks the bench itself (used by a test)
+    python tools/bench.py --cases recipe --data-dir DIR   # time to accuracy of whole runs on real images
 
 A note on noise: on a shared 2-core machine, run-to-run noise is several percent. Only ratios
 measured in the same run, with alternating order, mean anything; the medians damp outliers.
@@ -55,6 +60,7 @@ import torch
 TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
+import bench_recipe  # noqa: E402
 import plain_loop  # noqa: E402
 from bench_timer import StepTimer, reset_peak_rss  # noqa: E402
 
@@ -411,12 +417,15 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="the network of every case but networks (default SeedCNN, the baseline)",
     )
     parser.add_argument("--json", help="also write the rows to this file")
+    bench_recipe.add_arguments(parser.add_argument_group("recipe case (tools/bench_recipe.py)"))
     args = parser.parse_args(argv)
+    if args.cases == "recipe":
+        return bench_recipe.run_from_args(parser, args, args.reps or 1, args.smoke, args.json)
 
     cases = CASES if args.cases == "all" else tuple(c.strip() for c in args.cases.split(","))
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}: choose from {', '.join(CASES)}")
+        parser.error(f"unknown case(s) {unknown}: choose from {', '.join(CASES)}, or recipe alone")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU on this machine")
     gpu = args.device == "cuda"

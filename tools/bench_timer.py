@@ -35,6 +35,22 @@ def reset_peak_rss() -> None:
         pass
 
 
+def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    return {key: float(value) for key, value in trainer.callback_metrics.items() if value.numel() == 1}
+
+
+class MetricsWriter(Callback):
+    """Rank 0 writes the metrics of a ``test`` run (``test/acc``, ``test/loss``) to ``output`` as JSON."""
+
+    def __init__(self, output: str) -> None:
+        self.output = output
+
+    def on_test_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            with open(self.output, "w") as f:
+                json.dump(_scalar_metrics(trainer), f)
+
+
 class StepTimer(Callback):
     """Training images/s after ``warmup_steps``, excluding validation, plus the data-wait share.
 
@@ -138,6 +154,7 @@ class StepTimer(Callback):
             "world_size": world,
             "train_seconds": self._elapsed,
             "curve": list(self.curve),
+            "final_metrics": _scalar_metrics(trainer),
         }
         if self.output and trainer.is_global_zero:
             with open(self.output, "w") as f:

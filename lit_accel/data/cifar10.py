@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from typing import Any, Literal
 
 import torch
@@ -24,7 +25,7 @@ from lit_accel.data.image_folder import ImageFolderDataset
 from lit_accel.data.synthetic import make_synthetic_cifar
 from lit_accel.errors import ConfigurationError, DataNotFoundError
 
-__all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES"]
+__all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES", "read_cifar_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,12 @@ class CIFAR10DataModule(LightningDataModule):
         horizontal_flip: mirror half of the images.
         cutout: side of the square cut out of each training image, in pixels (0: off).
         download: try to download CIFAR-10 when it is not in ``data_dir``.
+        verify_checksums: check the files against the official CIFAR-10 checksums (torchvision),
+            which also makes torchvision's unrestricted unpickling of them safe. ``false`` trains
+            on your own images in CIFAR-10's on-disk format (``cifar-10-batches-py/``: five
+            training batches, ``test_batch``, ``batches.meta``): the files are then read by a
+            restricted unpickler that admits lists, dicts, strings, numbers and numpy arrays and
+            refuses everything else, so a crafted file cannot run code.
         seed: seeds the validation split and the synthetic data. The training order follows the
             run's seed (``seed_everything``), on one device as under DDP.
         num_workers: DataLoader worker processes (``"dataloader"`` pipeline only).
@@ -119,6 +126,7 @@ class CIFAR10DataModule(LightningDataModule):
         horizontal_flip: bool = True,
         cutout: int = 0,
         download: bool = True,
+        verify_checksums: bool = True,
         seed: int = 0,
         num_workers: int = 2,
         pin_memory: bool = False,
@@ -166,6 +174,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.horizontal_flip = horizontal_flip
         self.cutout = cutout
         self.download = download
+        self.verify_checksums = verify_checksums
         self.seed = seed
         self.num_workers = num_workers
         self.pin_memory = pin_memory
@@ -181,7 +190,7 @@ class CIFAR10DataModule(LightningDataModule):
     # ----------------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:
         """Download CIFAR-10 once per node (Lightning calls this on local rank 0 only)."""
-        if self.synthetic:
+        if self.synthetic or not self.verify_checksums:
             return
         # one archive holds both splits, and torchvision checks every file of both here
         self._load_cifar(train=True, download=self.download)
@@ -209,6 +218,10 @@ class CIFAR10DataModule(LightningDataModule):
         if self.synthetic:
             size = self.synthetic_size if train else self.synthetic_test_size
             return make_synthetic_cifar(size, seed=self.seed, split=0 if train else 1)
+        if not self.verify_checksums:
+            images, labels, classes = read_cifar_folder(self.data_dir, train=train)
+            self.classes = classes
+            return images, labels
         dataset = self._load_cifar(train=train, download=False)
         images = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()  # NHWC → NCHW uint8
         labels = torch.as_tensor(dataset.targets, dtype=torch.long)
@@ -222,6 +235,7 @@ class CIFAR10DataModule(LightningDataModule):
             return CIFAR10(self.data_dir, train=train, download=download)
         except Exception as err:  # urllib, socket, tarfile and torchvision's own RuntimeError
             raise DataNotFoundError(_missing_data_message(self.data_dir, download, err)) from err
+
 
     # ------------------------------------------------------------------------------- dataloaders
     def train_dataloader(self) -> DataLoader:
@@ -358,6 +372,15 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
             f"damaged. Delete that folder and run again to download it afresh, or put a fresh "
             f"cifar-10-python.tar.gz in {os.path.abspath(data_dir)}."
         )
+    expected = [*_TRAIN_FILES, "test_batch", "batches.meta"]
+    if isinstance(err, RuntimeError) and all(os.path.isfile(os.path.join(where, name)) for name in expected):
+        # torchvision found every file but not the official checksums.
+        return (
+            f"The files in {where} are not the official CIFAR-10 (their checksums differ). If they are your own "
+            f"images in CIFAR-10's format, add --data.verify_checksums false (they are then read by a restricted "
+            f"loader that admits only data). If they should be CIFAR-10, delete the folder and run again to "
+            f"download it afresh."
+        )
     tried = "and the download failed (no network?)" if download else "and downloading is off (data.download: false)"
     return (
         f"CIFAR-10 not found in {where} {tried}: {type(err).__name__}: {err}.\n"
@@ -365,3 +388,70 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
         f"{os.path.abspath(data_dir)} and run again, or train offline on synthetic data with "
         f"--data.synthetic true."
     )
+
+
+_CIFAR_FOLDER = "cifar-10-batches-py"
+_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
+# What CIFAR-10's pickles (Python 2 cPickle, or protocol 2 from Python 3) need besides plain
+# containers: numpy arrays and dtypes, and bytes as Python 3 writes them in protocol 2.
+_SAFE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickles containers, strings, numbers and numpy arrays; any other global is refused."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _SAFE_GLOBALS:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: CIFAR-format files hold only data")
+        return super().find_class(module, name)
+
+
+def _read_pickle(path: str) -> Any:
+    with open(path, "rb") as f:
+        return _DataOnlyUnpickler(f, encoding="latin1").load()
+
+
+def read_cifar_folder(data_dir: str, train: bool) -> tuple[Tensor, Tensor, tuple[str, ...]]:
+    """Read one split of a folder in CIFAR-10's on-disk format, without checksums but safely.
+
+    The layout torchvision reads: ``data_dir/cifar-10-batches-py/`` with ``data_batch_1`` …
+    ``data_batch_5`` (training), ``test_batch`` and ``batches.meta``, each a pickled dict whose
+    ``data`` is uint8 ``(N, 3072)`` (red, green, blue planes, row by row), ``labels`` a list of
+    ints, and ``label_names`` (in the meta file) the class names.
+
+    Returns:
+        uint8 images ``(N, 3, 32, 32)``, int64 labels ``(N,)`` and the class names.
+
+    Raises:
+        DataNotFoundError: if a file is missing, or is not such a pickle (a file that asks for
+            anything but data is refused before it can run code).
+    """
+    import numpy as np
+
+    folder = os.path.join(data_dir, _CIFAR_FOLDER)
+    names = [*_TRAIN_FILES] if train else ["test_batch"]
+    parts, labels = [], []
+    try:
+        for name in names:
+            entry = _read_pickle(os.path.join(folder, name))
+            data = np.asarray(entry["data"], dtype=np.uint8)
+            parts.append(data.reshape(-1, 3, 32, 32))
+            labels += [int(label) for label in entry["labels"]]
+            if len(labels) != sum(len(part) for part in parts):
+                raise ValueError(f"{name} has {len(entry['labels'])} labels for {len(data)} images")
+        meta = _read_pickle(os.path.join(folder, "batches.meta"))
+        classes = tuple(str(c) for c in meta["label_names"])
+    except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
+        raise DataNotFoundError(
+            f"{os.path.abspath(folder)} is not a readable folder in CIFAR-10's format ({type(err).__name__}: {err}). "
+            f"It needs {', '.join(_TRAIN_FILES)}, test_batch and batches.meta, each a pickled dict of "
+            f"'data' (uint8, N x 3072) and 'labels' (or 'label_names' in batches.meta)."
+        ) from None
+    images = torch.from_numpy(np.concatenate(parts)).contiguous()
+    return images, torch.as_tensor(labels, dtype=torch.long), classes

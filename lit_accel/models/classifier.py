@@ -13,6 +13,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_accel.models.nets import SeedCNN
+from lit_accel.schedules import WarmupDecayLR, planned_optimizer_steps
 
 __all__ = ["ImageClassifier"]
 
@@ -29,11 +30,19 @@ class ImageClassifier(LightningModule):
         net: the network, ``(N, 3, 32, 32)`` → ``(N, num_classes)`` logits (default: SeedCNN).
         num_classes: number of classes, for the accuracy metric.
         optimizer: builds the optimizer from the parameters (YAML: ``class_path`` + ``init_args``).
-        lr_scheduler: builds an LR scheduler from the optimizer, or ``null`` for a constant LR.
-        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``.
+        lr_scheduler: builds an LR scheduler from the optimizer, or ``null`` for a constant LR. Any
+            torch scheduler works; :class:`~lit_accel.schedules.WarmupDecayLR` is sized from the
+            run (``trainer.max_epochs`` / ``max_steps``, batch count, accumulation) when the
+            optimizer is configured, and again at every epoch start (the batch may have grown).
+        lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``;
+            ``null`` (default): ``"step"`` for ``WarmupDecayLR``, ``"epoch"`` for other schedulers.
         label_smoothing: cross-entropy label smoothing, in [0, 1).
         channels_last: keep the network and the inputs in NHWC memory layout (faster convolutions
-            with tensor cores and on most CPUs' oneDNN kernels).
+            with tensor cores and on most CPUs' oneDNN kernels). Under FSDP2, which shards only
+            contiguous parameters, the inputs alone.
+        flip_tta: test-time augmentation for validation, test and predict: average the logits of
+            each image and of its mirror image (as airbench does). Costs a second forward pass at
+            evaluation only; pair it with flip augmentation in training. Exported models do the same.
         compile: compile the network with ``torch.compile`` (in place: checkpoint keys unchanged).
         compile_options: keyword arguments for ``torch.compile``, e.g. ``{mode: max-autotune}``.
 
@@ -44,7 +53,9 @@ class ImageClassifier(LightningModule):
 
     Raises:
         ValueError: for ``num_classes`` < 2, ``label_smoothing`` outside [0, 1), an unknown
-            ``lr_scheduler_interval``, or ``compile_options`` that ``torch.compile`` does not take.
+            ``lr_scheduler_interval``, or ``compile_options`` that ``torch.compile`` does not take;
+            when the optimizers are configured, for ``WarmupDecayLR`` with ``"epoch"`` interval or
+            a run that cannot be sized (see :meth:`WarmupDecayLR.plan`).
 
     Example::
 
@@ -52,11 +63,11 @@ class ImageClassifier(LightningModule):
           net:
             class_path: lit_accel.models.BatchNormCNN
           optimizer:
-            class_path: torch.optim.SGD
-            init_args: {lr: 0.05, momentum: 0.9, nesterov: true, weight_decay: 5.0e-4}
+            class_path: torch.optim.AdamW
+            init_args: {lr: 0.002, weight_decay: 0.05}
           lr_scheduler:
-            class_path: torch.optim.lr_scheduler.CosineAnnealingLR
-            init_args: {T_max: 10}
+            class_path: lit_accel.schedules.WarmupDecayLR
+            init_args: {warmup_fraction: 0.1}
     """
 
     def __init__(
@@ -65,9 +76,10 @@ class ImageClassifier(LightningModule):
         num_classes: int = 10,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_interval: Literal["epoch", "step"] | None = None,
         label_smoothing: float = 0.0,
         channels_last: bool = False,
+        flip_tta: bool = False,
         compile: bool = False,
         compile_options: dict[str, Any] | None = None,
     ) -> None:
@@ -76,8 +88,10 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"num_classes={num_classes!r} is not allowed: use 2 or more classes")
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing={label_smoothing!r} is not allowed: use a value in [0, 1)")
-        if lr_scheduler_interval not in ("epoch", "step"):
-            raise ValueError(f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: use 'epoch' or 'step'")
+        if lr_scheduler_interval not in ("epoch", "step", None):
+            raise ValueError(
+                f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: use 'epoch', 'step' or null (automatic)"
+            )
         try:  # a wrong key would otherwise fail only when the network is compiled, after start-up
             inspect.signature(torch.compile).bind(None, **(compile_options or {}))
         except TypeError as err:
@@ -93,6 +107,7 @@ class ImageClassifier(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.channels_last = channels_last
+        self.flip_tta = flip_tta
         self.compile_net = compile
         self.compile_options = dict(compile_options or {})
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
@@ -117,9 +132,11 @@ class ImageClassifier(LightningModule):
         if self._configured:
             return
         self._configured = True
-        if self.channels_last:
-            self.net.to(memory_format=torch.channels_last)
         mesh = self.device_mesh
+        # FSDP2 shards only contiguous (NCHW) parameters; under it channels_last applies to the
+        # inputs alone (the convolutions then pick their layout from the input).
+        if self.channels_last and mesh is None:
+            self.net.to(memory_format=torch.channels_last)
         if mesh is not None:
             from torch.distributed.fsdp import fully_shard
 
@@ -136,9 +153,16 @@ class ImageClassifier(LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
 
+    def evaluation_logits(self, images: Tensor) -> Tensor:
+        """Logits for evaluation: with ``flip_tta``, the mean of the image's and its mirror's."""
+        logits = self(images)
+        if self.flip_tta:
+            logits = 0.5 * (logits + self(images.flip(-1)))
+        return logits
+
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        logits = self(images)
+        logits = self(images) if stage == "train" else self.evaluation_logits(images)
         loss = self.loss_fn(logits, labels)
         mean_loss: MeanMetric = getattr(self, f"{stage}_loss")
         accuracy: MulticlassAccuracy = getattr(self, f"{stage}_acc")
@@ -184,18 +208,43 @@ class ImageClassifier(LightningModule):
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, num_classes)`` for the batch's images."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
-        return torch.softmax(self(images).float(), dim=-1)
+        return torch.softmax(self.evaluation_logits(images).float(), dim=-1)
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": self.lr_scheduler_interval}}
+        interval = self.lr_scheduler_interval
+        if isinstance(scheduler, WarmupDecayLR):
+            if interval == "epoch":
+                raise ValueError(
+                    "lr_scheduler_interval='epoch' is not allowed with WarmupDecayLR, which steps every "
+                    "optimizer step: use 'step' or leave it unset"
+                )
+            interval = "step"
+            # A resumed run replaces this plan with the one in its checkpoint.
+            scheduler.plan(self.trainer.estimated_stepping_batches, epoch=self.trainer.current_epoch)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval or "epoch"}}
+
+    def on_train_epoch_start(self) -> None:
+        # Size a WarmupDecayLR again from this epoch's batch count: a batch that grew since the last
+        # plan (DynamicBatchLR) leaves fewer steps. A run resumed mid-epoch does not come here and
+        # keeps its checkpoint's plan.
+        for scheduler in _as_list(self.lr_schedulers()):
+            if isinstance(scheduler, WarmupDecayLR) and scheduler.planned_epoch != self.current_epoch:
+                steps_left = planned_optimizer_steps(self.trainer)
+                scheduler.plan(max(scheduler.last_epoch, 0) + steps_left, epoch=self.current_epoch)
 
 
 # label of the samples of a skipped (non-finite loss) training step: the train accuracy ignores it
 _SKIPPED_LABEL = -100
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]
 
 
 def _logger_writes_this_step(trainer: Any) -> bool:

@@ -11,7 +11,7 @@ import math
 
 from torch import Tensor, nn
 
-__all__ = ["SeedCNN", "BatchNormCNN", "ResNet9"]
+__all__ = ["SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9"]
 
 
 class SeedCNN(nn.Module):
@@ -119,6 +119,70 @@ class BatchNormCNN(nn.Module):
         self.classifier = nn.Sequential(
             nn.Flatten(),
             nn.Linear(2 * w * 6 * 6, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.features, self.classifier]
+
+
+class LiteCNN(nn.Module):
+    """The default network: BatchNormCNN plus a third convolution, for accuracy per second on a CPU.
+
+    Conv ``w`` 3×3, MaxPool 2, BN, ReLU, Conv ``2w`` 3×3, MaxPool 2, BN, ReLU, Conv ``4w`` 3×3
+    ("same"), BN, ReLU, Flatten, Dense 128 ReLU, Dropout, Dense ``num_classes``. Spatial sizes
+    32 → 30 → 15 → 13 → 6 → 6. About 0.32 M parameters and 2.1 M multiply-adds per image at
+    ``width=16``: half of SeedCNN's compute, 1.6 × BatchNormCNN's.
+
+    Why this shape. On real images the half-width BatchNormCNN underfits (maintainers'
+    measurement: ``train/acc`` 0.893 below ``val/acc`` 0.910 after 15 epochs), and more capacity
+    paid even at 3 epochs (width 32: 0.877 vs 0.854). Depth is the cheap way to add it: the third
+    convolution runs on the 6×6 maps left after two poolings, so it adds 0.8 M multiply-adds but
+    composes the second layer's features (parts into objects), where widening the network adds
+    its cost at full resolution (width 24: 2.6 M, width 32: 4.2 M). BatchNorm and ReLU of the
+    first two convolutions come after pooling (on a quarter of the values), and no convolution
+    has a bias (BatchNorm's shift replaces it). BENCHMARKS.md has the measurements.
+
+    Args:
+        num_classes: number of output logits.
+        width: channels of the first convolution (then 2× and 4×).
+        dropout: dropout probability before the last layer.
+
+    Example::
+
+        model:
+          net:
+            class_path: lit_accel.models.LiteCNN
+            init_args: {width: 16}
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 16, dropout: float = 0.2) -> None:
+        super().__init__()
+        _check_common(num_classes, dropout)
+        if width < 1:
+            raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
+        w = width
+        self.features = nn.Sequential(
+            nn.Conv2d(3, w, kernel_size=3, bias=False),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, kernel_size=3, bias=False),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(2 * w, 4 * w, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(4 * w),
+            nn.ReLU(inplace=True),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(4 * w * 6 * 6, 128),
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
             nn.Linear(128, num_classes),

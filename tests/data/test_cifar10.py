@@ -156,3 +156,71 @@ def test_val_size_larger_than_the_data_found(cifar10_root, cifar10_checksum_patc
     dm = _datamodule(root, val_size=300)
     with pytest.raises(ValueError, match="fewer than the 200 training images found"):
         dm.setup("fit")
+
+
+# ------------------------------------------------------------- own images in CIFAR-10's format
+def test_own_cifar_format_folder_loads_without_checksums_the_same_as_torchvision(cifar10_root, cifar10_checksum_patched):
+    root, arrays = cifar10_root
+    checked, unchecked = _datamodule(root), _datamodule(root, verify_checksums=False)
+    for dm in (checked, unchecked):
+        dm.setup("fit")
+        dm.setup("test")
+    for split in ("train", "val", "test"):
+        assert all(torch.equal(a, b) for a, b in zip(checked._splits[split], unchecked._splits[split])), split
+    assert unchecked.classes == checked.classes
+
+
+def test_own_folder_needs_no_patch_to_load(cifar10_root):
+    """Without the fixture's checksum patch: verify_checksums=False reads the files as they are."""
+    root, arrays = cifar10_root
+    dm = _datamodule(root, verify_checksums=False)
+    dm.prepare_data()  # no download attempt and no checksum check
+    dm.setup("test")
+    assert torch.equal(dm._splits["test"][0], torch.from_numpy(arrays["test_images"]))
+
+
+def test_files_that_are_not_official_cifar10_say_how_to_load_them(cifar10_root):
+    root, _ = cifar10_root
+    with pytest.raises(DataNotFoundError, match="not the official CIFAR-10.*--data.verify_checksums false"):
+        _datamodule(root).setup("fit")
+
+
+class _Payload:
+    """Unpickling this creates the file named by ``marker``: proof that code ran."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_crafted_data_file_is_refused_before_it_runs_code(cifar10_root, tmp_path):
+    import pickle
+    import shutil
+
+    source, _ = cifar10_root
+    root = tmp_path / "data"
+    shutil.copytree(source, root)
+    marker = tmp_path / "payload-ran"
+    with open(root / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
+        pickle.dump({"data": _Payload(str(marker)), "labels": []}, f, protocol=2)
+    with pytest.raises(DataNotFoundError, match=r"data_batch_3|refused to load builtins.open") as error:
+        _datamodule(root, verify_checksums=False).setup("fit")
+    assert "refused to load" in str(error.value)
+    assert not marker.exists(), "the payload ran"
+
+
+def test_a_folder_with_mismatched_labels_is_one_clear_error(cifar10_root, tmp_path):
+    import pickle
+    import shutil
+
+    source, _ = cifar10_root
+    root = tmp_path / "data"
+    shutil.copytree(source, root)
+    batch = root / "cifar-10-batches-py" / "test_batch"
+    entry = pickle.loads(batch.read_bytes(), encoding="latin1")
+    entry["labels"] = entry["labels"][:-1]
+    batch.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(DataNotFoundError, match="test_batch has 39 labels for 40 images"):
+        _datamodule(root, verify_checksums=False).setup("test")

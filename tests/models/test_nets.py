@@ -6,10 +6,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_accel import CIFAR10DataModule, ImageClassifier
-from lit_accel.models import BatchNormCNN, ResNet9, SeedCNN
+from lit_accel.models import BatchNormCNN, LiteCNN, ResNet9, SeedCNN
 
 
-@pytest.mark.parametrize("net_class", [SeedCNN, BatchNormCNN, ResNet9])
+@pytest.mark.parametrize("net_class", [SeedCNN, BatchNormCNN, LiteCNN, ResNet9])
 def test_logits_shape_and_fsdp_units(net_class):
     kwargs = {"width": 8} if net_class is ResNet9 else {}
     net = net_class(num_classes=7, **kwargs)
@@ -26,6 +26,25 @@ def test_batchnorm_cnn_normalizes_after_pooling_at_half_seed_cnn_width():
     convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.bias) for c in convs] == [(3, 16, None), (16, 32, None)]
     assert BatchNormCNN(width=32).classifier[1].in_features == SeedCNN().classifier[1].in_features
+
+
+def test_lite_cnn_is_batchnorm_cnn_with_a_third_convolution_on_the_pooled_maps():
+    net = LiteCNN()
+    kinds = [type(m).__name__ for m in net.features]
+    assert kinds == ["Conv2d", "MaxPool2d", "BatchNorm2d", "ReLU"] * 2 + ["Conv2d", "BatchNorm2d", "ReLU"]
+    convs = [m for m in net.features if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.padding, c.bias) for c in convs] == [
+        (3, 16, (0, 0), None),
+        (16, 32, (0, 0), None),
+        (32, 64, (1, 1), None),
+    ]
+    assert net.classifier[1].in_features == 64 * 6 * 6
+
+
+def test_lite_cnn_costs_half_of_seed_cnn_and_under_twice_batchnorm_cnn():
+    lite = _multiply_adds_per_image(LiteCNN())
+    assert lite < 0.55 * _multiply_adds_per_image(SeedCNN())
+    assert lite < 1.7 * _multiply_adds_per_image(BatchNormCNN())
 
 
 def _multiply_adds_per_image(net: torch.nn.Module) -> float:

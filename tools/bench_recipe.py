@@ -1,0 +1,260 @@
+"""Time to accuracy of whole ``lit-accel`` runs, as a user runs them, on any CIFAR-format folder.
+
+Each recipe is the shipped ``configs/cifar10.yaml`` plus a few command-line arguments. A run is
+``lit-accel fit`` then ``lit-accel test --ckpt_path best`` (the README's commands), each its own
+process in a fresh folder, so the seconds are what a user waits for: start-up, data loading,
+training, validation, checkpoints and the recipe's callbacks included. Per recipe it prints the
+whole-process seconds of ``fit`` and of ``test``, the test accuracy, the final ``train/acc`` and
+``val/acc`` (a recipe whose ``train/acc`` ends below its ``val/acc`` underfits: more capacity or
+less regularization would pay), the training seconds (validation excluded) and the validation
+accuracy after each epoch against training time. Recipes alternate from one repetition to the
+next; the table shows medians.
+
+Usage::
+
+    python tools/bench.py --cases recipe --data-dir DIR           # DIR holds cifar-10-batches-py/
+    python tools/bench.py --cases recipe                          # the synthetic set (offline)
+    python tools/bench.py --cases recipe --recipes recipe,epochs3,sgd-old --reps 3
+    python tools/bench.py --cases recipe --recipe "mine=--model.optimizer.init_args.lr 0.004"
+    python tools/bench_recipe.py --list                           # the named recipes
+
+``DIR`` is any folder in CIFAR-10's on-disk format (``cifar-10-batches-py/`` with the five
+training batches, ``test_batch`` and ``batches.meta``); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TOOLS = Path(__file__).resolve().parent
+REPO = TOOLS.parent
+RECIPE_CONFIG = REPO / "configs" / "cifar10.yaml"
+SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
+
+# name: (what it is, arguments after the recipe). The shipped recipe first: ratios are to it.
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    "recipe": ("configs/cifar10.yaml as shipped", []),
+    "epochs3": ("the recipe, --trainer.max_epochs 3", ["--trainer.max_epochs", "3"]),
+    "epochs2": ("the recipe, --trainer.max_epochs 2", ["--trainer.max_epochs", "2"]),
+    "crop": (
+        "the recipe plus random 4-pixel crops (more augmentation)",
+        ["--data.random_crop", "true"],
+    ),
+    "no-flip": (
+        "the recipe without flips (training and test time): for images whose mirror image is another class",
+        ["--data.horizontal_flip", "false", "--model.flip_tta", "false"],
+    ),
+    "wider": (
+        "the recipe with the network at 1.5x width (more capacity, slower)",
+        ["--model.net.init_args.width", "24"],
+    ),
+    "sgd-old": (
+        "the previous recipe: BatchNormCNN width 16, SGD+Nesterov 0.05, cosine over the run, label smoothing "
+        "0.1, crop+flip, fp32 NCHW, 15 epochs",
+        [
+            "--model.net", "lit_accel.models.BatchNormCNN", "--model.net.init_args.width", "16",
+            "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05",
+            "--model.optimizer.init_args.momentum", "0.9", "--model.optimizer.init_args.nesterov", "true",
+            "--model.optimizer.init_args.weight_decay", "5e-4",
+            "--model.lr_scheduler.init_args.warmup_fraction", "0.0",
+            "--model.label_smoothing", "0.1", "--model.channels_last", "false", "--model.flip_tta", "false",
+            "--data.random_crop", "true", "--data.batch_size", "256", "--trainer.max_epochs", "15",
+        ],
+    ),
+    "seed-adam": (
+        "the plain-loop reference through lit-accel: SeedCNN, Adam 1e-3, constant LR, batch 128, no "
+        "augmentation, no label smoothing, 3 epochs",
+        [
+            "--model.net", "lit_accel.models.SeedCNN", "--model.optimizer", "torch.optim.Adam",
+            "--model.optimizer.init_args.lr", "0.001", "--model.lr_scheduler", "null",
+            "--model.label_smoothing", "0.0", "--model.channels_last", "false", "--model.flip_tta", "false",
+            "--data.augment", "false", "--data.batch_size", "128", "--trainer.max_epochs", "3",
+        ],
+    ),
+}
+DEFAULT_RECIPES = "recipe,epochs3,epochs2"
+
+
+@dataclass
+class Recipe:
+    name: str
+    args: list[str]
+    results: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _callback(class_path: str, **init_args: Any) -> str:
+    return "--trainer.callbacks+=" + json.dumps({"class_path": class_path, "init_args": init_args})
+
+
+def run_recipe(recipe_args: list[str], data_args: list[str], timeout: float) -> dict[str, Any]:
+    """``lit-accel fit`` then ``lit-accel test --ckpt_path best`` in a fresh folder; their numbers."""
+    with tempfile.TemporaryDirectory(prefix="lit-accel-recipe-") as folder:
+        timer_file, test_file = Path(folder) / "timer.json", Path(folder) / "test.json"
+        common = ["--config", str(RECIPE_CONFIG), *data_args, *recipe_args, "--trainer.enable_progress_bar", "false"]
+        # bench_timer's callbacks only read clocks and metrics; tools/ is put on the path for them.
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")]))}
+        fit = [*common, _callback("bench_timer.StepTimer", warmup_steps=0, output=str(timer_file))]
+        fit_seconds = _run([sys.executable, "-m", "lit_accel", "fit", *fit], folder, env, timeout)
+        test = [*common, "--ckpt_path", "best", _callback("bench_timer.MetricsWriter", output=str(test_file))]
+        test_seconds = _run([sys.executable, "-m", "lit_accel", "test", *test], folder, env, timeout)
+        timer = json.loads(timer_file.read_text())
+        tested = json.loads(test_file.read_text())
+    return {
+        "fit_seconds": fit_seconds,
+        "test_seconds": test_seconds,
+        "test_acc": tested.get("test/acc", float("nan")),
+        "train_acc": timer["final_metrics"].get("train/acc", float("nan")),
+        "val_acc": timer["final_metrics"].get("val/acc", float("nan")),
+        "train_seconds": timer["train_seconds"],
+        "images_per_sec": timer["images_per_sec"],
+        "curve": timer["curve"],
+    }
+
+
+def _run(command: list[str], cwd: str, env: dict[str, str], timeout: float) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        shown = " ".join(shlex.quote(part) for part in command)
+        raise RuntimeError(f"{shown} exited with {done.returncode}:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def parse_recipes(names: str, extra: list[str]) -> list[Recipe]:
+    """Named recipes (``--recipes a,b``) followed by ``NAME=ARGS`` ones (``--recipe``)."""
+    recipes = []
+    for name in filter(None, (n.strip() for n in names.split(","))):
+        if name not in RECIPES:
+            raise ValueError(f"recipe {name!r} is not known: use one of {', '.join(RECIPES)}, or --recipe NAME=ARGS")
+        recipes.append(Recipe(name, list(RECIPES[name][1])))
+    for item in extra:
+        name, sep, args = item.partition("=")
+        if not sep or not name.strip() or name.strip() in {r.name for r in recipes}:
+            raise ValueError(f"--recipe {item!r} is not allowed: use NAME=ARGS with a new NAME, e.g. 'lr4=--model.optimizer.init_args.lr 0.004'")
+        recipes.append(Recipe(name.strip(), shlex.split(args)))
+    if not recipes:
+        raise ValueError("no recipe to run: name at least one with --recipes or --recipe")
+    return recipes
+
+
+def data_arguments(data_dir: str | None, smoke: bool) -> list[str]:
+    """Arguments that point the recipe at a CIFAR-format folder, or at the synthetic set."""
+    if data_dir is None:
+        args = ["--data.synthetic", "true"]
+    else:
+        folder = Path(data_dir)
+        if not (folder / "cifar-10-batches-py").is_dir():
+            raise ValueError(
+                f"--data-dir {data_dir}: no cifar-10-batches-py/ folder in it. Give the folder that holds "
+                "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)."
+            )
+        # verify_checksums false: any CIFAR-format folder, read by the restricted loader
+        args = ["--data.synthetic", "false", "--data.download", "false", "--data.verify_checksums", "false"]
+        args += ["--data.data_dir", str(folder.resolve())]
+    if smoke:
+        args = ["--config", str(SMOKE_CONFIG), *args]
+        if data_dir is not None:
+            args += ["--data.val_size", "50"]
+    return args
+
+
+def run(recipes: list[Recipe], data_args: list[str], reps: int, timeout: float, log: Any = sys.stderr) -> None:
+    for rep in range(reps):
+        for recipe in recipes if rep % 2 == 0 else recipes[::-1]:
+            result = run_recipe(recipe.args, data_args, timeout)
+            recipe.results.append(result)
+            print(
+                f"# {recipe.name} (rep {rep + 1}/{reps}): fit {result['fit_seconds']:.1f} s, "
+                f"test acc {result['test_acc']:.4f}",
+                file=log,
+                flush=True,
+            )
+
+
+def summarize(recipes: list[Recipe]) -> list[dict[str, Any]]:
+    rows = []
+    for recipe in recipes:
+        results = recipe.results
+        row: dict[str, Any] = {"recipe": recipe.name, "args": recipe.args, "reps": len(results)}
+        for key in ("fit_seconds", "test_seconds", "test_acc", "train_acc", "val_acc", "train_seconds", "images_per_sec"):
+            row[key] = statistics.median(r[key] for r in results)
+        row["curves"] = [r["curve"] for r in results]
+        rows.append(row)
+    return rows
+
+
+def _fmt(value: float, pattern: str) -> str:
+    return "—" if value != value else pattern.format(value)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| recipe | fit s (whole process) | test s | test acc | train acc | val acc | training s | images/s | "
+        "val acc after each epoch @ training s (first rep) | reps |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    for row in rows:
+        curve = ", ".join(f"{acc:.3f}@{seconds:.0f}s" for seconds, _step, acc in row["curves"][0])
+        lines.append(
+            f"| {row['recipe']} | {row['fit_seconds']:.1f} | {row['test_seconds']:.1f} | {_fmt(row['test_acc'], '{:.4f}')} | "
+            f"{_fmt(row['train_acc'], '{:.3f}')} | {_fmt(row['val_acc'], '{:.3f}')} | {row['train_seconds']:.1f} | "
+            f"{_fmt(row['images_per_sec'], '{:,.0f}')} | {curve or '—'} | {row['reps']} |"
+        )
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: the synthetic set)")
+    parser.add_argument("--recipes", default=None, help=f"named recipes, comma-separated (default {DEFAULT_RECIPES}); --list shows them")
+    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=ARGS", help="an extra recipe: the shipped one plus ARGS")
+    parser.add_argument("--recipe-timeout", type=float, default=1800, help="seconds one fit or test may take")
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of each recipe (alternating order)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the recipes on a tiny budget (configs/smoke.yaml)")
+    parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--list", action="store_true", help="print the named recipes and exit")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (what, extra) in RECIPES.items():
+            print(f"{name:10s} {what}\n{'':10s} {' '.join(extra) or '(no arguments)'}")
+        return []
+    return run_from_args(parser, args, args.reps, args.smoke, args.json)
+
+
+def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, reps: int, smoke: bool, json_path: str | None) -> list[dict[str, Any]]:
+    """Shared by this script and ``tools/bench.py --cases recipe``."""
+    if reps < 1:
+        parser.error(f"--reps {reps}: use 1 or more")
+    try:
+        recipes = parse_recipes(args.recipes or DEFAULT_RECIPES, args.recipe)
+        data_args = data_arguments(args.data_dir, smoke)
+    except ValueError as error:
+        parser.error(str(error))
+    where = args.data_dir or "the synthetic set"
+    print(f"# recipes on {where}: {', '.join(r.name for r in recipes)}; {reps} repetition(s)", flush=True)
+    run(recipes, data_args, reps, args.recipe_timeout)
+    rows = summarize(recipes)
+    print(table(rows))
+    if json_path:
+        Path(json_path).write_text(json.dumps({"data": where, "rows": rows}, indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
