@@ -277,3 +277,9 @@ def test_a_run_resumed_mid_epoch_follows_the_same_schedule_to_the_end_value(tmp_
     resumed = fit("b", "--ckpt_path", "last").lrs
     assert resumed == uninterrupted[15:], "steps 15-19 repeat exactly"
     assert resumed[-1] == 0.0
+
+
+def test_any_torch_scheduler_still_works_and_steps_every_epoch_unless_told(tmp_path):
+    step_lr = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
+    lrs, _ = _fit(tmp_path, step_lr, max_epochs=3)
+    assert lrs == pytest.approx([PEAK_LR] * 8 + [PEAK_LR / 2] * 8 + [PEAK_LR / 4] * 8)

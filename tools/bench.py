@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--networks", default=NETWORKS, help="networks case: NET[@WIDTH]:LR, comma-separated")
     parser.add_argument("--network-seconds", type=float, help="networks case: training seconds per run")
     parser.add_argument(
-        "--net", default="SeedCNN", choices=("SeedCNN", "BatchNormCNN", "ResNet9"),
+        "--net", default="SeedCNN", choices=("SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9"),
         help="the network of every case but networks (default SeedCNN, the baseline)",
     )
     parser.add_argument("--json", help="also write the rows to this file")

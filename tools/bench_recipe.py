@@ -47,6 +47,7 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "recipe": ("configs/cifar10.yaml as shipped", []),
     "epochs3": ("the recipe, --trainer.max_epochs 3", ["--trainer.max_epochs", "3"]),
     "epochs2": ("the recipe, --trainer.max_epochs 2", ["--trainer.max_epochs", "2"]),
+    "epochs8": ("the recipe, --trainer.max_epochs 8 (is more time worth it?)", ["--trainer.max_epochs", "8"]),
     "crop": (
         "the recipe plus random 4-pixel crops (more augmentation)",
         ["--data.random_crop", "true"],

@@ -43,19 +43,24 @@ class SeedCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(64 * 6 * 6, 128),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(128, num_classes),
-        )
+        self.classifier = _dense_head(64 * 6 * 6, num_classes, dropout)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
     def fsdp_units(self) -> list[nn.Module]:
         return [self.features, self.classifier]
+
+
+def _dense_head(features: int, num_classes: int, dropout: float) -> nn.Sequential:
+    """SeedCNN's classifier: Flatten, Dense 128 ReLU, Dropout, Dense ``num_classes``."""
+    return nn.Sequential(
+        nn.Flatten(),
+        nn.Linear(features, 128),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(128, num_classes),
+    )
 
 
 def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
@@ -66,7 +71,41 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-class BatchNormCNN(nn.Module):
+class _PoolThenNormCNN(nn.Module):
+    """SeedCNN's layout with BatchNorm and ReLU after each pooling and bias-free convolutions,
+    optionally with a third ("same") convolution on the pooled 6×6 maps: BatchNormCNN, LiteCNN."""
+
+    def __init__(self, num_classes: int, width: int, dropout: float, third_conv: bool) -> None:
+        super().__init__()
+        _check_common(num_classes, dropout)
+        if width < 1:
+            raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
+        w = width
+        layers: list[nn.Module] = [
+            nn.Conv2d(3, w, kernel_size=3, bias=False),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w, 2 * w, kernel_size=3, bias=False),
+            nn.MaxPool2d(2),
+            nn.BatchNorm2d(2 * w),
+            nn.ReLU(inplace=True),
+        ]
+        channels = 2 * w
+        if third_conv:
+            layers += [nn.Conv2d(2 * w, 4 * w, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True)]
+            channels = 4 * w
+        self.features = nn.Sequential(*layers)
+        self.classifier = _dense_head(channels * 6 * 6, num_classes, dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+    def fsdp_units(self) -> list[nn.Module]:
+        return [self.features, self.classifier]
+
+
+class BatchNormCNN(_PoolThenNormCNN):
     """A BatchNorm CNN that reaches a given accuracy in less training time than SeedCNN on a CPU.
 
     SeedCNN's layout at half the width, with BatchNorm: Conv ``w`` 3×3, MaxPool 2, BN, ReLU,
@@ -101,37 +140,10 @@ class BatchNormCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, width: int = 16, dropout: float = 0.2) -> None:
-        super().__init__()
-        _check_common(num_classes, dropout)
-        if width < 1:
-            raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
-        w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, kernel_size=3, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w, 2 * w, kernel_size=3, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(inplace=True),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(2 * w * 6 * 6, 128),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
-
-    def fsdp_units(self) -> list[nn.Module]:
-        return [self.features, self.classifier]
+        super().__init__(num_classes, width, dropout, third_conv=False)
 
 
-class LiteCNN(nn.Module):
+class LiteCNN(_PoolThenNormCNN):
     """The default network: BatchNormCNN plus a third convolution, for accuracy per second on a CPU.
 
     Conv ``w`` 3×3, MaxPool 2, BN, ReLU, Conv ``2w`` 3×3, MaxPool 2, BN, ReLU, Conv ``4w`` 3×3
@@ -162,37 +174,7 @@ class LiteCNN(nn.Module):
     """
 
     def __init__(self, num_classes: int = 10, width: int = 16, dropout: float = 0.2) -> None:
-        super().__init__()
-        _check_common(num_classes, dropout)
-        if width < 1:
-            raise ValueError(f"width={width!r} is not allowed: use a positive number of channels")
-        w = width
-        self.features = nn.Sequential(
-            nn.Conv2d(3, w, kernel_size=3, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(w),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(w, 2 * w, kernel_size=3, bias=False),
-            nn.MaxPool2d(2),
-            nn.BatchNorm2d(2 * w),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(2 * w, 4 * w, kernel_size=3, padding=1, bias=False),
-            nn.BatchNorm2d(4 * w),
-            nn.ReLU(inplace=True),
-        )
-        self.classifier = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(4 * w * 6 * 6, 128),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(128, num_classes),
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
-
-    def fsdp_units(self) -> list[nn.Module]:
-        return [self.features, self.classifier]
+        super().__init__(num_classes, width, dropout, third_conv=True)
 
 
 class _Residual(nn.Module):

@@ -21,9 +21,9 @@ def test_splits_and_seeds_differ():
 
 
 def test_no_shortcut_colour_or_template_gives_the_class_away():
-    """The first synthetic set was a class-coloured blob: a nearest-class-mean template and each
-    class's mean colour told the class (template accuracy 0.67 there). Here colour and pose carry
-    no label, so a template does little better than chance and the mean colours are alike."""
+    """The first synthetic set was a class-coloured blob: a nearest-class-mean template told the
+    class (0.944 on this test) and the class mean colours differed by up to 32 levels. Here colour
+    and pose carry no label: measured 0.12 and 4.1."""
     train_x, train_y = make_synthetic_cifar(2000, seed=0, split=0)
     test_x, test_y = make_synthetic_cifar(500, seed=0, split=1)
     means = torch.stack([train_x[train_y == c].float().mean(0) for c in range(10)])
