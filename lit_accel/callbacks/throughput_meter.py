@@ -116,9 +116,16 @@ def _precision_dtype_key(precision: str) -> str | None:
 
 
 def _measure_matmul_peak(dtype: torch.dtype, size: int = _CPU_MATMUL_SIZE, min_seconds: float = 0.2) -> float:
-    """Achievable FLOP/s of one ``size``x``size`` matmul on the CPU in ``dtype`` (best of several runs)."""
-    a = torch.randn(size, size).to(dtype)
-    b = torch.randn(size, size).to(dtype)
+    """Achievable FLOP/s of one ``size``x``size`` matmul on the CPU in ``dtype`` (best of several runs).
+
+    The operands are random normal values (no zeros or denormals for a kernel to take a shortcut
+    on), drawn from a private generator: a draw from torch's global one would shift every later
+    draw of the run (data order, augmentation, dropout), so a fit with the meter would train
+    differently from one without it.
+    """
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=generator).to(dtype)
+    b = torch.randn(size, size, generator=generator).to(dtype)
     out = torch.mm(a, b)  # first call picks kernels and allocates
     best = math.inf
     reps = 0
@@ -406,7 +413,9 @@ class ThroughputMeter(Callback):
     L40S, L40, L4, T4, V100), else, on CPU, from a short matmul benchmark in that dtype (0.2-1 s,
     once per process and thread count): **MFU on CPU is relative to that measured matmul peak**, not
     a datasheet figure. On an unknown accelerator without ``peak_flops_per_sec``, MFU is not logged
-    and one warning says so.
+    and one warning says so. The benchmark draws its operands from a private generator and FLOPs
+    are counted on the real step, so the meter changes neither the random number streams nor the
+    model: on a CPU, a fit with it ends with the same weights as one without it.
     Global MFU = sum of FLOP/s over ranks ÷ sum of the ranks' peaks.
 
     Distributed: at each logging moment every rank contributes its own rates; global rates are the
