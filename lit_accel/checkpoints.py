@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import glob
+import io
 import os
-
+import pickle
+import zipfile
 from typing import Any
 
 import torch
@@ -13,7 +15,14 @@ from torch import nn
 
 from lit_accel.errors import CheckpointError
 
-__all__ = ["CHECKPOINT_ALIASES", "LastAfterEveryValidation", "check_checkpoint", "find_checkpoint", "read_checkpoint"]
+__all__ = [
+    "CHECKPOINT_ALIASES",
+    "LastAfterEveryValidation",
+    "check_checkpoint",
+    "find_checkpoint",
+    "read_checkpoint",
+    "verify_distributed_checkpoint",
+]
 
 CHECKPOINT_ALIASES = ("best", "last")
 # ModelCheckpoint's file names, set in lit_accel.cli: "last.ckpt" and one "best-….ckpt" per run.
@@ -52,12 +61,16 @@ def read_checkpoint(path: str) -> dict:
         CheckpointError: if the file is truncated, corrupted or not a Lightning checkpoint.
     """
     try:
+        if not zipfile.is_zipfile(path):  # torch.save's format; else mmap's error would be the message
+            raise ValueError("not a torch checkpoint archive")
         # weights_only=True, as Lightning loads it: plain types and tensors, no arbitrary code.
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
             raise KeyError("no 'state_dict' in the file")
         return checkpoint
     except Exception as err:  # zipfile, pickle and torch errors all mean "unreadable"
+        if _is_refused_object(err):
+            raise CheckpointError(refused_object_message(path, err)) from None
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
         raise CheckpointError(
             f"checkpoint {path} cannot be read ({type(err).__name__}: {first_line}); it is truncated, corrupted "
@@ -65,12 +78,33 @@ def read_checkpoint(path: str) -> dict:
         ) from err
 
 
-def check_checkpoint(path: str, model: nn.Module) -> None:
+def _is_refused_object(err: Exception) -> bool:
+    """torch's ``weights_only`` loader met an object it does not admit (it ran nothing)."""
+    return isinstance(err, pickle.UnpicklingError) and "Weights only load failed" in str(err)
+
+
+def refused_object_message(path: str, err: Exception) -> str:
+    """One message for a checkpoint that holds objects other than tensors and plain data.
+
+    torch's own message suggests loading again with ``weights_only=False``, which would run
+    whatever the file holds: the one thing not to do with a file of unknown origin. This names
+    what was refused instead.
+    """
+    found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "GLOBAL" in line), "")
+    detail = f" ({found.rstrip('.')})" if found else ""
+    return (
+        f"checkpoint {path} holds Python objects other than tensors and plain data{detail}: refused, and nothing in "
+        "it was run. lit-accel's checkpoints never hold such objects; use a checkpoint from a source you trust."
+    )
+
+
+def check_checkpoint(path: str, model: nn.Module, sharded: bool = False) -> None:
     """Fail early, with one clear message, on a checkpoint that cannot be used for ``model``.
 
     Checks that ``path`` exists, loads (not truncated or corrupted) and holds weights whose names
-    and shapes match ``model``'s. A sharded (FSDP2, folder) checkpoint is only checked for its
-    metadata file: its shards are loaded by the strategy.
+    and shapes match ``model``'s. A sharded (FSDP2, folder) checkpoint is checked by
+    :func:`verify_distributed_checkpoint` (it holds only data) and must be loaded by a sharded
+    strategy (``sharded``); its weights are loaded by the strategy.
 
     Raises:
         CheckpointError: naming the checkpoint, the problem and what to do.
@@ -78,10 +112,12 @@ def check_checkpoint(path: str, model: nn.Module) -> None:
     if not os.path.exists(path):
         raise CheckpointError(f"checkpoint {path} does not exist. Pass an existing file, or --ckpt_path best|last.")
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, ".metadata")):
+        verify_distributed_checkpoint(path)
+        if not sharded:
             raise CheckpointError(
-                f"checkpoint folder {path} has no .metadata file: it is not a complete distributed (FSDP) "
-                "checkpoint. Use another checkpoint of the run, e.g. an earlier best-*.ckpt."
+                f"checkpoint {path} is a distributed (FSDP2) checkpoint folder, which only the FSDP strategy loads: add "
+                "--config configs/strategy/fsdp.yaml --trainer.devices N (N: the processes it was saved with), or "
+                f"export it to one file with 'lit-accel-export {path} -o DIR'."
             )
         return
     state = read_checkpoint(path)["state_dict"]
@@ -104,6 +140,95 @@ def check_checkpoint(path: str, model: nn.Module) -> None:
             "Use the config the checkpoint was trained with (its run folder holds config.yaml): "
             "--config runs/<name>/version_<n>/config.yaml."
         )
+
+
+# What the ".metadata" file of a torch.distributed.checkpoint folder holds (torch 2.4-2.14):
+# dataclasses of torch.distributed.checkpoint.metadata, the file reader's storage records, sizes,
+# dtypes, layouts, and the checkpoint's path. Nothing else is unpickled.
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name)
+    for name in (
+        "Metadata",
+        "MetadataIndex",
+        "StorageMeta",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    )
+} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+}
+
+
+class _DistributedMetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _DCP_METADATA_GLOBALS:
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise pickle.UnpicklingError(f"refused {module}.{name}")
+
+
+def verify_distributed_checkpoint(folder: str) -> None:
+    """Refuse a distributed (FSDP2) checkpoint folder unless it holds only data; read nothing else first.
+
+    torch's distributed-checkpoint reader unpickles the folder's ``.metadata`` and every non-tensor
+    item of its ``.distcp`` shards without restriction, so a crafted folder would run code as it
+    is loaded. This reads ``.metadata`` with an unpickler that admits only the checkpoint-metadata
+    types, each non-tensor item with ``torch.load(weights_only=True)``, and Lightning's ``meta.pt``
+    likewise; tensors are read by torch with ``weights_only=True`` anyway. Items must lie inside the
+    folder.
+
+    Raises:
+        CheckpointError: naming the folder and what was refused or missing.
+    """
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    metadata_path = os.path.join(folder, ".metadata")
+    if not os.path.isfile(metadata_path):
+        raise CheckpointError(
+            f"checkpoint folder {folder} has no .metadata file: it is not a complete distributed (FSDP) "
+            "checkpoint. Use another checkpoint of the run, e.g. an earlier best-*.ckpt."
+        )
+    refused = (
+        f"checkpoint folder {folder} holds Python objects other than checkpoint data"
+        " ({why}): refused, and nothing in it was run. Use a checkpoint from a source you trust."
+    )
+    try:
+        with open(metadata_path, "rb") as f:
+            metadata = _DistributedMetadataUnpickler(f).load()
+    except Exception as err:  # UnpicklingError for a refused global; any other error: not metadata
+        raise CheckpointError(refused.format(why=f".metadata: {type(err).__name__}: {err}")) from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(refused.format(why=".metadata is not a distributed-checkpoint index"))
+    root = os.path.realpath(folder)
+    for index, info in metadata.storage_data.items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue
+        shard = os.path.realpath(os.path.join(root, str(info.relative_path)))
+        if os.path.dirname(shard) != root or getattr(info, "transform_descriptors", None):
+            raise CheckpointError(refused.format(why=f"item {index.fqn} is stored outside the folder or transformed"))
+        try:
+            with open(shard, "rb") as f:
+                f.seek(int(info.offset))
+                torch.load(io.BytesIO(f.read(int(info.length))), map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CheckpointError(refused.format(why=f"item {index.fqn}: {type(err).__name__}")) from None
+    extra = os.path.join(folder, "meta.pt")
+    if os.path.isfile(extra):
+        try:
+            torch.load(extra, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as err:
+            raise CheckpointError(refused.format(why=f"meta.pt: {type(err).__name__}")) from None
 
 
 class LastAfterEveryValidation(ModelCheckpoint):

@@ -8,6 +8,7 @@ the logger's folder, also in a fresh process.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -17,6 +18,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from jsonargparse import lazy_instance
@@ -33,7 +35,7 @@ from lit_accel.checkpoints import (
 from lit_accel.data import CIFAR10DataModule
 from lit_accel.errors import ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
-from lit_accel.schedules import WarmupDecayLR
+from lit_accel.models.classifier import scheduler_interval
 
 __all__ = ["LitAccelCLI", "main"]
 
@@ -77,6 +79,10 @@ class LitAccelCLI(LightningCLI):
             CIFAR10DataModule,
             seed_everything_default=42,
             parser_class=_ConciseParser,
+            # Optimizer and scheduler are ImageClassifier's (model.optimizer, model.lr_scheduler):
+            # LightningCLI's top-level pair would replace configure_optimizers, and with it the
+            # sizing of WarmupDecayLR and its per-step interval.
+            auto_configure_optimizers=False,
             args=args,
             run=run,
         )
@@ -156,13 +162,16 @@ class LitAccelCLI(LightningCLI):
             optimizer = self.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
         except ValueError as err:
             raise ConfigurationError(f"invalid model.optimizer: {err}. Fix it in the config or on the command line.") from err
-        learning_rate = optimizer.param_groups[0].get("lr")
+        settings = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
+        _check_finite("model.optimizer", settings)
+        learning_rate = settings.get("lr")
         if isinstance(learning_rate, (int, float)) and learning_rate <= 0:
             raise ConfigurationError(
                 f"model.optimizer lr={learning_rate} is not allowed: use a positive learning rate, "
                 "e.g. --model.optimizer.lr 0.05."
             )
         _check_lr_scheduler(self.model, optimizer)
+        _check_finite("trainer", {"gradient_clip_val": self.trainer.gradient_clip_val})
 
     def before_fit(self) -> None:
         self._resolve_checkpoint_alias("fit")
@@ -176,13 +185,27 @@ class LitAccelCLI(LightningCLI):
     def before_predict(self) -> None:
         self._resolve_checkpoint_alias("predict")
 
+    def after_predict(self) -> None:
+        """Nothing predicted (every file unreadable) is an error, as an empty folder is; the CSV
+        a user already had is left as it was."""
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, PredictionCSVWriter) and callback.predictions_written == 0:
+                folder = getattr(self.datamodule, "predict_dir", None)
+                source = f"none of the files in {folder} is a readable image" if folder else "the data set was empty"
+                raise LitAccelUserError(
+                    f"nothing was predicted: {source}, so {callback.output_path} was not written (an existing file "
+                    "is kept). Point --data.predict_dir at a folder of PNG/JPEG/... images."
+                )
+
     def _resolve_checkpoint_alias(self, subcommand: str) -> None:
         """Turn ``--ckpt_path best|last`` into a file from an earlier run (Lightning knows only its own)
         and check the checkpoint before anything starts."""
+        _check_output_folder(_log_root(self.trainer), "trainer.logger.init_args.save_dir")
         config = self.config_init[subcommand]
         alias = config.get("ckpt_path")
+        sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
         if alias is not None and alias not in CHECKPOINT_ALIASES:
-            check_checkpoint(str(alias), self.model)
+            check_checkpoint(str(alias), self.model, sharded=sharded)
             return
         if alias is None:
             return
@@ -190,7 +213,7 @@ class LitAccelCLI(LightningCLI):
         path = find_checkpoint(root, alias)
         if path is not None:
             rank_zero_info(f"--ckpt_path {alias}: using {path}")
-            check_checkpoint(path, self.model)
+            check_checkpoint(path, self.model, sharded=sharded)
             config["ckpt_path"] = path
         elif subcommand == "fit" and alias == "last":
             # Resuming with "last" before any checkpoint exists starts afresh, so the same
@@ -211,11 +234,36 @@ def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer
     try:
         scheduler = model.lr_scheduler_factory(optimizer)
     except ValueError as err:
+        if isinstance(err, LitAccelUserError):
+            raise
         raise ConfigurationError(f"invalid model.lr_scheduler: {err}. Fix it in the config or on the command line.") from err
-    if isinstance(scheduler, WarmupDecayLR) and model.lr_scheduler_interval == "epoch":
+    scheduler_interval(scheduler, model.lr_scheduler_interval)
+    _check_finite("model.lr_scheduler", {k: v for k, v in vars(scheduler).items() if k not in ("optimizer", "_last_lr", "base_lrs")})
+
+
+def _check_finite(owner: str, settings: dict[str, object]) -> None:
+    """NaN or infinity in a numeric setting (or in a tuple such as Adam's betas) is one message.
+
+    torch's optimizers check ``lr < 0`` and the like, which NaN passes; a NaN learning rate then
+    trains on NaN. Classes of lit_accel check their own arguments.
+    """
+    for key, value in settings.items():
+        numbers = value if isinstance(value, (tuple, list)) else [value]
+        if any(isinstance(n, float) and not math.isfinite(n) for n in numbers):
+            raise ConfigurationError(
+                f"{owner} {key}={value} is not allowed: use a finite number (NaN and infinity make no sense here)."
+            )
+
+
+def _check_output_folder(folder: str, setting: str) -> None:
+    """A log folder that is, or lies inside, a file fails here in one message, not mid-run."""
+    path = os.path.abspath(folder)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path)
+    if path and not os.path.isdir(path):
         raise ConfigurationError(
-            "model.lr_scheduler_interval=epoch is not allowed with WarmupDecayLR, which steps every optimizer "
-            "step: remove it, or pass --model.lr_scheduler_interval step."
+            f"the log folder {folder} cannot be created: {path} is a file. Pass a folder path in {setting} "
+            "(it is created if needed)."
         )
 
 

@@ -24,7 +24,9 @@ import io
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,7 +35,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint
+from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint, read_checkpoint, verify_distributed_checkpoint
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from lit_accel.data.cifar10 import CIFAR10_CLASSES
 from lit_accel.errors import CheckpointError, LitAccelUserError
@@ -136,7 +138,7 @@ def load_classifier(checkpoint: str) -> nn.Module:
         source.seek(0)
     else:
         source = checkpoint
-        contents = _read_checkpoint_file(checkpoint)
+        contents = read_checkpoint(checkpoint)
     hparams = contents.get("hyper_parameters") if isinstance(contents, dict) else None
     if not isinstance(contents, dict) or "state_dict" not in contents:
         raise CheckpointError(f"{checkpoint!r} is not a Lightning checkpoint (it has no 'state_dict').")
@@ -157,25 +159,18 @@ def load_classifier(checkpoint: str) -> nn.Module:
     return model.eval()
 
 
-def _read_checkpoint_file(path: str) -> Any:
-    try:
-        # weights_only=True, as Lightning loads them: lit_accel's checkpoints hold plain types and
-        # tensors only, and a foreign pickle cannot run code.
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch.load fails with pickle, zip, EOF, Value and Runtime errors alike
-        raise CheckpointError(
-            f"checkpoint {path!r} could not be read ({type(err).__name__}: {_first_line(err)}): the file is damaged or "
-            f"not a checkpoint. Copy it again, or pass another one (runs/<name>/version_<n>/checkpoints/)."
-        ) from err
-
-
 def _consolidated(folder: str) -> dict[str, Any]:
-    """An FSDP2 (ModelParallelStrategy) checkpoint folder → one full checkpoint, in memory."""
+    """An FSDP2 (ModelParallelStrategy) checkpoint folder → one full checkpoint, in memory.
+
+    The folder is verified first (:func:`~lit_accel.checkpoints.verify_distributed_checkpoint`):
+    torch's reader would unpickle a crafted folder's contents without restriction.
+    """
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise CheckpointError(
             f"{folder!r} is a folder, not a checkpoint (a distributed checkpoint folder holds a .metadata file). "
             f"Pass a .ckpt file, or 'best'/'last' for the newest run's."
         )
+    verify_distributed_checkpoint(folder)
     from lightning.fabric.utilities.load import _load_distributed_checkpoint
     from torch.distributed.checkpoint.api import CheckpointException
 
@@ -209,7 +204,9 @@ def export_model(
 
     Args:
         net: the network, e.g. ``ImageClassifier.net``.
-        out_dir: folder for ``model.pt2``, ``model.torchscript.pt`` and ``metadata.json``.
+        out_dir: folder for ``model.pt2``, ``model.torchscript.pt`` and ``metadata.json``, created if
+            needed. The files are written into a temporary folder beside it and moved in only when
+            complete and checked: a failed export leaves the folder as it was.
         classes: class names, in output order (default: the indices).
         mean: normalization mean of [0, 1] pixels, folded into the artifact.
         std: normalization standard deviation, folded into the artifact.
@@ -221,6 +218,7 @@ def export_model(
     Raises:
         ValueError: for an unknown format or input dtype, or a ``mean``/``std`` that is not 3 finite
             values (``std`` positive).
+        LitAccelUserError: if ``out_dir`` is a file, lies inside one, or cannot be created.
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
@@ -237,15 +235,43 @@ def export_model(
         raise ValueError(f"classes has {len(names)} names but the network has {num_classes} outputs")
     metadata = _metadata(names, mean, std, input_dtype, source, flip_tta)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
-    written: dict[str, Path] = {}
-    extra = {METADATA_NAME: json.dumps(metadata)}
-    if "pt2" in formats:
-        written["pt2"] = _export_pt2(model, example, out / PT2_NAME, extra)
-    if "torchscript" in formats:
-        written["torchscript"] = _export_torchscript(model, out / TORCHSCRIPT_NAME, extra)
+    staging = _staging_folder(out)
+    try:
+        (staging / METADATA_NAME).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
+        extra = {METADATA_NAME: json.dumps(metadata)}
+        if "pt2" in formats:
+            _export_pt2(model, example, staging / PT2_NAME, extra)
+        if "torchscript" in formats:
+            _export_torchscript(model, staging / TORCHSCRIPT_NAME, extra)
+        # Only checked, complete files reach the folder, each in one rename; other files stay.
+        out.mkdir(exist_ok=True)
+        written: dict[str, Path] = {}
+        for name in (PT2_NAME, TORCHSCRIPT_NAME, METADATA_NAME):
+            if (staging / name).exists():
+                os.replace(staging / name, out / name)
+        for fmt, name in (("pt2", PT2_NAME), ("torchscript", TORCHSCRIPT_NAME)):
+            if fmt in formats:
+                written[fmt] = out / name
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return written
+
+
+def _staging_folder(out: Path) -> Path:
+    """A fresh folder beside ``out`` to write the artifacts into before they are moved there.
+
+    Raises:
+        LitAccelUserError: if ``out`` is a file, or a folder on its way is.
+    """
+    for folder in (out, *out.parents):
+        if folder.exists() and not folder.is_dir():
+            where = "is a file" if folder == out else f"is inside {folder}, which is a file"
+            raise LitAccelUserError(f"output folder {out} {where}: pass a folder path with -o (it is created if needed).")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
+    except OSError as err:
+        raise LitAccelUserError(f"output folder {out} cannot be created ({err.strerror}): pass a writable folder with -o.") from None
 
 
 def export_checkpoint(

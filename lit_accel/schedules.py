@@ -7,14 +7,17 @@ gradient accumulation, the number of processes and a batch size that changes mid
 one of the short-budget CIFAR-10 records (Page's DAWNBench ResNet-9, airbench: a short linear
 warm-up, then a decay to about zero at the last step).
 
-Who sizes it: :class:`~lit_accel.models.ImageClassifier` calls :meth:`WarmupDecayLR.plan` with
-:func:`planned_optimizer_steps` when it configures its optimizer and again at the start of every
-training epoch. Another LightningModule can do the same in two lines (see the class docstring).
+Who sizes it: :class:`~lit_accel.models.ImageClassifier` calls :meth:`WarmupDecayLR.plan` when it
+configures its optimizer, and again before a training batch whenever
+:func:`optimizer_steps_left` says the run's length changed (a grown batch, a resumed run of
+another length, steps DivergenceGuard skipped or rolled back). Another LightningModule can do the
+same in a few lines (see the class docstring).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 from torch.optim import Optimizer
@@ -22,7 +25,7 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from lit_accel.errors import ConfigurationError
 
-__all__ = ["WarmupDecayLR", "lr_factor", "planned_optimizer_steps"]
+__all__ = ["WarmupDecayLR", "lr_factor", "optimizer_steps_left"]
 
 Decay = Literal["cosine", "linear"]
 _DECAYS = ("cosine", "linear")
@@ -58,8 +61,10 @@ class WarmupDecayLR(LRScheduler):
         warmup_steps: warm-up length in optimizer steps instead (0: use ``warmup_fraction``); it
             must be shorter than the run.
         decay: ``"cosine"`` or ``"linear"`` from the peak to the end value.
-        start_factor: the first step's learning rate as a fraction of the peak, in (0, 1].
-        end_factor: the last step's learning rate as a fraction of the peak, in [0, 1].
+        start_factor: with a warm-up, the first step's learning rate as a fraction of the peak,
+            in (0, 1] (without one, the first step runs at the peak).
+        end_factor: the last step's learning rate as a fraction of the peak, in [0, 1]. With the
+            default 0 a run of a single optimizer step (``fast_dev_run``) updates nothing.
         last_epoch: as for every torch scheduler (``-1``: a fresh start).
 
     Raises:
@@ -81,9 +86,11 @@ class WarmupDecayLR(LRScheduler):
             scheduler.plan(self.trainer.estimated_stepping_batches)
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-        def on_train_epoch_start(self):  # only needed when the batch size changes mid-fit
+        def on_train_batch_start(self, batch, batch_idx):  # when the run's length can change
             scheduler = self.lr_schedulers()
-            scheduler.plan(scheduler.last_epoch + planned_optimizer_steps(self.trainer))
+            total = scheduler.last_epoch + optimizer_steps_left(self.trainer, batch_idx)
+            if total != scheduler.total_steps:
+                scheduler.plan(total)
     """
 
     def __init__(
@@ -122,19 +129,20 @@ class WarmupDecayLR(LRScheduler):
         self.anchor_step = 0
         self.anchor_progress = 0.0
         self.warmup = self.warmup_fraction  # in progress units; warmup_steps is converted by plan()
-        self.planned_epoch = -1  # the training epoch the plan was made for (set by the module)
         super().__init__(optimizer, last_epoch)
 
-    def plan(self, total_steps: int | float, epoch: int | None = None) -> None:
+    def plan(self, total_steps: int | float) -> None:
         """Make the run ``total_steps`` optimizer steps long in all (steps already taken included).
 
         The first call fixes the warm-up of ``warmup_steps``; later calls keep the learning rate
-        continuous at the current step. ``epoch`` records which training epoch the plan is for.
+        continuous at the current step. A schedule that already reached its end stays there: the
+        steps added to it run at the end value (a warning says so).
         """
         if not (isinstance(total_steps, (int, float)) and math.isfinite(total_steps) and total_steps >= 1):
             raise ConfigurationError(
-                f"WarmupDecayLR: a run of {total_steps} optimizer steps cannot be scheduled: set "
-                "trainer.max_epochs or trainer.max_steps, and give the training set at least one batch"
+                f"WarmupDecayLR: a run of {total_steps} optimizer steps cannot be scheduled: its length must be "
+                "known (set trainer.max_epochs or trainer.max_steps, with a training loader that has a length) "
+                "and at least one batch"
             )
         total = int(total_steps)
         step = max(self.last_epoch, 0)
@@ -148,9 +156,14 @@ class WarmupDecayLR(LRScheduler):
                 self.warmup = self.warmup_steps / max(total - 1, 1)
         elif total != self.total_steps:
             self.anchor_progress, self.anchor_step = self.progress(step), step
+            if self.anchor_progress >= 1.0 and total > step + 1:
+                warnings.warn(
+                    f"WarmupDecayLR: the schedule already ended (step {step}), so the {total - step} steps added to "
+                    f"the run use the end value, {self.end_factor} x the peak LR. To train longer at a useful LR, "
+                    "start a new run from the checkpoint's weights instead of resuming it.",
+                    stacklevel=2,
+                )
         self.total_steps = total
-        if epoch is not None:
-            self.planned_epoch = epoch
         self._apply(self.get_lr())
 
     def progress(self, step: int | None = None) -> float:
@@ -173,20 +186,22 @@ class WarmupDecayLR(LRScheduler):
         self._last_lr = list(lrs)
 
 
-def planned_optimizer_steps(trainer: Any) -> float:
-    """Optimizer steps left in the run, counted from the start of the current training epoch.
+def optimizer_steps_left(trainer: Any, batch_idx: int = 0) -> float:
+    """Optimizer steps from training batch ``batch_idx`` of the current epoch to the end of the run.
 
-    The smaller of what ``trainer.max_epochs`` leaves (epochs to go × optimizer steps per epoch at
-    the current batch count and ``accumulate_grad_batches``) and what ``trainer.max_steps`` leaves;
-    ``inf`` when neither bounds the run. Call it at the start of an epoch, when Lightning has
-    (re)built the training DataLoader, as Lightning's ``estimated_stepping_batches`` does once.
+    The smaller of what ``trainer.max_epochs`` leaves (the rest of this epoch plus the epochs to
+    go, at the current batches per epoch and ``accumulate_grad_batches``; Lightning steps the
+    optimizer at an epoch's last batch even when an accumulation is incomplete) and what
+    ``trainer.max_steps`` leaves; ``inf`` when neither bounds the run or the loader has no
+    length. Valid once Lightning has built the epoch's training DataLoader.
     """
     batches = trainer.num_training_batches
-    steps_per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches)) if math.isfinite(batches) else math.inf
+    accumulate = max(1, trainer.accumulate_grad_batches)
     bounds = [math.inf]
-    if trainer.max_epochs is not None and trainer.max_epochs >= 0:
-        epochs_left = max(0, trainer.max_epochs - trainer.current_epoch)
-        bounds.append(epochs_left * steps_per_epoch if epochs_left else 0)
+    if trainer.max_epochs is not None and trainer.max_epochs >= 0 and math.isfinite(batches):
+        per_epoch = math.ceil(batches / accumulate)
+        epochs_left = trainer.max_epochs - trainer.current_epoch
+        bounds.append(max(0, epochs_left * per_epoch - batch_idx // accumulate) if epochs_left > 0 else 0)
     if trainer.max_steps is not None and trainer.max_steps >= 0:
         bounds.append(max(0, trainer.max_steps - trainer.global_step))
     return min(bounds)

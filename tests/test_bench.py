@@ -107,6 +107,19 @@ def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_fold
     assert len(table_rows) == 2 and all(re.search(r"\| 0\.\d{4} \|", line) for line in table_rows)
 
 
+@pytest.mark.slow
+def test_recipe_harness_runs_on_the_synthetic_set_without_a_folder(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "tools" / "bench.py"), "--cases", "recipe", "--smoke", "--recipes", "epochs2"],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "# recipes on the synthetic set: epochs2" in result.stdout
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("| epochs2 |")]
+    curve = row.split("|")[9]
+    assert len(re.findall(r"\d\.\d{3}@\d+s", curve)) == 2, row
+
+
 def test_recipe_harness_rejects_unknown_recipes_and_folders(tmp_path):
     sys.path.insert(0, str(REPO_ROOT / "tools"))
     import bench_recipe

@@ -1,5 +1,7 @@
 """The ``lit-accel`` command: defaults, checkpoints by alias, and user errors."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import config, read_scalars, run_cli
@@ -71,3 +73,36 @@ def test_random_seed_per_process_under_an_outside_launcher_is_refused(in_tmp_dir
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "seed_everything=True with WORLD_SIZE=2" in err and "--seed_everything 42" in err and "Traceback" not in err
+
+
+def _copy_of(root: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    copy = tmp_path / "own-data"
+    shutil.copytree(root, copy)
+    return copy
+
+
+def test_own_cifar_format_files_through_the_cli(in_tmp_dir, cifar10_root, no_network, capsys):
+    """Not the official files: refused with the flag to use; with the flag, a crafted file is refused
+    without running, and more classes than the model has outputs is one message."""
+    import pickle
+
+    root = _copy_of(cifar10_root[0], in_tmp_dir)
+    base = ["fit", *config("cifar10.yaml"), "--trainer.enable_progress_bar", "false", "--data.data_dir", str(root),
+            "--data.val_size", "50", "--trainer.max_epochs", "1"]
+    for extra, expected in [
+        ([], "not the official CIFAR-10 (their checksums differ)"),
+        (["--data.verify_checksums", "false"], None),
+    ]:
+        if expected is None:
+            meta = root / "cifar-10-batches-py" / "batches.meta"
+            names = pickle.loads(meta.read_bytes(), encoding="latin1")
+            names["label_names"] = [f"class{i}" for i in range(12)]
+            meta.write_bytes(pickle.dumps(names))
+            expected = "the data has 12 classes but model.num_classes=10"
+        with pytest.raises(SystemExit) as exit_info:
+            main([*base, *extra])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err

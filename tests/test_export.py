@@ -147,7 +147,7 @@ def _write_checkpoint_without_net(path: Path) -> str:
     ("make_argument", "message"),
     [
         (lambda d: str(d / "missing.ckpt"), "checkpoint '.*missing.ckpt' not found"),
-        (lambda d: (d / "bad.ckpt").write_text("garbage") and str(d / "bad.ckpt"), "could not be read .*damaged or not a checkpoint"),
+        (lambda d: (d / "bad.ckpt").write_text("garbage") and str(d / "bad.ckpt"), "cannot be read .*not a torch checkpoint archive.*truncated, corrupted or not a Lightning checkpoint"),
         (lambda d: str(d), "is a folder, not a checkpoint"),
         (lambda d: _write_checkpoint_without_net(d / "python.ckpt"), "does not record its network .*export_model"),
         (lambda d: "best", "no 'best' checkpoint found under .*runs/"),
@@ -176,3 +176,32 @@ def test_bad_export_arguments(tmp_path: Path) -> None:
         export_model(net, tmp_path, mean=[0.5], std=[0.2])
     with pytest.raises(ValueError, match=r"std=\[0.2, 0.2, 0.0\] is not allowed"):
         export_model(net, tmp_path, std=[0.2, 0.2, 0.0])
+
+
+@pytest.mark.parametrize("where", ["existing_file", "existing_file/sub"])
+def test_an_output_path_that_is_a_file_is_one_message(where: str, checkpoint: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "existing_file").write_text("keep me")
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), "-o", str(tmp_path / where)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lit-accel-export: error: output folder") and "is a file" in err and "Traceback" not in err
+    assert (tmp_path / "existing_file").read_text() == "keep me"
+
+
+def test_a_failed_export_leaves_the_previous_artifacts_as_they_were(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+    import lit_accel.export as export
+
+    out = tmp_path / "exported"
+    main([str(checkpoint), "-o", str(out)])
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the trace failed")
+
+    monkeypatch.setattr(export, "_export_torchscript", broken)
+    renamed = [f"class{i}" for i in range(10)]  # different metadata: every new file would differ
+    with pytest.raises(RuntimeError, match="the trace failed"):
+        main([str(checkpoint), "-o", str(out), "--classes", *renamed])
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "no new model.pt2 beside an old TorchScript"
+    assert [p.name for p in tmp_path.iterdir()] == ["exported"], "no staging folder left behind"

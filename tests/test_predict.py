@@ -59,3 +59,24 @@ def test_predict_a_folder_of_image_files_to_csv(in_tmp_dir: Path) -> None:
     for row, top_values, top_indices in zip(rows[1:], values.tolist(), indices.tolist()):
         assert row[1::2] == [CIFAR10_CLASSES[i] for i in top_indices]
         assert [float(x) for x in row[2::2]] == pytest.approx(top_values, abs=2e-6)
+
+
+@pytest.mark.slow
+def test_a_folder_without_readable_images_keeps_the_predictions_a_user_had(in_tmp_dir: Path) -> None:
+    LitAccelCLI(args=["fit", *SMOKE, "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "2"])
+    folder = in_tmp_dir / "only_text"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "list.csv").write_text("a,b\n")
+    keep = in_tmp_dir / "keep.csv"
+    keep.write_text("file,predicted,probability\n" + "".join(f"img{i}.png,cat,0.9\n" for i in range(10)))
+    before = keep.read_bytes()
+
+    result = run_cli(
+        ["predict", *SMOKE, "--ckpt_path", "best", "--data.predict_dir", str(folder), "--predict_writer.output_path", str(keep)],
+        cwd=in_tmp_dir,
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "nothing was predicted: none of the files in" in result.stderr and "Traceback" not in result.stderr
+    assert keep.read_bytes() == before
+    assert sorted(p.name for p in in_tmp_dir.glob("keep.csv*")) == ["keep.csv"], "no temporary or part files left"

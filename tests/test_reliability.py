@@ -147,6 +147,24 @@ def test_sigterm_saves_a_checkpoint_that_resumes(tmp_path):
     assert torch.load(_last_checkpoint(tmp_path, 1), weights_only=False)["global_step"] == 60
 
 
+@pytest.mark.slow
+def test_a_second_ctrl_c_during_the_batch_stops_at_once_without_a_checkpoint(tmp_path):
+    """The README's promise: Ctrl-C twice while a batch runs ends the run with no checkpoint
+    written for it (the step checkpoint from before stays as it was)."""
+    process = _start_fit(tmp_path, ["--step_checkpoint.every_n_train_steps", "2", "--trainer.callbacks.seconds", "1.5"])
+    last = _last_checkpoint(tmp_path, 0)
+    _wait_for(last, process)  # step 2; each step now takes 1.5 s
+    before = last.read_bytes()
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1, output[-3000:]
+    assert "press Ctrl-C again to abort now" in output and "Detected KeyboardInterrupt" in output
+    assert "checkpoint saved to" not in output and "Traceback" not in output
+    assert last.read_bytes() == before
+
+
 # --------------------------------------------------------------------------- multi-process
 def _free_port() -> int:
     with socket.socket() as s:
@@ -229,6 +247,20 @@ BAD_INPUTS = {
     "checkpoint of another network": (["test", *SMOKE, "--model.net", "lit_accel.models.SeedCNN", "--ckpt_path", "last"], "different network"),
     "fsdp_gpu without a GPU": (["fit", *SMOKE, *config("strategy/fsdp_gpu.yaml")], "no usable CUDA GPU"),
     "more devices than the machine has": (["fit", *SMOKE, "--trainer.accelerator", "cpu", "--trainer.devices", "512"], "trainer.devices=512"),
+    "NaN learning rate (SGD accepts it)": (
+        ["fit", *SMOKE, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.lr", ".nan"], "lr=nan is not allowed: use a finite number"
+    ),
+    "infinite learning rate": (["fit", *SMOKE, "--model.optimizer.lr", ".inf"], "lr=inf is not allowed"),
+    "NaN momentum": (
+        ["fit", *SMOKE, "--model.optimizer", "torch.optim.SGD", "--model.optimizer.momentum", ".nan"], "momentum=nan is not allowed"
+    ),
+    "NaN gradient clipping": (["fit", *SMOKE, "--trainer.gradient_clip_val", ".nan"], "gradient_clip_val=nan is not allowed"),
+    "NaN scheduler factor": (
+        ["fit", *SMOKE, "--model.lr_scheduler", "torch.optim.lr_scheduler.ExponentialLR", "--model.lr_scheduler.gamma", ".nan"],
+        "gamma=nan is not allowed",
+    ),
+    "NaN warm-up": (["fit", *SMOKE, "--model.lr_scheduler.warmup_fraction", ".nan"], "warmup_fraction=nan is not allowed"),
+    "log folder inside a file": (["fit", *SMOKE, "--trainer.logger.init_args.save_dir", "corrupted.ckpt/logs"], "corrupted.ckpt is a file"),
 }
 
 

@@ -16,7 +16,7 @@ from lit_accel import CIFAR10DataModule, ImageClassifier
 from lit_accel.callbacks import DynamicBatchLR
 from lit_accel.cli import LitAccelCLI, main
 from lit_accel.models import BatchNormCNN
-from lit_accel.schedules import WarmupDecayLR, lr_factor, planned_optimizer_steps
+from lit_accel.schedules import WarmupDecayLR, lr_factor, optimizer_steps_left
 
 PEAK_LR = 0.01
 
@@ -168,18 +168,39 @@ def test_bad_arguments_name_the_value(kwargs, name):
         WarmupDecayLR(optimizer, **kwargs)
 
 
-def test_planned_steps_of_an_unbounded_run_are_infinite():
+def test_optimizer_steps_left_counts_from_the_batch_to_the_end_of_the_run():
     class _Trainer:
         num_training_batches, accumulate_grad_batches = 10, 1
         max_epochs, max_steps, current_epoch, global_step = -1, -1, 0, 0
 
-    assert planned_optimizer_steps(_Trainer()) == math.inf
-    _Trainer.max_steps = 25
-    assert planned_optimizer_steps(_Trainer()) == 25
+    trainer = _Trainer()
+    assert optimizer_steps_left(trainer) == math.inf, "neither max_epochs nor max_steps"
+    trainer.max_steps = 25
+    assert optimizer_steps_left(trainer) == 25
+    trainer.max_epochs, trainer.current_epoch, trainer.global_step = 3, 1, 14
+    assert optimizer_steps_left(trainer, batch_idx=4) == 11 and optimizer_steps_left(trainer, batch_idx=6) == 11
+    trainer.max_steps = -1
+    assert optimizer_steps_left(trainer, batch_idx=4) == 16  # 6 left in epoch 1, 10 in epoch 2
+    trainer.accumulate_grad_batches = 3  # 4 optimizer steps an epoch, the last after one batch
+    assert optimizer_steps_left(trainer, batch_idx=4) == 4 - 1 + 4
+    trainer.num_training_batches = math.inf  # an iterable loader without a length
+    assert optimizer_steps_left(trainer) == math.inf
 
 
 # ------------------------------------------------------------------------------ the real CLI
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+
+
+def _recorded_fit(args: list[str]) -> tuple[LitAccelCLI, list[float]]:
+    """``lit-accel fit ARGS`` in this process, with an LRRecorder added; the CLI and its LRs."""
+    recorder = LRRecorder()
+
+    class _RecordingCLI(LitAccelCLI):
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            self.trainer.callbacks.append(recorder)
+
+    return _RecordingCLI(args=["fit", *args]), recorder.lrs
 
 
 def test_no_recipe_holds_a_schedule_length():
@@ -205,19 +226,12 @@ def test_no_recipe_holds_a_schedule_length():
     ],
 )
 def test_the_recipe_anneals_fully_for_any_run_length(run_length, steps, in_tmp_dir):
-    recorder = LRRecorder()
-
-    class _RecordingCLI(LitAccelCLI):
-        def instantiate_classes(self) -> None:
-            super().instantiate_classes()
-            self.trainer.callbacks.append(recorder)
-
-    cli = _RecordingCLI(args=["fit", *config("cifar10.yaml", "smoke.yaml"), *QUIET, *run_length])
-    assert cli.trainer.global_step == len(recorder.lrs) == steps
+    cli, lrs = _recorded_fit([*config("cifar10.yaml", "smoke.yaml"), *QUIET, *run_length])
+    assert cli.trainer.global_step == len(lrs) == steps
     scheduler = cli.trainer.lr_scheduler_configs[0].scheduler
     assert isinstance(scheduler, WarmupDecayLR)
-    assert recorder.lrs[-1] == pytest.approx(scheduler.end_factor * scheduler.base_lrs[0], abs=1e-12)
-    assert max(recorder.lrs) == pytest.approx(scheduler.base_lrs[0], rel=0.1)
+    assert lrs[-1] == pytest.approx(scheduler.end_factor * scheduler.base_lrs[0], abs=1e-12)
+    assert max(lrs) == pytest.approx(scheduler.base_lrs[0], rel=0.1)
 
 
 @pytest.mark.parametrize(
@@ -257,24 +271,16 @@ def test_a_run_resumed_mid_epoch_follows_the_same_schedule_to_the_end_value(tmp_
         "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "1.0", "--step_checkpoint.every_n_train_steps", "3",
     ]
 
-    def fit(folder: str, *extra: str) -> LRRecorder:
-        recorder = LRRecorder()
-
-        class _RecordingCLI(LitAccelCLI):
-            def instantiate_classes(self) -> None:
-                super().instantiate_classes()
-                self.trainer.callbacks.append(recorder)
-
+    def fit(folder: str, *extra: str) -> list[float]:
         (tmp_path / folder).mkdir(exist_ok=True)
         monkeypatch.chdir(tmp_path / folder)
-        _RecordingCLI(args=["fit", *run, *extra])
-        return recorder
+        return _recorded_fit([*run, *extra])[1]
 
-    uninterrupted = fit("a").lrs
+    uninterrupted = fit("a")
     assert len(uninterrupted) == 12 + 8  # 768 training images in batches of 64, then of 96
     with pytest.raises(RuntimeError, match="injected crash at step 17"):
         fit("b", "--trainer.callbacks+=faults.CrashAtStep", "--trainer.callbacks.step", "17")
-    resumed = fit("b", "--ckpt_path", "last").lrs
+    resumed = fit("b", "--ckpt_path", "last")
     assert resumed == uninterrupted[15:], "steps 15-19 repeat exactly"
     assert resumed[-1] == 0.0
 
@@ -283,3 +289,74 @@ def test_any_torch_scheduler_still_works_and_steps_every_epoch_unless_told(tmp_p
     step_lr = partial(torch.optim.lr_scheduler.StepLR, step_size=1, gamma=0.5)
     lrs, _ = _fit(tmp_path, step_lr, max_epochs=3)
     assert lrs == pytest.approx([PEAK_LR] * 8 + [PEAK_LR / 2] * 8 + [PEAK_LR / 4] * 8)
+
+
+def test_a_run_resumed_mid_epoch_with_fewer_epochs_still_ends_at_the_end_value(tmp_path, monkeypatch):
+    """Crash mid-epoch 1 of a 3-epoch run, resume it as a 2-epoch run: the resumed epoch is now the
+    last, so the plan from the checkpoint (24 steps) must shrink to 16 at once, not at an epoch start."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    run = [*config("cifar10.yaml", "smoke.yaml"), *QUIET, "--step_checkpoint.every_n_train_steps", "3"]
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match="injected crash at step 11"):
+        _recorded_fit([*run, "--trainer.max_epochs", "3", "--trainer.callbacks+=faults.CrashAtStep", "--trainer.callbacks.step", "11"])
+    cli, resumed = _recorded_fit([*run, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert cli.trainer.global_step == 16 and len(resumed) == 16 - 9
+    assert resumed[-1] == 0.0
+    assert resumed == sorted(resumed, reverse=True), "decaying all the way, no jump"
+
+
+class _NaNLossAt(Callback):
+    """Makes the loss of the given optimizer steps NaN, so DivergenceGuard skips them."""
+
+    def __init__(self, steps: set[int]) -> None:
+        self.steps = steps
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        pl_module._nan_now = trainer.global_step in self.steps
+
+
+class _SometimesNaN(ImageClassifier):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if getattr(self, "_nan_now", False) else loss
+
+
+def test_steps_the_divergence_guard_skips_still_end_the_schedule_on_the_last_step(tmp_path):
+    """A skipped step holds the scheduler while trainer.global_step (and max_steps) count on."""
+    from lit_accel.callbacks import DivergenceGuard
+
+    recorder = LRRecorder()
+    model = _SometimesNaN(
+        BatchNormCNN(width=4), optimizer=partial(torch.optim.SGD, lr=PEAK_LR), lr_scheduler=SCHEDULE
+    )
+    data = CIFAR10DataModule(synthetic=True, synthetic_size=288, val_size=32, batch_size=32, augment=False)
+    guard = DivergenceGuard(rollback_after=5)
+    trainer = quiet_cpu_trainer(tmp_path, [guard, _NaNLossAt({20, 21}), recorder], limit_val_batches=0, max_epochs=3)
+    trainer.fit(model, data)
+    assert guard.skipped_steps == 2 and trainer.global_step == 24
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 22, "held on the two skipped steps"
+    assert recorder.lrs[-1] == 0.0
+
+
+def test_extending_a_finished_schedule_warns_that_the_new_steps_run_at_the_end_value():
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = WarmupDecayLR(optimizer, decay="linear", start_factor=1.0, end_factor=0.0)
+    scheduler.plan(5)
+    for _ in range(5):
+        optimizer.step()
+        scheduler.step()
+    with pytest.warns(UserWarning, match="the schedule already ended .* 5 steps added to the run use the end value"):
+        scheduler.plan(10)
+    assert optimizer.param_groups[0]["lr"] == 0.0
+
+
+def test_the_cli_has_no_second_optimizer_or_scheduler_option(in_tmp_dir, capsys):
+    """LightningCLI's own top-level --optimizer/--lr_scheduler would replace configure_optimizers and
+    step WarmupDecayLR once an epoch; lit-accel configures them under model.* only."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config("cifar10.yaml", "smoke.yaml"), "--lr_scheduler", "lit_accel.schedules.WarmupDecayLR"])
+    assert exit_info.value.code == 2
+    assert "--lr_scheduler" in capsys.readouterr().err

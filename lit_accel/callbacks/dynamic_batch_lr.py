@@ -86,8 +86,9 @@ class DynamicBatchLR(Callback):
     ``lr_scale × schedule(step)``: they keep their shape and the callback scales them. The
     scheduler's length is not changed: if the batch grows, an epoch has fewer steps, so a
     step-interval schedule sized once from ``trainer.estimated_stepping_batches`` does not reach
-    its end. Use an ``interval: epoch`` schedule, or one that re-sizes itself at every epoch
-    start (lit_accel's ``WarmupDecayLR`` with ``ImageClassifier``: the recipe's default).
+    its end. Use an ``interval: epoch`` schedule, or one that re-sizes itself
+    (lit_accel's ``WarmupDecayLR`` with ``ImageClassifier``: the recipe's default, re-sized before
+    any batch at which the steps left changed).
 
     **Where the applied multiplier lives** (protocol with callbacks that restore optimizer state,
     such as ``DivergenceGuard``'s rollback; no imports between them): the multiplier currently

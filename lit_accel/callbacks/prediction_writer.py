@@ -39,14 +39,17 @@ class PredictionCSVWriter(BasePredictionWriter):
     several machines, ``output_path`` must be on a file system they share.
 
     Args:
-        output_path: the CSV file to write (folders are created; an existing file is replaced).
+        output_path: the CSV file to write (folders are created). An existing file is replaced in
+            one rename when the new one is complete, and kept when nothing was predicted.
         top_k: classes listed per image, best first (the first is ``predicted``); at most the
             number of classes.
         class_names: names for the class indices; default: the datamodule's ``classes``.
         softmax: apply a softmax to the predictions first (for a ``predict_step`` that returns
             logits).
 
-    Logged keys: none (it writes a file and tells its path with ``rank_zero_info``).
+    Logged keys: none (it writes a file and tells its path with ``rank_zero_info``). After
+    ``predict``, ``predictions_written`` holds the number of rows written on rank 0 (0: the file
+    was left as it was).
 
     Raises:
         ValueError: for ``top_k`` not an integer ≥ 1, an empty ``output_path``, ``class_names``
@@ -87,6 +90,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._names: list[str] | None = None
         self._names_checked = False
         self._rows_written = 0
+        self.predictions_written: int | None = None  # rows of the last merged file (rank 0); None before
 
     # ------------------------------------------------------------------------------------ hooks
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -94,6 +98,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         os.makedirs(folder, exist_ok=True)
         self._names, self._names_checked = None, False
         self._rows_written = 0
+        self.predictions_written = None
         self._part = open(_part_path(self.output_path, trainer.global_rank), "w", newline="", encoding="utf-8")
         self._csv = csv.writer(self._part)
 
@@ -129,8 +134,12 @@ class PredictionCSVWriter(BasePredictionWriter):
         trainer.strategy.barrier("PredictionCSVWriter.merge")
         if trainer.is_global_zero:
             parts = [_part_path(self.output_path, rank) for rank in range(trainer.world_size)]
-            count = merge_parts(parts, self.output_path)
-            rank_zero_info(f"PredictionCSVWriter: wrote {count} predictions to {os.path.abspath(self.output_path)}")
+            self.predictions_written = merge_parts(parts, self.output_path)
+            where = os.path.abspath(self.output_path)
+            if self.predictions_written:
+                rank_zero_info(f"PredictionCSVWriter: wrote {self.predictions_written} predictions to {where}")
+            else:
+                rank_zero_warn(f"PredictionCSVWriter: nothing was predicted, so {where} was not written (an existing file is kept)")
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close_part()  # the part files stay, for a look at what was written before the error
@@ -199,8 +208,9 @@ def merge_parts(parts: Sequence[str], output_path: str) -> int:
     """Concatenate the ranks' part files into ``output_path`` (one header, rows sorted); returns the row count.
 
     Each part starts with its header row (an empty part has none). Rows are sorted by their first
-    column: by name for files, numerically for indices. Part files are deleted afterwards; a
-    missing part counts as empty.
+    column: by name for files, numerically for indices. ``output_path`` is replaced in one rename,
+    and only when there is at least one row: with none, an existing file is left untouched. Part
+    files are deleted afterwards; a missing part counts as empty.
     """
     columns: list[str] | None = None
     rows: list[list[str]] = []
@@ -218,10 +228,15 @@ def merge_parts(parts: Sequence[str], output_path: str) -> int:
             rows.extend(reader)
     by_index = columns is not None and columns[0] == "index"
     rows.sort(key=(lambda row: int(row[0])) if by_index else (lambda row: row[0]))
-    with open(output_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(columns or header(ids_are_files=True, with_labels=False, k=1))
-        writer.writerows(rows)
+    if rows and columns is not None:
+        # A temporary file beside the target, renamed over it at once: a reader never sees a
+        # half-written file, and a failure leaves the previous one as it was.
+        temporary = f"{output_path}.tmp-{os.getpid()}"
+        with open(temporary, "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(columns)
+            writer.writerows(rows)
+        os.replace(temporary, output_path)
     for part in parts:
         if os.path.exists(part):
             os.remove(part)

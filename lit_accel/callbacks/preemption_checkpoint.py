@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -104,9 +106,11 @@ class PreemptionCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         # Every rank gets here at the same batch when the signal reached all ranks together (see
-        # the class docstring), as save_checkpoint needs.
+        # the class docstring), as save_checkpoint needs. A Ctrl-C now would leave a half-written
+        # last.ckpt, the run's only way back: it waits until the file is complete.
         path = self.checkpoint_path(trainer)
-        trainer.save_checkpoint(path)
+        with _ctrl_c_waits():
+            trainer.save_checkpoint(path)
         self.saved_path = path
         rank_zero_info(
             f"Stopped by SIGTERM/Ctrl-C at epoch {trainer.current_epoch}, step {trainer.global_step}; "
@@ -120,7 +124,8 @@ class PreemptionCheckpoint(Callback):
         return os.path.join(folder, f"{self.filename}.ckpt")
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        # The next Ctrl-C gets the previous handler (Python's: KeyboardInterrupt).
+        # The next Ctrl-C gets the previous handler (Python's: KeyboardInterrupt, which Lightning
+        # turns into a shutdown without a checkpoint, exit status 1).
         self._restore_sigint()
         log.warning("Ctrl-C: stopping after this batch and saving a checkpoint (press Ctrl-C again to abort now)")
         os.kill(os.getpid(), signal.SIGTERM)
@@ -133,3 +138,20 @@ class PreemptionCheckpoint(Callback):
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
         self._installed = False
         self._previous_sigint = None
+
+
+@contextlib.contextmanager
+def _ctrl_c_waits() -> Iterator[None]:
+    """Inside, a Ctrl-C only says to wait (main thread only; elsewhere signals cannot be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def wait(signum: int, frame: FrameType | None) -> None:
+        log.warning("Ctrl-C: the checkpoint is being written and will be complete in a moment")
+
+    previous = signal.signal(signal.SIGINT, wait)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

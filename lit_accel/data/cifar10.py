@@ -365,21 +365,22 @@ def _open_image_folder(folder: str, transform: Any) -> ImageFolderDataset:
 
 def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
     where = os.path.abspath(os.path.join(data_dir, "cifar-10-batches-py"))
+    expected = [*_TRAIN_FILES, "test_batch", "batches.meta"]
+    if all(os.path.isfile(os.path.join(where, name)) for name in expected):
+        # torchvision found every file but not the official checksums (and a download, if it
+        # tried one, did not help).
+        return (
+            f"The files in {where} are not the official CIFAR-10 (their checksums differ). If they are your own "
+            f"images in CIFAR-10's format, add --data.verify_checksums false (they are then read by a restricted "
+            f"loader that admits only data). If they should be CIFAR-10, delete the folder and run again to "
+            f"download it afresh."
+        )
     if os.path.isdir(where) and not isinstance(err, RuntimeError):
         # The files are there but do not parse: a partial extraction or a damaged download.
         return (
             f"CIFAR-10 in {where} could not be read ({type(err).__name__}: {err}): the files look "
             f"damaged. Delete that folder and run again to download it afresh, or put a fresh "
             f"cifar-10-python.tar.gz in {os.path.abspath(data_dir)}."
-        )
-    expected = [*_TRAIN_FILES, "test_batch", "batches.meta"]
-    if isinstance(err, RuntimeError) and all(os.path.isfile(os.path.join(where, name)) for name in expected):
-        # torchvision found every file but not the official checksums.
-        return (
-            f"The files in {where} are not the official CIFAR-10 (their checksums differ). If they are your own "
-            f"images in CIFAR-10's format, add --data.verify_checksums false (they are then read by a restricted "
-            f"loader that admits only data). If they should be CIFAR-10, delete the folder and run again to "
-            f"download it afresh."
         )
     tried = "and the download failed (no network?)" if download else "and downloading is off (data.download: false)"
     return (
@@ -388,7 +389,6 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
         f"{os.path.abspath(data_dir)} and run again, or train offline on synthetic data with "
         f"--data.synthetic true."
     )
-
 
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
@@ -422,8 +422,9 @@ def read_cifar_folder(data_dir: str, train: bool) -> tuple[Tensor, Tensor, tuple
 
     The layout torchvision reads: ``data_dir/cifar-10-batches-py/`` with ``data_batch_1`` …
     ``data_batch_5`` (training), ``test_batch`` and ``batches.meta``, each a pickled dict whose
-    ``data`` is uint8 ``(N, 3072)`` (red, green, blue planes, row by row), ``labels`` a list of
-    ints, and ``label_names`` (in the meta file) the class names.
+    ``data`` is a uint8 numpy array ``(N, 3072)`` (red, green, blue planes, row by row),
+    ``labels`` a list of ints in ``0 … len(label_names) - 1``, and ``label_names`` (in the meta
+    file) the class names.
 
     Returns:
         uint8 images ``(N, 3, 32, 32)``, int64 labels ``(N,)`` and the class names.
@@ -438,20 +439,32 @@ def read_cifar_folder(data_dir: str, train: bool) -> tuple[Tensor, Tensor, tuple
     names = [*_TRAIN_FILES] if train else ["test_batch"]
     parts, labels = [], []
     try:
-        for name in names:
-            entry = _read_pickle(os.path.join(folder, name))
-            data = np.asarray(entry["data"], dtype=np.uint8)
-            parts.append(data.reshape(-1, 3, 32, 32))
-            labels += [int(label) for label in entry["labels"]]
-            if len(labels) != sum(len(part) for part in parts):
-                raise ValueError(f"{name} has {len(entry['labels'])} labels for {len(data)} images")
         meta = _read_pickle(os.path.join(folder, "batches.meta"))
         classes = tuple(str(c) for c in meta["label_names"])
+        for name in names:
+            entry = _read_pickle(os.path.join(folder, name))
+            data = entry["data"]
+            # exactly a uint8 (N, 3072) array: an object array could nest lists without end
+            if type(data) is not np.ndarray or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+                raise ValueError(f"{name}: 'data' must be a uint8 array of shape (N, 3072)")
+            batch_labels = entry["labels"]
+            if not isinstance(batch_labels, list) or not all(type(label) is int for label in batch_labels):
+                raise ValueError(f"{name}: 'labels' must be a list of ints")
+            if len(batch_labels) != len(data):
+                raise ValueError(f"{name} has {len(batch_labels)} labels for {len(data)} images")
+            outside = [label for label in batch_labels if not 0 <= label < len(classes)]
+            if outside:
+                raise ValueError(
+                    f"{name} has label {outside[0]}, outside 0..{len(classes) - 1} (batches.meta names {len(classes)} classes)"
+                )
+            parts.append(data.reshape(-1, 3, 32, 32))
+            labels += batch_labels
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
         raise DataNotFoundError(
             f"{os.path.abspath(folder)} is not a readable folder in CIFAR-10's format ({type(err).__name__}: {err}). "
             f"It needs {', '.join(_TRAIN_FILES)}, test_batch and batches.meta, each a pickled dict of "
-            f"'data' (uint8, N x 3072) and 'labels' (or 'label_names' in batches.meta)."
+            f"'data' (a uint8 numpy array, N x 3072) and 'labels' (a list of ints in 0..classes-1), and "
+            f"'label_names' in batches.meta."
         ) from None
     images = torch.from_numpy(np.concatenate(parts)).contiguous()
     return images, torch.as_tensor(labels, dtype=torch.long), classes

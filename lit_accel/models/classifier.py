@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any, Literal
 
 import torch
@@ -13,7 +14,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_accel.models.nets import SeedCNN
-from lit_accel.schedules import WarmupDecayLR, planned_optimizer_steps
+from lit_accel.errors import ConfigurationError
+from lit_accel.schedules import WarmupDecayLR, optimizer_steps_left
 
 __all__ = ["ImageClassifier"]
 
@@ -33,7 +35,8 @@ class ImageClassifier(LightningModule):
         lr_scheduler: builds an LR scheduler from the optimizer, or ``null`` for a constant LR. Any
             torch scheduler works; :class:`~lit_accel.schedules.WarmupDecayLR` is sized from the
             run (``trainer.max_epochs`` / ``max_steps``, batch count, accumulation) when the
-            optimizer is configured, and again at every epoch start (the batch may have grown).
+            optimizer is configured, and again before any batch at which the steps left changed
+            (a grown batch, a resumed run of another length, steps DivergenceGuard skipped).
         lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``;
             ``null`` (default): ``"step"`` for ``WarmupDecayLR``, ``"epoch"`` for other schedulers.
         label_smoothing: cross-entropy label smoothing, in [0, 1).
@@ -42,7 +45,8 @@ class ImageClassifier(LightningModule):
             contiguous parameters, the inputs alone.
         flip_tta: test-time augmentation for validation, test and predict: average the logits of
             each image and of its mirror image (as airbench does). Costs a second forward pass at
-            evaluation only; pair it with flip augmentation in training. Exported models do the same.
+            evaluation only; pair it with flip augmentation in training. ``lit-accel-export`` folds it
+            into the exported model (``export_model(..., flip_tta=True)`` from Python).
         compile: compile the network with ``torch.compile`` (in place: checkpoint keys unchanged).
         compile_options: keyword arguments for ``torch.compile``, e.g. ``{mode: max-autotune}``.
 
@@ -106,6 +110,7 @@ class ImageClassifier(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.num_classes = num_classes
         self.channels_last = channels_last
         self.flip_tta = flip_tta
         self.compile_net = compile
@@ -123,6 +128,16 @@ class ImageClassifier(LightningModule):
             setattr(self, f"{stage}_acc", accuracy)
             setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
         self._configured = False
+
+    def setup(self, stage: str) -> None:
+        # The data module is set up before the model: a data set with more classes than the network
+        # has outputs would otherwise fail deep in the loss with an index error.
+        classes = getattr(getattr(self.trainer, "datamodule", None), "classes", None)
+        if classes is not None and len(classes) > self.num_classes:
+            raise ConfigurationError(
+                f"the data has {len(classes)} classes but model.num_classes={self.num_classes}: pass "
+                f"--model.num_classes {len(classes)} (and the network's num_classes, e.g. --model.net.num_classes)."
+            )
 
     def configure_model(self) -> None:
         """Memory layout, FSDP2 sharding (when the strategy gives a device mesh) and compilation.
@@ -215,36 +230,51 @@ class ImageClassifier(LightningModule):
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)
-        interval = self.lr_scheduler_interval
+        interval = scheduler_interval(scheduler, self.lr_scheduler_interval)
         if isinstance(scheduler, WarmupDecayLR):
-            if interval == "epoch":
-                raise ValueError(
-                    "lr_scheduler_interval='epoch' is not allowed with WarmupDecayLR, which steps every "
-                    "optimizer step: use 'step' or leave it unset"
-                )
-            interval = "step"
-            # A resumed run replaces this plan with the one in its checkpoint.
-            scheduler.plan(self.trainer.estimated_stepping_batches, epoch=self.trainer.current_epoch)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval or "epoch"}}
+            # Sized now so that a warm-up longer than the run fails before training starts; a
+            # resumed run replaces this plan with its checkpoint's.
+            scheduler.plan(self.trainer.estimated_stepping_batches)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
-    def on_train_epoch_start(self) -> None:
-        # Size a WarmupDecayLR again from this epoch's batch count: a batch that grew since the last
-        # plan (DynamicBatchLR) leaves fewer steps. A run resumed mid-epoch does not come here and
-        # keeps its checkpoint's plan.
-        for scheduler in _as_list(self.lr_schedulers()):
-            if isinstance(scheduler, WarmupDecayLR) and scheduler.planned_epoch != self.current_epoch:
-                steps_left = planned_optimizer_steps(self.trainer)
-                scheduler.plan(max(scheduler.last_epoch, 0) + steps_left, epoch=self.current_epoch)
+    def on_train_start(self) -> None:
+        for config in self.trainer.lr_scheduler_configs:
+            if isinstance(config.scheduler, WarmupDecayLR):
+                scheduler_interval(config.scheduler, config.interval)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Keep every WarmupDecayLR ending at the run's last step. The steps left can change: the
+        # batch grew (DynamicBatchLR: fewer steps per epoch), a resumed run has another length, or
+        # DivergenceGuard skipped steps or rolled the scheduler back. The plan changes only when
+        # the count differs, so an undisturbed or exactly resumed run keeps its curve to the bit.
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, WarmupDecayLR):
+                steps_left = optimizer_steps_left(self.trainer, batch_idx)
+                total = max(scheduler.last_epoch, 0) + steps_left
+                if 1 <= steps_left < math.inf and total != scheduler.total_steps:
+                    scheduler.plan(total)
+
+
+def scheduler_interval(scheduler: Any, interval: str | None) -> str:
+    """The interval a scheduler steps at: ``interval``, or by default ``"step"`` for
+    :class:`WarmupDecayLR` and ``"epoch"`` for others.
+
+    Raises:
+        ConfigurationError: for WarmupDecayLR stepped every epoch (it counts optimizer steps).
+    """
+    if isinstance(scheduler, WarmupDecayLR):
+        if interval == "epoch":
+            raise ConfigurationError(
+                "model.lr_scheduler_interval=epoch is not allowed with WarmupDecayLR, which steps every optimizer "
+                "step: remove it, or pass --model.lr_scheduler_interval step."
+            )
+        return "step"
+    return interval or "epoch"
 
 
 # label of the samples of a skipped (non-finite loss) training step: the train accuracy ignores it
 _SKIPPED_LABEL = -100
-
-
-def _as_list(value: Any) -> list[Any]:
-    if value is None:
-        return []
-    return list(value) if isinstance(value, list) else [value]
 
 
 def _logger_writes_this_step(trainer: Any) -> bool:

@@ -156,7 +156,7 @@ class LiteCNN(_PoolThenNormCNN):
     paid even at 3 epochs (width 32: 0.877 vs 0.854). Depth is the cheap way to add it: the third
     convolution runs on the 6×6 maps left after two poolings, so it adds 0.8 M multiply-adds but
     composes the second layer's features (parts into objects), where widening the network adds
-    its cost at full resolution (width 24: 2.6 M, width 32: 4.2 M). BatchNorm and ReLU of the
+    its cost at full resolution (BatchNormCNN at width 24: 2.6 M, at 32: 4.2 M; LiteCNN at 24: 4.3 M). BatchNorm and ReLU of the
     first two convolutions come after pooling (on a quarter of the values), and no convolution
     has a bias (BatchNorm's shift replaces it). BENCHMARKS.md has the measurements.
 

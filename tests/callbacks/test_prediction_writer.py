@@ -46,6 +46,33 @@ def test_merge_parts_sorts_rows_keeps_one_header_and_removes_parts(tmp_path: Pat
     assert not any(p.exists() for p in parts)
 
 
+def test_merge_parts_with_no_rows_keeps_the_existing_file(tmp_path: Path) -> None:
+    kept = [["file", "predicted", "probability"], ["x.png", "cat", "0.9"]]
+    _write(tmp_path / "keep.csv", kept)
+    parts = [tmp_path / "keep.csv.rank0.part", tmp_path / "keep.csv.rank1.part"]
+    _write(parts[0], [])  # a rank whose files were all unreadable: an empty part
+    assert merge_parts([str(p) for p in parts], str(tmp_path / "keep.csv")) == 0
+    assert _read(tmp_path / "keep.csv") == kept
+    assert not any(p.exists() for p in parts) and sorted(p.name for p in tmp_path.iterdir()) == ["keep.csv"]
+
+
+def test_merge_parts_replaces_the_file_in_one_rename(tmp_path: Path, monkeypatch) -> None:
+    """A failure while writing leaves the previous file whole (the new rows go to a temporary file)."""
+    import lit_accel.callbacks.prediction_writer as writer
+
+    kept = [["index", "predicted", "probability"], ["0", "cat", "0.9"]]
+    _write(tmp_path / "p.csv", kept)
+    _write(tmp_path / "p.csv.rank0.part", [kept[0], ["1", "dog", "0.8"]])
+
+    def failing_replace(source: str, target: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(writer.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="disk full"):
+        merge_parts([str(tmp_path / "p.csv.rank0.part")], str(tmp_path / "p.csv"))
+    assert _read(tmp_path / "p.csv") == kept
+
+
 def test_merge_parts_refuses_ranks_that_disagree_on_columns(tmp_path: Path) -> None:
     _write(tmp_path / "a", [["file", "predicted", "probability"]])
     _write(tmp_path / "b", [["index", "predicted", "probability"]])

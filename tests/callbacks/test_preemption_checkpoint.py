@@ -226,3 +226,26 @@ def test_works_on_lightning_boring_model(tmp_path: Path) -> None:
     with pytest.raises(SIGTERMException):
         _trainer(tmp_path, [callback, SignalAt(step=3)]).fit(BoringModel(), datamodule=BoringDataModule())
     assert torch.load(callback.saved_path, weights_only=True)["global_step"] == 4
+
+
+def test_ctrl_c_while_the_checkpoint_is_written_waits_for_a_complete_file(tmp_path: Path) -> None:
+    """The checkpoint is the run's way back: a Ctrl-C that arrives while it is written must not cut it."""
+
+    class CtrlCDuringSave(PreemptionCheckpoint):
+        def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+            save = trainer.save_checkpoint
+
+            def save_with_a_ctrl_c(path: str, *args: Any, **kwargs: Any) -> None:
+                signal.raise_signal(signal.SIGINT)  # mid-save, as an impatient user
+                save(path, *args, **kwargs)
+
+            trainer.save_checkpoint = save_with_a_ctrl_c  # type: ignore[method-assign]
+            super().on_exception(trainer, pl_module, exception)
+
+    callback = CtrlCDuringSave()
+    try:
+        with pytest.raises(SIGTERMException):
+            _trainer(tmp_path, [callback, SignalAt(step=2)]).fit(Regressor())
+    except KeyboardInterrupt:
+        pytest.fail("the Ctrl-C interrupted the checkpoint being written")
+    assert torch.load(callback.saved_path, weights_only=True)["global_step"] == 3

@@ -224,3 +224,28 @@ def test_a_folder_with_mismatched_labels_is_one_clear_error(cifar10_root, tmp_pa
     batch.write_bytes(pickle.dumps(entry, protocol=2))
     with pytest.raises(DataNotFoundError, match="test_batch has 39 labels for 40 images"):
         _datamodule(root, verify_checksums=False).setup("test")
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda entry: entry.update(labels=[12] + entry["labels"][1:]), "has label 12, outside 0..9"),
+        (lambda entry: entry.update(data=entry["data"].astype("int64")), "'data' must be a uint8 array"),
+        (lambda entry: entry.update(data=entry["data"].astype(object)), "'data' must be a uint8 array"),
+        (lambda entry: entry.update(labels=[str(x) for x in entry["labels"]]), "'labels' must be a list of ints"),
+    ],
+    ids=["label-out-of-range", "int64-data", "object-data", "string-labels"],
+)
+def test_a_malformed_batch_is_one_clear_error(change, message, cifar10_root, tmp_path):
+    import pickle
+    import shutil
+
+    source, _ = cifar10_root
+    root = tmp_path / "data"
+    shutil.copytree(source, root)
+    batch = root / "cifar-10-batches-py" / "data_batch_2"
+    entry = pickle.loads(batch.read_bytes(), encoding="latin1")
+    change(entry)
+    batch.write_bytes(pickle.dumps(entry, protocol=4))
+    with pytest.raises(DataNotFoundError, match=message):
+        _datamodule(root, verify_checksums=False).setup("fit")

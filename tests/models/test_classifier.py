@@ -112,3 +112,41 @@ def test_compile_options_are_checked_at_construction():
     with pytest.raises(ValueError, match=r"compile_options=\{'modee': 'max-autotune'\} is not allowed"):
         ImageClassifier(compile=True, compile_options={"modee": "max-autotune"})
     ImageClassifier(compile=True, compile_options={"mode": "max-autotune", "dynamic": False})
+
+
+def test_more_classes_in_the_data_than_outputs_is_one_clear_error(tmp_path):
+    from lit_accel.errors import ConfigurationError
+
+    class TwelveClasses(CIFAR10DataModule):
+        def setup(self, stage: str) -> None:
+            super().setup(stage)
+            self.classes = tuple(f"class{i}" for i in range(12))
+
+    dm = TwelveClasses(synthetic=True, synthetic_size=256, val_size=64, batch_size=32)
+    with pytest.raises(ConfigurationError, match="the data has 12 classes but model.num_classes=10"):
+        _trainer(tmp_path, max_steps=1).fit(ImageClassifier(), dm)
+
+
+def test_validation_and_test_use_flip_averaged_logits(tmp_path):
+    """With flip_tta the evaluation loss is the loss of the mean of each image's and its mirror's
+    logits, for validation and test alike; without it, of the image's alone."""
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=256, synthetic_test_size=64, val_size=64, batch_size=64)
+    torch.manual_seed(0)
+    model = ImageClassifier(LiteCNN(width=4), flip_tta=True)
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(model, dm)
+    evaluator = _trainer(tmp_path)
+    for stage, split in (("validate", "val"), ("test", "test")):
+        model.flip_tta = True
+        (with_tta,) = getattr(evaluator, stage)(model, dm, verbose=False)
+        model.flip_tta = False
+        (without,) = getattr(evaluator, stage)(model, dm, verbose=False)
+        images, labels = dm._splits[split]
+        normalized = dm.device_transform(images, train=False)
+        model.eval()
+        with torch.no_grad():
+            plain = torch.nn.functional.cross_entropy(model(normalized), labels)
+            averaged = torch.nn.functional.cross_entropy(0.5 * (model(normalized) + model(normalized.flip(-1))), labels)
+        assert not torch.isclose(plain, averaged)
+        assert with_tta[f"{split}/loss"] == pytest.approx(float(averaged), rel=1e-5)
+        assert without[f"{split}/loss"] == pytest.approx(float(plain), rel=1e-5)

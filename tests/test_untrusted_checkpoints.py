@@ -1,0 +1,198 @@
+"""Checkpoints are downloaded and shared: no file or folder may run code when lit-accel reads it.
+
+Each crafted checkpoint carries a payload that creates a marker file when unpickled without
+restriction. The tests first show that torch's own reader does run it (so the payload is real),
+then that every lit-accel path refuses the checkpoint with one message and the marker never
+appears.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import config, run_cli
+
+from lit_accel.checkpoints import verify_distributed_checkpoint
+from lit_accel.cli import LitAccelCLI, main as cli_main
+from lit_accel.errors import CheckpointError
+from lit_accel.export import main as export_main
+
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+SMOKE = [*config("cifar10.yaml", "smoke.yaml"), *QUIET]
+
+
+class Payload:
+    """Unpickled without restriction, this creates the file ``marker``."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory) -> Path:
+    """``last.ckpt`` of a tiny finished ``lit-accel fit`` run."""
+    root = tmp_path_factory.mktemp("fit")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr("sys.argv", ["lit-accel"])
+        LitAccelCLI(args=["fit", *SMOKE, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])
+    return root / "runs" / "cifar10" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+def _as_folder(checkpoint: Path, folder: Path, extra: dict | None = None) -> Path:
+    """The checkpoint in the layout ModelParallelStrategy (configs/strategy/fsdp.yaml) writes: the
+    weights and ``extra`` items as distributed-checkpoint shards, everything else in meta.pt."""
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    dcp.save({"state_dict": full.pop("state_dict"), **(extra or {})}, checkpoint_id=folder, no_dist=True)
+    full.pop("optimizer_states", None)
+    torch.save(full, folder / "meta.pt")
+    return folder
+
+
+def _crafted(kind: str, checkpoint: Path, tmp_path: Path, marker: Path) -> Path:
+    folder = tmp_path / "last.ckpt"
+    if kind == "shard item":  # a non-tensor item of a .distcp shard
+        return _as_folder(checkpoint, folder, extra={"extra_state": Payload(str(marker))})
+    _as_folder(checkpoint, folder)
+    if kind == ".metadata":
+        (folder / ".metadata").write_bytes(pickle.dumps(Payload(str(marker))))
+    elif kind == "meta.pt":
+        torch.save({"epoch": 0, "anything": Payload(str(marker))}, folder / "meta.pt")
+    return folder
+
+
+KINDS = [".metadata", "shard item", "meta.pt"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_payloads_are_real(kind, checkpoint_file, tmp_path):
+    """Without lit-accel's check, reading the crafted folder runs the payload."""
+    from lightning.fabric.utilities.load import _load_distributed_checkpoint
+
+    marker = tmp_path / "ran"
+    folder = _crafted(kind, checkpoint_file, tmp_path, marker)
+    try:
+        if kind == "meta.pt":
+            torch.load(folder / "meta.pt", weights_only=False)  # how an older Lightning or torch read it
+        else:
+            _load_distributed_checkpoint(folder)
+    except BaseException:  # noqa: BLE001 - a crafted .metadata is no index: the load fails (CheckpointException), after the payload ran
+        pass
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_refuses_a_crafted_folder_without_running_it(kind, checkpoint_file, tmp_path, capsys):
+    marker = tmp_path / "ran"
+    folder = _crafted(kind, checkpoint_file, tmp_path, marker)
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(folder), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds Python objects other than checkpoint data" in err and "nothing in it was run" in err
+    assert "Traceback" not in err and "weights_only" not in err
+    assert not marker.exists(), "the payload ran"
+    assert not (tmp_path / "out").exists(), "nothing is written for a refused checkpoint"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_check_admits_a_real_folder_and_refuses_each_crafted_one(kind, checkpoint_file, tmp_path):
+    verify_distributed_checkpoint(str(_as_folder(checkpoint_file, tmp_path / "real")))
+    marker = tmp_path / "ran"
+    with pytest.raises(CheckpointError, match=f"refused.*|{kind}"):
+        verify_distributed_checkpoint(str(_crafted(kind, checkpoint_file, tmp_path, marker)))
+    assert not marker.exists()
+
+
+def test_a_shard_item_stored_outside_the_folder_is_refused(checkpoint_file, tmp_path):
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    folder = _as_folder(checkpoint_file, tmp_path / "last.ckpt", extra={"note": "hello"})
+    metadata = pickle.loads((folder / ".metadata").read_bytes())
+    for index, info in metadata.storage_data.items():
+        if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+            info.relative_path = "../elsewhere.distcp"
+    (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(CheckpointError, match="stored outside the folder"):
+        verify_distributed_checkpoint(str(folder))
+
+
+def test_fit_and_test_refuse_a_crafted_folder_before_anything_loads(checkpoint_file, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "ran"
+    folder = _crafted("shard item", checkpoint_file, tmp_path, marker)
+    monkeypatch.chdir(tmp_path)
+    for command in ("test", "fit"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main([command, *SMOKE, "--ckpt_path", str(folder)])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "holds Python objects other than checkpoint data" in err and "Traceback" not in err
+    assert not marker.exists()
+
+
+def test_a_real_folder_under_a_single_process_strategy_says_how_to_load_it(checkpoint_file, tmp_path, monkeypatch, capsys):
+    folder = _as_folder(checkpoint_file, tmp_path / "last.ckpt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["test", *SMOKE, "--ckpt_path", str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "only the FSDP strategy loads" in err and "configs/strategy/fsdp.yaml" in err and "lit-accel-export" in err
+    assert "Traceback" not in err and "IsADirectoryError" not in err
+
+
+@pytest.mark.slow
+def test_fsdp_test_refuses_a_crafted_folder_on_every_rank(checkpoint_file, tmp_path):
+    marker = tmp_path / "ran"
+    folder = _crafted(".metadata", checkpoint_file, tmp_path, marker)
+    result = run_cli(
+        ["test", *SMOKE, *config("strategy/fsdp.yaml"), "--trainer.devices", "2", "--ckpt_path", str(folder)], cwd=tmp_path
+    )
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "holds Python objects other than checkpoint data" in result.stderr
+    assert not marker.exists()
+
+
+def test_a_crafted_checkpoint_file_is_refused_without_advice_to_trust_it(checkpoint_file, tmp_path, monkeypatch, capsys):
+    marker = tmp_path / "ran"
+    contents = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
+    contents["hyper_parameters"]["extra"] = Payload(str(marker))
+    crafted = tmp_path / "crafted.ckpt"
+    torch.save(contents, crafted)
+    monkeypatch.chdir(tmp_path)
+    for run in (lambda: cli_main(["test", *SMOKE, "--ckpt_path", str(crafted)]), lambda: export_main([str(crafted), "-o", "out"])):
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert "holds Python objects other than tensors and plain data" in err, err
+        assert "weights_only" not in err and "will likely succeed" not in err
+    assert not marker.exists()
+
+
+def test_an_alias_never_picks_a_folder_that_is_not_a_checkpoint(checkpoint_file, tmp_path, monkeypatch, capsys):
+    """``--ckpt_path last`` matches ``last.ckpt`` under runs/: a planted folder of that name is
+    checked like any other and refused; the real run's file stays usable."""
+    run = tmp_path / "runs" / "cifar10" / "version_0" / "checkpoints"
+    run.mkdir(parents=True)
+    shutil.copy(checkpoint_file, run / "last.ckpt")
+    planted = tmp_path / "runs" / "cifar10" / "version_1" / "checkpoints" / "last.ckpt"
+    planted.mkdir(parents=True)
+    (planted / ".metadata").write_bytes(pickle.dumps(Payload(str(tmp_path / "ran"))))
+    newer = (run / "last.ckpt").stat().st_mtime + 10
+    os.utime(planted, (newer, newer))  # the planted one is the newest run's
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        cli_main(["test", *SMOKE, "--ckpt_path", "last"])
+    assert "holds Python objects other than checkpoint data" in capsys.readouterr().err
+    assert not (tmp_path / "ran").exists()
