@@ -110,7 +110,10 @@ class PreemptionCheckpoint(Callback):
         # last.ckpt, the run's only way back: it waits until the file is complete.
         path = self.checkpoint_path(trainer)
         with _ctrl_c_waits():
-            trainer.save_checkpoint(path)
+            # A full checkpoint (optimizer, loops, callbacks) to resume from. Saying so keeps
+            # Lightning from logging "`weights_only` was not set, defaulting to `False`", which
+            # reads like a security warning and concerns saving, not loading.
+            trainer.save_checkpoint(path, weights_only=False)
         self.saved_path = path
         rank_zero_info(
             f"Stopped by SIGTERM/Ctrl-C at epoch {trainer.current_epoch}, step {trainer.global_step}; "
