@@ -149,3 +149,76 @@ def test_synthetic_set_written_as_a_cifar_folder_reads_back_the_same(tmp_path):
     test_images, _, _ = read_cifar_folder(str(tmp_path), train=False)
     assert torch.equal(test_images, make_synthetic_cifar(7, seed=3, split=1)[0])
     assert classes[0] == "airplane"
+
+
+# --------------------------------------------------------------------- the stability harness
+def _bench_stability():
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import bench_stability
+
+    return bench_stability
+
+
+def test_stability_harness_takes_only_the_guard_out_of_the_recipe(tmp_path):
+    import yaml
+
+    stability = _bench_stability()
+    shipped = yaml.safe_load((REPO_ROOT / "configs" / "cifar10.yaml").read_text())
+    unguarded = yaml.safe_load(stability.write_unguarded_recipe(tmp_path).read_text())
+    paths = [c["class_path"] for c in shipped["trainer"]["callbacks"]]
+    assert "lit_accel.callbacks.DivergenceGuard" in paths
+    assert [c["class_path"] for c in unguarded["trainer"]["callbacks"]] == [p for p in paths if not p.endswith("DivergenceGuard")]
+    assert {k: v for k, v in unguarded.items() if k != "trainer"} == {k: v for k, v in shipped.items() if k != "trainer"}
+    assert stability.recipe_lr() == shipped["model"]["optimizer"]["init_args"]["lr"]
+    no_guard = tmp_path / "none.yaml"
+    no_guard.write_text(yaml.safe_dump({**unguarded}))
+    with pytest.raises(ValueError, match="has no lit_accel.callbacks.DivergenceGuard"):
+        stability.write_unguarded_recipe(tmp_path, no_guard)
+
+
+def test_stability_harness_reads_the_guard_counters_and_compares_to_the_tuned_run(tmp_path):
+    stability = _bench_stability()
+    run = tmp_path / "runs" / "cifar10" / "version_0"
+    (run / "checkpoints").mkdir(parents=True)
+    assert stability.guard_state(tmp_path) == {"skipped_steps": 0, "rollbacks": 0, "lr_factor": 1.0}
+    guard = {"skipped_steps": 4, "rollbacks": 1, "lr_factor": 0.25, "scaler_skips": 0}
+    torch.save({"callbacks": {"DivergenceGuard{'rollback_after': 3}": guard}}, run / "checkpoints" / "last.ckpt")
+    assert stability.guard_state(tmp_path) == {"skipped_steps": 4, "rollbacks": 1, "lr_factor": 0.25}
+    # After a stop the guard's own checkpoint is the one that holds the final counters.
+    torch.save({"callbacks": {"DivergenceGuard{}": {**guard, "rollbacks": 3}}}, run / "divergence.ckpt")
+    assert stability.guard_state(tmp_path)["rollbacks"] == 3
+
+    runs = [stability.StabilityRun(m, g) for m in (1.0, 40.0) for g in (True, False)]
+    for run_, acc, code in zip(runs, (0.9, 0.8, 0.7, 0.1), (0, 0, 3, 0)):
+        run_.results.append(
+            {"test_acc": acc, "val_acc": acc, "train_acc": acc, "fit_seconds": 1.0, "skipped_steps": 2, "rollbacks": 1,
+             "lr_factor": 0.5, "fit_exit_code": code}
+        )
+    rows = stability.summarize(runs)
+    assert [round(r["vs_tuned"], 6) for r in rows] == [0.0, -0.1, -0.2, -0.8]
+    assert [r["stopped"] for r in rows] == [0, 0, 1, 0]
+    assert "| x40 (0.16) | on | 0.7000 | -0.2000 |" in stability.table(rows, 0.004)
+    for bad in ("0", "-1,10", "ten", ""):
+        with pytest.raises(ValueError, match="--lr-multipliers"):
+            stability.parse_multipliers(bad)
+
+
+@pytest.mark.slow
+def test_stability_harness_runs_the_recipe_with_and_without_the_guard(tmp_path):
+    out = tmp_path / "stability.json"
+    result = subprocess.run(
+        [
+            sys.executable, str(REPO_ROOT / "tools" / "bench.py"), "--cases", "stability", "--smoke",
+            "--epochs", "1", "--lr-multipliers", "1", "--json", str(out),
+        ],
+        capture_output=True, text=True, timeout=400, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["lr_multiplier"], r["guard"]) for r in rows] == [(1.0, True), (1.0, False)]
+    guarded, unguarded = rows
+    assert 0.0 <= guarded["test_acc"] <= 1.0 and guarded["fit_seconds"] > 0
+    # A healthy run: the guard takes no action and changes nothing that is learned.
+    assert guarded["skipped_steps"] == guarded["rollbacks"] == 0 and guarded["lr_factor"] == 1.0
+    assert guarded["test_acc"] == unguarded["test_acc"] and guarded["val_acc"] == unguarded["val_acc"]
+    assert len([line for line in result.stdout.splitlines() if line.startswith("| x1 (0.004) |")]) == 2

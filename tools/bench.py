@@ -19,6 +19,9 @@ recipe     whole ``lit-accel fit`` + ``lit-accel test`` processes of the shipped
            alternatives, on the synthetic set or any CIFAR-format folder (``--data-dir``): seconds,
            test accuracy, train vs val accuracy, val accuracy per epoch (tools/bench_recipe.py).
            Not part of ``all``: run it by name.
+stability  the recipe with its LR x1, x10, x40 (``--lr-multipliers``), with and without
+           DivergenceGuard, ``--epochs`` 3: test accuracy, gap to the tuned run, skips, rollbacks,
+           seconds (tools/bench_stability.py). Not part of ``all``: run it by name.
 =========  ==================================================================================
 
 Usage::
@@ -30,6 +33,7 @@ Usage::
     python tools/bench.py --device cuda --full   # the GPU variant (under 8 minutes on one GPU)
     python tools/bench.py --smoke                # seconds: checks the bench itself (used by a test)
     python tools/bench.py --cases recipe --data-dir DIR   # time to accuracy of whole runs on real images
+    python tools/bench.py --cases stability --data-dir DIR   # a wrong LR, with and without the guard
 
 A note on noise: on a shared 2-core machine, run-to-run noise is several percent. Only ratios
 measured in the same run, with alternating order, mean anything; the medians damp outliers.
@@ -61,6 +65,7 @@ TOOLS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS))
 
 import bench_recipe  # noqa: E402
+import bench_stability  # noqa: E402
 import plain_loop  # noqa: E402
 from bench_timer import StepTimer, reset_peak_rss  # noqa: E402
 
@@ -417,15 +422,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         help="the network of every case but networks (default SeedCNN, the baseline)",
     )
     parser.add_argument("--json", help="also write the rows to this file")
-    bench_recipe.add_arguments(parser.add_argument_group("recipe case (tools/bench_recipe.py)"))
+    bench_recipe.add_arguments(parser.add_argument_group("recipe and stability cases (tools/bench_recipe.py)"))
+    bench_stability.add_arguments(parser.add_argument_group("stability case (tools/bench_stability.py)"))
     args = parser.parse_args(argv)
     if args.cases == "recipe":
         return bench_recipe.run_from_args(parser, args, args.reps or 1, args.smoke, args.json)
+    if args.cases == "stability":
+        return bench_stability.run_from_args(parser, args, args.reps or 1, args.smoke, args.json)
 
     cases = CASES if args.cases == "all" else tuple(c.strip() for c in args.cases.split(","))
     unknown = [c for c in cases if c not in CASES]
     if unknown:
-        parser.error(f"unknown case(s) {unknown}: choose from {', '.join(CASES)}, or recipe alone")
+        parser.error(f"unknown case(s) {unknown}: choose from {', '.join(CASES)}, or recipe or stability alone")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA GPU on this machine")
     gpu = args.device == "cuda"

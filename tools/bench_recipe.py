@@ -36,7 +36,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
@@ -99,20 +99,43 @@ def _callback(class_path: str, **init_args: Any) -> str:
     return "--trainer.callbacks+=" + json.dumps({"class_path": class_path, "init_args": init_args})
 
 
-def run_recipe(recipe_args: list[str], data_args: list[str], timeout: float) -> dict[str, Any]:
-    """``lit-accel fit`` then ``lit-accel test --ckpt_path best`` in a fresh folder; their numbers."""
+def run_recipe(
+    recipe_args: list[str],
+    data_args: list[str],
+    timeout: float,
+    config: Path = RECIPE_CONFIG,
+    fit_exit_codes: tuple[int, ...] = (0,),
+    inspect: Callable[[Path], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """``lit-accel fit`` then ``lit-accel test --ckpt_path best`` in a fresh folder; their numbers.
+
+    Args:
+        recipe_args: arguments after ``--config config`` (and the data arguments).
+        data_args: from :func:`data_arguments`.
+        timeout: seconds each process may take.
+        config: the recipe file.
+        fit_exit_codes: exit statuses of ``fit`` that still count as a result (``fit_exit_code``
+            says which one it was); ``test`` is skipped when no best checkpoint was written.
+        inspect: called with the run's folder after both processes; its dict joins the result.
+    """
     with tempfile.TemporaryDirectory(prefix="lit-accel-recipe-") as folder:
         timer_file, test_file = Path(folder) / "timer.json", Path(folder) / "test.json"
-        common = ["--config", str(RECIPE_CONFIG), *data_args, *recipe_args, "--trainer.enable_progress_bar", "false"]
+        common = ["--config", str(config), *data_args, *recipe_args, "--trainer.enable_progress_bar", "false"]
         # bench_timer's callbacks only read clocks and metrics; tools/ is put on the path for them.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")]))}
         fit = [*common, _callback("bench_timer.StepTimer", warmup_steps=0, output=str(timer_file))]
-        fit_seconds = _run([sys.executable, "-m", "lit_accel", "fit", *fit], folder, env, timeout)
-        test = [*common, "--ckpt_path", "best", _callback("bench_timer.MetricsWriter", output=str(test_file))]
-        test_seconds = _run([sys.executable, "-m", "lit_accel", "test", *test], folder, env, timeout)
-        timer = json.loads(timer_file.read_text())
-        tested = json.loads(test_file.read_text())
+        fit_seconds, fit_exit_code = _run([sys.executable, "-m", "lit_accel", "fit", *fit], folder, env, timeout, fit_exit_codes)
+        tested: dict[str, float] = {}
+        test_seconds = float("nan")
+        if any(Path(folder).glob("runs/*/version_*/checkpoints/best-*.ckpt")):
+            test = [*common, "--ckpt_path", "best", _callback("bench_timer.MetricsWriter", output=str(test_file))]
+            test_seconds, _ = _run([sys.executable, "-m", "lit_accel", "test", *test], folder, env, timeout)
+            tested = json.loads(test_file.read_text())
+        timer = json.loads(timer_file.read_text()) if timer_file.exists() else _NO_TIMER
+        extra = inspect(Path(folder)) if inspect is not None else {}
     return {
+        **extra,
+        "fit_exit_code": fit_exit_code,
         "fit_seconds": fit_seconds,
         "test_seconds": test_seconds,
         "test_acc": tested.get("test/acc", float("nan")),
@@ -124,14 +147,18 @@ def run_recipe(recipe_args: list[str], data_args: list[str], timeout: float) -> 
     }
 
 
-def _run(command: list[str], cwd: str, env: dict[str, str], timeout: float) -> float:
+# What a fit that stopped before StepTimer wrote its file (a DivergenceGuard stop) reports.
+_NO_TIMER: dict[str, Any] = {"final_metrics": {}, "train_seconds": float("nan"), "images_per_sec": float("nan"), "curve": []}
+
+
+def _run(command: list[str], cwd: str, env: dict[str, str], timeout: float, exit_codes: tuple[int, ...] = (0,)) -> tuple[float, int]:
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - started
-    if done.returncode != 0:
+    if done.returncode not in exit_codes:
         shown = " ".join(shlex.quote(part) for part in command)
         raise RuntimeError(f"{shown} exited with {done.returncode}:\n{done.stderr[-3000:]}")
-    return seconds
+    return seconds, done.returncode
 
 
 def parse_recipes(names: str, extra: list[str]) -> list[Recipe]:

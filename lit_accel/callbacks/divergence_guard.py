@@ -31,6 +31,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 
+from lit_accel.callbacks._state_keys import adopt_older_state, check_name, identity_state_key
+
 __all__ = ["DivergenceError", "DivergenceGuard"]
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,13 @@ class DivergenceGuard(Callback):
       median of the last ``window`` good steps by ``*_spike_factor`` (``value > median +
       (factor - 1)·|median|``) *and*, if ``spike_zscore`` is set, lies more than ``spike_zscore``
       standard deviations above their mean. Set a factor and ``spike_zscore`` to ``None`` to turn
-      spike detection off for that signal.
+      spike detection off for that signal;
+    * **slow divergence** (``drift_factor``): the median loss of the last ``window`` good steps
+      exceeds the lowest such median seen in this fit by ``drift_factor`` (``median > best +
+      (factor - 1)·|best|``): a loss that creeps up over hundreds of steps without a single spike
+      (a learning rate too high to train well, not high enough to blow up). It rolls back at once,
+      like non-finite parameters. While the median is above half that margin, no snapshot is taken,
+      so the rollback lands before the drift began.
 
     It then acts, escalating:
 
@@ -84,7 +92,11 @@ class DivergenceGuard(Callback):
        written into the optimizer's param groups (``lr``, ``initial_lr``, ``max_lr``, ``min_lr``)
        and the schedulers' ``base_lrs``/``max_lrs``, so it persists through later scheduler steps
        and checkpoints, and into the snapshot's copy of them, so backoffs compound: a second
-       rollback to the same snapshot leaves ``lr_backoff²`` of the learning rate.
+       rollback to the same snapshot leaves ``lr_backoff²`` of the learning rate. With
+       ``rewarm_steps`` the learning rate then climbs back linearly from ``rewarm_start_factor``
+       of the lowered rate to the lowered rate over that many optimizer steps (the same scaling,
+       step by step, so any scheduler keeps following it), instead of resuming at full speed from
+       the state that just went wrong. No snapshot is taken during the climb.
     3. **stop** when another rollback is needed after ``max_rollbacks`` of them: the current state
        is saved to ``checkpoint_path`` (default ``<trainer.log_dir>/divergence.ckpt``) for
        inspection, the model is put back to the last good snapshot, a message names the step, the
@@ -138,10 +150,18 @@ class DivergenceGuard(Callback):
         grad_spike_factor: same for the total gradient norm.
         spike_zscore: if set, a spike must also be this many standard deviations above the window
             mean (guards against ratio false alarms when the loss is near zero).
+        drift_factor: roll back when the median loss of the last ``window`` good steps exceeds the
+            best such median of this fit by this factor (> 1); ``None`` turns drift detection off.
+        rewarm_steps: after a rollback, optimizer steps over which the learning rate climbs back to
+            the lowered rate (0: no climb, the lowered rate at once).
+        rewarm_start_factor: where the climb starts, as a fraction of the lowered rate, in (0, 1].
         scaler_patience: GradScaler skips in a row tolerated before they count as bad steps.
         on_stop: ``"raise"`` raises ``DivergenceError``; ``"stop"`` sets ``trainer.should_stop``.
         save_on_stop: write a checkpoint of the state the guard gave up on.
         checkpoint_path: where; ``None`` means ``<trainer.log_dir>/divergence.ckpt``.
+        name: tells two instances in one Trainer apart in checkpoints (``None``: the class name
+            alone). Settings are not part of the key, so a run resumed with other settings keeps
+            this callback's state; state saved under an older key that listed settings is adopted.
 
     Logged keys (to ``trainer.loggers`` every ``log_every_n_steps`` optimizer steps and at every
     event; step = the optimizer step index, as Lightning logs):
@@ -150,6 +170,10 @@ class DivergenceGuard(Callback):
         ``guard/loss_baseline``: median loss of the recent good steps (once there is one).
         ``guard/grad_norm``: total gradient norm of this step (before clipping), across ranks.
         ``guard/lr_factor``: product of all backoffs applied so far.
+        ``guard/rewarm_factor``: where the climb after a rollback is, 1 when there is none (only
+            with ``rewarm_steps`` > 0).
+        ``guard/drift_ratio``: the recent median loss over the best one (only with
+            ``drift_factor``, once ``window`` good steps were seen).
         ``guard/scaler_skips``: steps the GradScaler skipped (only under a GradScaler).
 
     Each skip and rollback is one ``logging`` warning, and a stop one error, on rank zero, naming
@@ -186,10 +210,14 @@ class DivergenceGuard(Callback):
         loss_spike_factor: float | None = 3.0,
         grad_spike_factor: float | None = 10.0,
         spike_zscore: float | None = 4.0,
+        drift_factor: float | None = None,
+        rewarm_steps: int = 0,
+        rewarm_start_factor: float = 0.1,
         scaler_patience: int = 20,
         on_stop: Literal["raise", "stop"] = "raise",
         save_on_stop: bool = True,
         checkpoint_path: str | None = None,
+        name: str | None = None,
     ) -> None:
         super().__init__()
         _check_int("rollback_after", rollback_after, 1)
@@ -202,11 +230,16 @@ class DivergenceGuard(Callback):
         _check_int("warmup", warmup, 2)
         if warmup > window:
             raise ValueError(f"warmup={warmup!r} is not allowed: use at most window={window}")
-        for name, value in (("loss_spike_factor", loss_spike_factor), ("grad_spike_factor", grad_spike_factor)):
+        for arg, value in (("loss_spike_factor", loss_spike_factor), ("grad_spike_factor", grad_spike_factor)):
             if value is not None and not (_is_number(value) and value > 1.0):
-                raise ValueError(f"{name}={value!r} is not allowed: use a number > 1, or None to turn it off")
+                raise ValueError(f"{arg}={value!r} is not allowed: use a number > 1, or None to turn it off")
         if spike_zscore is not None and not (_is_number(spike_zscore) and spike_zscore > 0):
             raise ValueError(f"spike_zscore={spike_zscore!r} is not allowed: use a number > 0, or None")
+        if drift_factor is not None and not (_is_number(drift_factor) and drift_factor > 1.0):
+            raise ValueError(f"drift_factor={drift_factor!r} is not allowed: use a number > 1, or None to turn it off")
+        _check_int("rewarm_steps", rewarm_steps, 0)
+        if not (_is_number(rewarm_start_factor) and 0.0 < rewarm_start_factor <= 1.0):
+            raise ValueError(f"rewarm_start_factor={rewarm_start_factor!r} is not allowed: use a number in (0, 1]")
         _check_int("scaler_patience", scaler_patience, 0)
         if not isinstance(save_on_stop, bool):
             raise ValueError(f"save_on_stop={save_on_stop!r} is not allowed: use true or false")
@@ -214,6 +247,7 @@ class DivergenceGuard(Callback):
             raise ValueError(f"on_stop={on_stop!r} is not allowed: use 'raise' or 'stop'")
         if checkpoint_path is not None and not (isinstance(checkpoint_path, str) and checkpoint_path):
             raise ValueError(f"checkpoint_path={checkpoint_path!r} is not allowed: use a file path, or None")
+        check_name(name)
 
         self.rollback_after = rollback_after
         self.max_rollbacks = max_rollbacks
@@ -224,28 +258,33 @@ class DivergenceGuard(Callback):
         self.loss_spike_factor = loss_spike_factor
         self.grad_spike_factor = grad_spike_factor
         self.spike_zscore = spike_zscore
+        self.drift_factor = None if drift_factor is None else float(drift_factor)
+        self.rewarm_steps = rewarm_steps
+        self.rewarm_start_factor = float(rewarm_start_factor)
         self.scaler_patience = scaler_patience
         self.on_stop = on_stop
         self.save_on_stop = save_on_stop
         self.checkpoint_path = checkpoint_path
+        self.name = name
 
         # Progress (saved in checkpoints).
         self.skipped_steps = 0
         self.rollbacks = 0
         self.scaler_skips = 0
         self.lr_factor = 1.0
+        # The climb after a rollback: steps done, and the factor now applied on top of lr_factor.
+        self.rewarm_done = 0
+        self.rewarm_factor = 1.0
         self._reset_run_state()
 
     # ------------------------------------------------------------------ state
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            rollback_after=self.rollback_after,
-            max_rollbacks=self.max_rollbacks,
-            loss_spike_factor=self.loss_spike_factor,
-            grad_spike_factor=self.grad_spike_factor,
-        )
+        return identity_state_key(type(self).__qualname__, name=self.name)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        adopt_older_state(checkpoint, self.state_key, type(self).__qualname__, name=self.name)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -253,6 +292,8 @@ class DivergenceGuard(Callback):
             "rollbacks": self.rollbacks,
             "scaler_skips": self.scaler_skips,
             "lr_factor": self.lr_factor,
+            "rewarm_done": self.rewarm_done,
+            "rewarm_factor": self.rewarm_factor,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -260,6 +301,9 @@ class DivergenceGuard(Callback):
         self.rollbacks = int(state_dict.get("rollbacks", 0))
         self.scaler_skips = int(state_dict.get("scaler_skips", 0))
         self.lr_factor = float(state_dict.get("lr_factor", 1.0))
+        # The optimizer's and schedulers' saved rates already include the climb's factor.
+        self.rewarm_done = int(state_dict.get("rewarm_done", 0))
+        self.rewarm_factor = float(state_dict.get("rewarm_factor", 1.0))
 
     def _reset_run_state(self) -> None:
         # Everything below lives for one fit; the spike baseline re-warms after a resume.
@@ -276,6 +320,8 @@ class DivergenceGuard(Callback):
         self._snapshot: _Snapshot | None = None
         self._groups: list[tuple[float, list[Tensor]]] = []
         self._last_grad_norm = float("nan")
+        self._best_median = math.inf
+        self._drift_ratio = float("nan")
 
     # ------------------------------------------------------------------ hooks
 
@@ -328,7 +374,14 @@ class DivergenceGuard(Callback):
             scaler_patience=self.scaler_patience,
         )
         if action == "ok":
-            self._accept(trainer, pl_module, optimizer, loss, grad_norm)
+            drift = self._accept(trainer, pl_module, optimizer, loss, grad_norm)
+            if drift is not None:
+                # The update runs; the rollback in on_train_batch_end replaces it with the snapshot.
+                action, self._bad_streak, self._scaler_streak = _escalate(
+                    drift.kind, 0, 0, self.rollbacks,
+                    rollback_after=self.rollback_after, max_rollbacks=self.max_rollbacks, scaler_patience=self.scaler_patience,
+                )
+                self._pending = drift._replace(action=action, step=trainer.global_step, loss=loss, grad_norm=grad_norm)
         elif action == "scaler_skip":
             self.scaler_skips += 1
         else:
@@ -356,18 +409,35 @@ class DivergenceGuard(Callback):
         optimizer: torch.optim.Optimizer,
         loss: float | None,
         grad_norm: float,
-    ) -> None:
+    ) -> _Verdict | None:
+        """Record a good step and take a snapshot when one is due; a drift verdict if the loss crept up."""
+        healthy = True
         if loss is not None:  # no loss means training_step returned None: nothing to learn from
             self._loss_hist.append(loss)
             self._grad_hist.append(grad_norm)
+            if self.drift_factor is not None and len(self._loss_hist) == self.window:
+                median = statistics.median(self._loss_hist)
+                self._best_median = min(self._best_median, median)
+                self._drift_ratio = median / self._best_median if self._best_median > 0 else float("nan")
+                if _drifted(median, self._best_median, self.drift_factor):
+                    return _Verdict(
+                        "drift", f"slow divergence: median loss of the last {self.window} steps over the best "
+                        f"median of this fit, {_fmt(self._best_median)}", median,
+                    )
+                healthy = not _drifted(median, self._best_median, 1.0 + (self.drift_factor - 1.0) / 2)
+            elif self.drift_factor is not None and math.isfinite(self._best_median):
+                healthy = False  # after a drift rollback: not before a full window shows the loss is back
         self._good_since_snapshot += 1
-        if self._good_since_snapshot >= self.snapshot_every:
+        # No snapshot while the learning rate climbs back after a rollback or the loss drifts up:
+        # a rollback should land on a state that trained well at the rate it will run at.
+        if self._good_since_snapshot >= self.snapshot_every and healthy and self.rewarm_factor >= 1.0:
             # The parameters here are those after the previous update, verified finite by
             # _needs_param_check/_classify just before.
             self._snapshot = _Snapshot.take(
                 pl_module, optimizer, _schedulers(trainer), trainer.global_step, reuse=self._snapshot
             )
             self._good_since_snapshot = 0
+        return None
 
     def _skip(
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, verdict: _Verdict, scaler_owns_step: bool
@@ -400,12 +470,14 @@ class DivergenceGuard(Callback):
         self._decided = False
         self._release_schedulers()
         pending, self._pending = self._pending, None
-        if pending is not None and pending.action == "rollback":
-            self._roll_back(trainer, pl_module, pending)
-        elif pending is not None and pending.action == "stop":
+        if pending is not None and pending.action == "stop":
             self._log_metrics(trainer, force=True)
             self._stop(trainer, pl_module, pending, batch_idx)
             return
+        if pending is not None and pending.action == "rollback":
+            self._roll_back(trainer, pl_module, pending)
+        elif self.rewarm_factor < 1.0:
+            self._advance_rewarm(trainer)
         self._log_metrics(trainer, force=pending is not None)
 
     @torch.no_grad()
@@ -496,11 +568,20 @@ class DivergenceGuard(Callback):
         self.lr_factor *= self.lr_backoff
         self.rollbacks += 1
         self._good_since_snapshot = 0
+        self.rewarm_done, self.rewarm_factor = 0, 1.0
+        if self.rewarm_steps > 0:
+            self.rewarm_factor = self.rewarm_start_factor
+            _scale_learning_rates(optimizer, schedulers, self.rewarm_factor)
+        if verdict.kind == "drift":
+            # The recent losses were the drift's; the next window is the restored state's.
+            self._loss_hist.clear()
+            self._grad_hist.clear()
         if trainer.is_global_zero:
             log.warning(
-                "DivergenceGuard: step %d: skipped the update and rolled back to the snapshot from step %d "
+                "DivergenceGuard: step %d: %s to the snapshot from step %d "
                 "(%s: %s; loss %s, grad norm %s); learning rate x%g, now x%g of the original (rollback %d%s)",
                 verdict.step,
+                "rolled back" if verdict.kind == "drift" else "skipped the update and rolled back",
                 self._snapshot.step,
                 verdict.reason,
                 _fmt(verdict.value),
@@ -512,6 +593,13 @@ class DivergenceGuard(Callback):
                 "" if self.max_rollbacks is None else f" of {self.max_rollbacks}",
             )
 
+    def _advance_rewarm(self, trainer: pl.Trainer) -> None:
+        """One step of the climb back after a rollback, through the same scaling as the backoff."""
+        self.rewarm_done += 1
+        target = _rewarm_factor(self.rewarm_done, self.rewarm_steps, self.rewarm_start_factor)
+        _scale_learning_rates(trainer.optimizers[0], _schedulers(trainer), target / self.rewarm_factor)
+        self.rewarm_factor = target
+
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: _Verdict, batch_idx: int) -> None:
         assert self._snapshot is not None
         path = None
@@ -520,6 +608,7 @@ class DivergenceGuard(Callback):
             # A collective under DDP/FSDP: every rank gets here together (the decision was all-reduced).
             trainer.save_checkpoint(path, weights_only=False)
         self._snapshot.restore(pl_module, trainer.optimizers[0], _schedulers(trainer))
+        self.rewarm_done, self.rewarm_factor = 0, 1.0  # the snapshot's rates carry no climb
         self._stopped = True
         message = _stop_message(self, verdict, trainer.current_epoch, batch_idx, path, self._snapshot.step)
         if trainer.is_global_zero:
@@ -540,6 +629,10 @@ class DivergenceGuard(Callback):
         }
         if self._loss_hist:
             metrics["guard/loss_baseline"] = statistics.median(self._loss_hist)
+        if self.rewarm_steps > 0:
+            metrics["guard/rewarm_factor"] = self.rewarm_factor
+        if self.drift_factor is not None and math.isfinite(self._drift_ratio):
+            metrics["guard/drift_ratio"] = self._drift_ratio
         if _scaler(trainer) is not None:
             metrics["guard/scaler_skips"] = float(self.scaler_skips)
         for logger in trainer.loggers:
@@ -550,7 +643,7 @@ class DivergenceGuard(Callback):
 
 
 class _Verdict(NamedTuple):
-    kind: str  # "ok" | "scaler" | "bad" | "broken"
+    kind: str  # "ok" | "scaler" | "bad" | "broken" | "drift"
     reason: str = ""
     value: float = 0.0
     action: str = ""
@@ -576,6 +669,16 @@ def _is_spike(
         if not (value - mean > zscore * std if std > 0 else value > mean):
             return False
     return True
+
+
+def _drifted(median: float, best: float, factor: float) -> bool:
+    """Whether the recent median loss exceeds the best one by ``factor`` (``> best + (factor - 1)·|best|``)."""
+    return median > best + (factor - 1.0) * abs(best)
+
+
+def _rewarm_factor(done: int, steps: int, start: float) -> float:
+    """The learning-rate factor ``done`` steps into a linear climb from ``start`` to 1 over ``steps``."""
+    return 1.0 if done >= steps else start + (1.0 - start) * done / steps
 
 
 def _needs_param_check(kind: str, good_since_snapshot: int, snapshot_every: int) -> bool:
@@ -635,7 +738,7 @@ def _escalate(
         if scaler_streak <= scaler_patience:
             return "scaler_skip", bad_streak, scaler_streak
     bad_streak += 1
-    if kind == "broken" or bad_streak >= rollback_after:
+    if kind in ("broken", "drift") or bad_streak >= rollback_after:
         if max_rollbacks is not None and rollbacks >= max_rollbacks:
             return "stop", bad_streak, scaler_streak
         return "rollback", 0, 0

@@ -20,6 +20,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 
+from lit_accel.callbacks._state_keys import adopt_older_state, identity_state_key
+
 __all__ = ["DynamicBatchLR"]
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,10 @@ class DynamicBatchLR(Callback):
         lr_schedule: ``{epoch: learning-rate factor}`` applied from that epoch on.
 
     Logged keys (to ``trainer.loggers`` at the start of every training epoch, so right after every
-    change; during warm-up also every ``log_every_n_steps`` optimizer steps):
+    change; during warm-up also every ``log_every_n_steps`` optimizer steps). The step is
+    ``trainer.global_step`` before the batch runs: the index of the first optimizer step the value
+    applies to, the axis Lightning logs that step's ``self.log`` values and its
+    ``LearningRateMonitor`` on, so a change lines up with the first loss it affects:
         ``dynamic/batch_size``: per-device batch (samples per ``training_step``).
         ``dynamic/effective_batch_size``: samples per optimizer step over all devices.
         ``dynamic/lr_scale``: the multiplier the callback applies on top of the LR schedule.
@@ -260,7 +265,12 @@ class DynamicBatchLR(Callback):
     # ------------------------------------------------------------------------------------- state
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode, policy=self.policy)
+        # Identity, as Lightning's EarlyStopping: what it watches; not the policy or its settings,
+        # so a run resumed with another policy keeps the batch size and LR scale it reached.
+        return identity_state_key(type(self).__qualname__, monitor=self.monitor, mode=self.mode)
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        adopt_older_state(checkpoint, self.state_key, type(self).__qualname__, monitor=self.monitor, mode=self.mode)
 
     def state_dict(self) -> dict[str, Any]:
         return {

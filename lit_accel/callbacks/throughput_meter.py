@@ -21,6 +21,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.flop_counter import FlopCounterMode
 
+from lit_accel.callbacks._state_keys import adopt_older_state, check_name, identity_state_key
+
 __all__ = ["ThroughputMeter"]
 
 log = logging.getLogger(__name__)
@@ -446,8 +448,12 @@ class ThroughputMeter(Callback):
         batch_size_fn: number of samples in a batch; None: ``extract_batch_size`` (first tensor's
             first dimension).
         print_summary: print the end-of-training summary on rank 0.
+        name: tells two instances in one Trainer apart in checkpoints (``None``: the class name
+            alone). Settings are not part of the key, so a run resumed with other settings keeps
+            this callback's state; state saved under an older key that listed settings is adopted.
 
-    Logged keys (to ``trainer.loggers`` at ``trainer.global_step``; per-rank keys are rank 0's):
+    Logged keys (to ``trainer.loggers`` at the index of the last optimizer step measured, the step
+    Lightning logs ``self.log`` values at; per-rank keys are rank 0's):
 
     - ``throughput/samples_per_sec``, ``throughput/batches_per_sec``: this rank, last interval.
     - ``throughput/global_samples_per_sec``, ``throughput/global_batches_per_sec``: sum over ranks.
@@ -485,8 +491,11 @@ class ThroughputMeter(Callback):
         measure_flops: bool = True,
         batch_size_fn: Callable[[Any], int] | None = None,
         print_summary: bool = True,
+        name: str | None = None,
     ) -> None:
         super().__init__()
+        check_name(name)
+        self.name = name
         if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 1):
             raise ValueError(
                 f"log_every_n_steps={log_every_n_steps!r} is not allowed: use an integer >= 1, "
@@ -543,7 +552,10 @@ class ThroughputMeter(Callback):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(log_every_n_steps=self.log_every_n_steps, warmup_steps=self.warmup_steps)
+        return identity_state_key(type(self).__qualname__, name=self.name)
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        adopt_older_state(checkpoint, self.state_key, type(self).__qualname__, name=self.name)
 
     # ----------------------------------------------------------------- setup
 
@@ -781,8 +793,11 @@ class ThroughputMeter(Callback):
         if not trainer.is_global_zero or not any(k.endswith("global_batches_per_sec") for k in metrics):
             return
         named = {f"throughput/{k}": v for k, v in metrics.items()}
+        # At the index of the last optimizer step measured, as Lightning logs `self.log` values
+        # (and DivergenceGuard its events), so one step's curves line up in TensorBoard.
+        step = max(trainer.global_step - 1, 0)
         for logger in trainer.loggers:
-            logger.log_metrics(named, step=trainer.global_step)
+            logger.log_metrics(named, step=step)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:

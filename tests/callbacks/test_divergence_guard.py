@@ -6,6 +6,7 @@ import copy
 import logging
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,11 @@ from lit_accel.callbacks.divergence_guard import (
     DivergenceError,
     DivergenceGuard,
     _classify,
+    _drifted,
     _escalate,
     _is_spike,
     _needs_param_check,
+    _rewarm_factor,
 )
 
 GUARD_LOGGER = "lit_accel.callbacks.divergence_guard"
@@ -130,6 +133,11 @@ def test_escalate() -> None:
         ({"checkpoint_path": ""}, "checkpoint_path=''"),
         ({"window": True}, "window=True"),
         ({"save_on_stop": "no"}, "save_on_stop='no'"),
+        ({"drift_factor": 1.0}, "drift_factor=1.0"),
+        ({"drift_factor": float("nan")}, "drift_factor=nan"),
+        ({"rewarm_steps": -1}, "rewarm_steps=-1"),
+        ({"rewarm_start_factor": 0.0}, "rewarm_start_factor=0.0"),
+        ({"rewarm_start_factor": float("inf")}, "rewarm_start_factor=inf"),
     ],
 )
 def test_bad_arguments_raise(kwargs: dict[str, Any], match: str) -> None:
@@ -142,10 +150,11 @@ def test_state_dict_round_trip_and_defaults() -> None:
     guard.skipped_steps, guard.rollbacks, guard.scaler_skips, guard.lr_factor = 7, 2, 3, 0.25
     other = DivergenceGuard()
     other.load_state_dict(guard.state_dict())
-    assert other.state_dict() == {"skipped_steps": 7, "rollbacks": 2, "scaler_skips": 3, "lr_factor": 0.25}
+    assert other.state_dict() == {"skipped_steps": 7, "rollbacks": 2, "scaler_skips": 3, "lr_factor": 0.25, "rewarm_done": 0, "rewarm_factor": 1.0}
     other.load_state_dict({"skipped_steps": 1})  # an older checkpoint: missing keys get defaults
-    assert other.state_dict() == {"skipped_steps": 1, "rollbacks": 0, "scaler_skips": 0, "lr_factor": 1.0}
-    assert DivergenceGuard(rollback_after=2).state_key != DivergenceGuard(rollback_after=3).state_key
+    assert other.state_dict() == {"skipped_steps": 1, "rollbacks": 0, "scaler_skips": 0, "lr_factor": 1.0, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert DivergenceGuard(rollback_after=2).state_key == DivergenceGuard(max_rollbacks=9).state_key == "DivergenceGuard"
+    assert DivergenceGuard(name="a").state_key != DivergenceGuard(name="b").state_key
 
 
 # ---------------------------------------------------------------------- Trainer fixtures
@@ -275,7 +284,7 @@ def test_nan_step_is_skipped_without_touching_state(
     assert rec.losses[7] < rec.losses[0]
     # The step-interval scheduler is held on the skipped step: 8 steps, 7 scheduler steps.
     assert rec.sched_epochs[3] == 4 and rec.sched_epochs[4] == 4 and rec.sched_epochs[7] == 7
-    assert guard.state_dict() == {"skipped_steps": 1, "rollbacks": 0, "scaler_skips": 0, "lr_factor": 1.0}
+    assert guard.state_dict() == {"skipped_steps": 1, "rollbacks": 0, "scaler_skips": 0, "lr_factor": 1.0, "rewarm_done": 0, "rewarm_factor": 1.0}
     assert _messages(caplog) == [
         "DivergenceGuard: step 4: skipped the update (non-finite loss: nan); 1 bad step(s) in a row"
     ]
@@ -379,7 +388,7 @@ def test_stops_after_max_rollbacks_with_message_and_checkpoint(
 
     # Steps 3-4 roll back, 5-6 roll back, 7 skips, 8 stops.
     assert trainer.should_stop and trainer.global_step == 9
-    assert guard.state_dict() == {"skipped_steps": 6, "rollbacks": 2, "scaler_skips": 0, "lr_factor": 0.25}
+    assert guard.state_dict() == {"skipped_steps": 6, "rollbacks": 2, "scaler_skips": 0, "lr_factor": 0.25, "rewarm_done": 0, "rewarm_factor": 1.0}
     # The optimizer's own LR follows lr_factor: both rollbacks go to the step-0 snapshot and compound.
     assert [rec.lrs[s] for s in range(3, 9)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
@@ -477,7 +486,7 @@ def test_fp16_scaler_skips_are_counted_apart_unless_they_persist(tmp_path: Path)
     trainer = _trainer(tmp_path, [guard, rec], max_steps=8, plugins=[_fp16_plugin()])
     trainer.fit(Scripted("sgd", nan_at=(2, 4, 5, 6)))
     # Step 2: one scaler skip. Steps 4-6: scaler skip, then beyond patience: bad, bad -> rollback.
-    assert guard.state_dict() == {"skipped_steps": 2, "rollbacks": 1, "scaler_skips": 2, "lr_factor": 0.5}
+    assert guard.state_dict() == {"skipped_steps": 2, "rollbacks": 1, "scaler_skips": 2, "lr_factor": 0.5, "rewarm_done": 0, "rewarm_factor": 1.0}
     assert same_state(rec.after[2]["params"], rec.before[2]["params"])
 
 
@@ -514,12 +523,43 @@ def test_checkpoint_resume_keeps_counters_and_backoff(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [guard], max_steps=8)  # one epoch, so the resume is at its end
     trainer.fit(Scripted("sgd", nan_at=(2,)))
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    assert guard.state_dict() == {"skipped_steps": 1, "rollbacks": 1, "scaler_skips": 0, "lr_factor": 0.5}
+    assert guard.state_dict() == {"skipped_steps": 1, "rollbacks": 1, "scaler_skips": 0, "lr_factor": 0.5, "rewarm_done": 0, "rewarm_factor": 1.0}
 
     resumed, rec = DivergenceGuard(rollback_after=1, **FAST), Recorder()
     _trainer(tmp_path, [resumed, rec], max_steps=10).fit(Scripted("sgd"), ckpt_path=tmp_path / "mid.ckpt")
-    assert resumed.state_dict() == {"skipped_steps": 1, "rollbacks": 1, "scaler_skips": 0, "lr_factor": 0.5}
+    assert resumed.state_dict() == {"skipped_steps": 1, "rollbacks": 1, "scaler_skips": 0, "lr_factor": 0.5, "rewarm_done": 0, "rewarm_factor": 1.0}
     assert min(rec.lrs) == 8 and rec.lrs[8] == pytest.approx(0.05)  # from the optimizer state, not applied twice
+
+
+def test_resumed_with_other_settings_keeps_counters_and_backoff(tmp_path: Path) -> None:
+    """The stop message suggests more max_rollbacks: resuming with them must not drop the state."""
+    guard = DivergenceGuard(rollback_after=1, max_rollbacks=1, **FAST)
+    trainer = _trainer(tmp_path, [guard], max_steps=8)
+    trainer.fit(Scripted("sgd", nan_at=(2,)))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+
+    resumed = DivergenceGuard(rollback_after=2, max_rollbacks=5, loss_spike_factor=4.0, **FAST)
+    _trainer(tmp_path, [resumed], max_steps=10).fit(Scripted("sgd"), ckpt_path=tmp_path / "mid.ckpt")
+    assert (resumed.rollbacks, resumed.skipped_steps, resumed.lr_factor) == (1, 1, 0.5)
+
+
+def test_state_under_an_older_key_is_adopted(tmp_path: Path) -> None:
+    """Checkpoints written before keys were identity-only filed the state under the settings."""
+    guard = DivergenceGuard(rollback_after=1, **FAST)
+    trainer = _trainer(tmp_path, [guard], max_steps=8)
+    trainer.fit(Scripted("sgd", nan_at=(2,)))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=True)
+    older = "DivergenceGuard{'rollback_after': 1, 'max_rollbacks': 3, 'loss_spike_factor': 3.0, 'grad_spike_factor': 10.0}"
+    checkpoint["callbacks"] = {older: checkpoint["callbacks"].pop("DivergenceGuard")}
+    torch.save(checkpoint, tmp_path / "older.ckpt")
+
+    resumed = DivergenceGuard(**FAST)
+    _trainer(tmp_path, [resumed], max_steps=10).fit(Scripted("sgd"), ckpt_path=tmp_path / "older.ckpt")
+    assert (resumed.rollbacks, resumed.lr_factor) == (1, 0.5)
+    named = DivergenceGuard(name="other", **FAST)  # another instance's identity: not adopted
+    _trainer(tmp_path, [named], max_steps=10).fit(Scripted("sgd"), ckpt_path=tmp_path / "older.ckpt")
+    assert (named.rollbacks, named.lr_factor) == (0, 1.0)
 
 
 def test_two_fits_with_one_guard(tmp_path: Path) -> None:
@@ -567,3 +607,78 @@ def test_ddp_nan_on_one_rank_skips_on_both(tmp_path: Path) -> None:
         for step in range(7):
             assert same_state(rows["after"][step], rows["before"][step]) is (step in (2, 5))
     assert same_state(ranks[0]["final"], ranks[1]["final"])
+
+
+# ---------------------------------------------------------------------- recovery: climb back, slow divergence
+
+
+CREEP = {s: 0.03 * (s - 11) for s in range(12, 40)}  # a loss offset that rises slowly from step 12
+
+
+def test_rewarm_factor_and_drift_rule() -> None:
+    assert [_rewarm_factor(k, 4, 0.2) for k in range(6)] == pytest.approx([0.2, 0.4, 0.6, 0.8, 1.0, 1.0])
+    assert _drifted(1.51, 1.0, 1.5) and not _drifted(1.5, 1.0, 1.5)
+    assert _drifted(-0.9, -2.0, 1.5) and not _drifted(-1.1, -2.0, 1.5)  # margin on |best|
+
+
+def test_after_a_rollback_the_lr_climbs_back_to_the_lowered_rate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
+    guard = DivergenceGuard(
+        rollback_after=2, max_rollbacks=None, rewarm_steps=4, rewarm_start_factor=0.25, window=5, warmup=3, snapshot_every=2
+    )
+    rec = Recorder()
+    trainer = _trainer(tmp_path, [guard, rec], max_steps=14)
+    trainer.fit(Scripted("sgd", nan_at=(3, 4, 10, 11)))
+    assert guard.rollbacks == 2 and guard.lr_factor == 0.25
+    # Rolled back at step 4 to 0.1 x 0.5; then 0.25, 0.4375, 0.625, 0.8125 of that, then all of it
+    # (steps 10 and 11 are the bad ones before the second rollback).
+    climb = [0.25, 0.4375, 0.625, 0.8125, 1.0, 1.0, 1.0]
+    assert [rec.lrs[s] for s in range(5, 12)] == pytest.approx([0.05 * f for f in climb])
+    # The second rollback lowers the climbed-back rate, not a rate caught mid-climb.
+    assert [rec.lrs[s] for s in (12, 13)] == pytest.approx([0.025 * 0.25, 0.025 * 0.4375])
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.025 * 0.625])
+    # No snapshot during the climb (steps 5-8, where one was due every 2 good steps): the second
+    # rollback goes back to the first snapshot after it, step 9.
+    rollbacks = [m for m in _messages(caplog) if "rolled back" in m]
+    assert [re.search(r"snapshot from step (\d+)", m).group(1) for m in rollbacks] == ["1", "9"]
+
+
+def test_the_climb_continues_after_a_resume(tmp_path: Path) -> None:
+    guard = DivergenceGuard(rollback_after=1, rewarm_steps=4, rewarm_start_factor=0.25, **FAST)
+    trainer = _trainer(tmp_path, [guard], max_steps=8)  # rollback at step 5; 2 climb steps by the end
+    trainer.fit(Scripted("sgd", nan_at=(5,)))
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    assert (guard.rewarm_done, guard.rewarm_factor) == (2, 0.625)
+
+    resumed, rec = DivergenceGuard(rollback_after=1, rewarm_steps=4, rewarm_start_factor=0.25, **FAST), Recorder()
+    _trainer(tmp_path, [resumed, rec], max_steps=12).fit(Scripted("sgd"), ckpt_path=tmp_path / "mid.ckpt")
+    assert [rec.lrs[s] for s in range(8, 12)] == pytest.approx([0.05 * f for f in (0.625, 0.8125, 1.0, 1.0)])
+
+
+def test_a_loss_that_creeps_up_rolls_back_to_before_the_drift(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
+    # From step 12 the loss rises by 0.03 per step: never a spike against the recent steps, but
+    # the median of the last 5 steps ends up above 1.5 x the best one.
+    guard = DivergenceGuard(drift_factor=1.5, max_rollbacks=None, window=5, warmup=3, snapshot_every=2)
+    rec = Recorder()
+    _trainer(tmp_path, [guard, rec], max_steps=30).fit(Scripted("sgd", loss_offset=CREEP))
+    assert guard.skipped_steps == 0 and guard.rollbacks >= 1
+    rollbacks = [m for m in _messages(caplog) if "rolled back" in m]
+    assert all(m.startswith("DivergenceGuard: step ") and ": rolled back to the snapshot" in m for m in rollbacks)
+    assert all("slow divergence" in m for m in rollbacks)
+    # Rolled back where the 5-step median passed 1.5 x the best one so far, to a snapshot taken
+    # where it was within half that margin (1.25 x): no snapshot is taken while the loss drifts.
+    medians = {s: statistics.median(rec.losses[s - k] for k in range(5)) for s in range(4, 30)}
+    best = {s: min(medians[t] for t in medians if t <= s) for s in medians}
+    first_rollback = int(re.search(r"step (\d+): ", rollbacks[0]).group(1))
+    assert medians[first_rollback] > 1.5 * best[first_rollback]
+    assert all(medians[s] <= 1.5 * best[s] for s in range(4, first_rollback))
+    snapshots = [int(re.search(r"snapshot from step (\d+)", m).group(1)) for m in rollbacks]
+    assert all(medians[step] <= 1.25 * best[step] for step in snapshots), snapshots
+    assert same_state(rec.after[first_rollback]["params"], rec.before[snapshots[0]]["params"])
+
+
+def test_without_drift_detection_the_creep_goes_unnoticed(tmp_path: Path) -> None:
+    guard = DivergenceGuard(drift_factor=None, window=5, warmup=3, snapshot_every=2)
+    _trainer(tmp_path, [guard], max_steps=30).fit(Scripted("sgd", loss_offset=CREEP))
+    assert guard.rollbacks == 0 and guard.skipped_steps == 0

@@ -164,6 +164,8 @@ def test_state_dict_round_trip_and_defaults():
     old.load_state_dict({"batch_size": 16})  # keys added later load with defaults
     assert old.state_dict()["lr_decay"] == 1.0 and old.state_dict()["accumulate_grad_batches"] == 1
     assert DynamicBatchLR(policy="lr").state_key != DynamicBatchLR(monitor="val/acc", mode="max").state_key
+    # The policy and its settings are not identity: a resume with another policy keeps the state.
+    assert DynamicBatchLR(policy="lr").state_key == DynamicBatchLR(policy="batch", patience=5, max_batch_size=512).state_key
 
 
 def test_tables_from_yaml_have_int_keys():

@@ -131,27 +131,27 @@ def test_exact_rates_data_wait_and_mfu_from_scripted_timings(tmp_path, clock):
     )
     trainer.fit(model, DataLoader(_xy(24), batch_size=4), DataLoader(_xy(4), batch_size=4))
 
-    assert [s for s, _ in logger.rows] == [4, 6, 6]  # batches 0-1 are warm-up: nothing at step 2
+    assert [s for s, _ in logger.rows] == [3, 5, 5]  # batches 0-1 are warm-up: nothing at step 1
     # batches 2-3: 8 samples in 0.25 + 1.75 + 0.75 + 1.25 = 4 s, of which 1 s data wait
-    assert logger.at(4, "throughput/samples_per_sec") == pytest.approx(2.0)
-    assert logger.at(4, "throughput/global_samples_per_sec") == pytest.approx(2.0)
-    assert logger.at(4, "throughput/batches_per_sec") == pytest.approx(0.5)
-    assert logger.at(4, "throughput/step_time") == pytest.approx(2.0)
-    assert logger.at(4, "throughput/step_time_max") == pytest.approx(2.0)
-    assert logger.at(4, "throughput/data_wait_fraction") == pytest.approx(0.25)
-    assert logger.at(4, "throughput/flops_per_sample") == pytest.approx(1000.0)
-    assert logger.at(4, "throughput/flops_per_sec") == pytest.approx(2000.0)
-    assert logger.at(4, "throughput/mfu") == pytest.approx(2000.0 / 1e6)
-    assert logger.at(4, "throughput/peak_memory_mb") > 0
+    assert logger.at(3, "throughput/samples_per_sec") == pytest.approx(2.0)
+    assert logger.at(3, "throughput/global_samples_per_sec") == pytest.approx(2.0)
+    assert logger.at(3, "throughput/batches_per_sec") == pytest.approx(0.5)
+    assert logger.at(3, "throughput/step_time") == pytest.approx(2.0)
+    assert logger.at(3, "throughput/step_time_max") == pytest.approx(2.0)
+    assert logger.at(3, "throughput/data_wait_fraction") == pytest.approx(0.25)
+    assert logger.at(3, "throughput/flops_per_sample") == pytest.approx(1000.0)
+    assert logger.at(3, "throughput/flops_per_sec") == pytest.approx(2000.0)
+    assert logger.at(3, "throughput/mfu") == pytest.approx(2000.0 / 1e6)
+    assert logger.at(3, "throughput/peak_memory_mb") > 0
     # batches 4-5: 8 samples in 0.5 + 1.5 + 1.5 + 2.5 = 6 s, 2 s waiting
-    assert logger.at(6, "throughput/samples_per_sec") == pytest.approx(8 / 6)
-    assert logger.at(6, "throughput/data_wait_fraction") == pytest.approx(2 / 6)
+    assert logger.at(5, "throughput/samples_per_sec") == pytest.approx(8 / 6)
+    assert logger.at(5, "throughput/data_wait_fraction") == pytest.approx(2 / 6)
     # the epoch: batches 2-5, 16 samples in 10 s
-    assert logger.at(6, "throughput/epoch_samples_per_sec") == pytest.approx(1.6)
-    assert logger.at(6, "throughput/epoch_global_samples_per_sec") == pytest.approx(1.6)
-    assert logger.at(6, "throughput/epoch_data_wait_fraction") == pytest.approx(0.3)
-    assert logger.at(6, "throughput/epoch_step_time_max") == pytest.approx(2.5)
-    assert logger.at(6, "throughput/epoch_mfu") == pytest.approx(1600.0 / 1e6)
+    assert logger.at(5, "throughput/epoch_samples_per_sec") == pytest.approx(1.6)
+    assert logger.at(5, "throughput/epoch_global_samples_per_sec") == pytest.approx(1.6)
+    assert logger.at(5, "throughput/epoch_data_wait_fraction") == pytest.approx(0.3)
+    assert logger.at(5, "throughput/epoch_step_time_max") == pytest.approx(2.5)
+    assert logger.at(5, "throughput/epoch_mfu") == pytest.approx(1600.0 / 1e6)
     assert "throughput/epoch_peak_memory_mb" not in logger.keys()
     assert meter.state_dict() == {
         "samples": 16, "batches": 4, "wait": 3.0, "compute": 7.0, "flops": 16000.0, "flops_missing": 0, "unsized": 0
@@ -165,7 +165,7 @@ def test_partial_last_batch_is_counted(tmp_path, clock):
     logger = MemoryLogger(prefix="throughput/")
     _trainer(tmp_path, meter, logger, max_epochs=2).fit(model, DataLoader(_xy(10), batch_size=4))
 
-    for step in (3, 6):
+    for step in (2, 5):
         assert logger.at(step, "throughput/samples_per_sec") == pytest.approx(10 / 3)
         assert logger.at(step, "throughput/epoch_samples_per_sec") == pytest.approx(10 / 3)
         assert logger.at(step, "throughput/batches_per_sec") == pytest.approx(1.0)
@@ -211,12 +211,12 @@ def test_mid_fit_batch_size_change_recounts_flops_and_warms_up_again(tmp_path, c
     trainer.fit(model, datamodule=SizeDataModule(4))
 
     # epoch 0: batch 2 timed (4 samples, 1 s); epoch 1: batches 2-3 timed (6 samples, 2 s)
-    assert logger.at(3, "throughput/epoch_samples_per_sec") == pytest.approx(4.0)
-    assert logger.at(7, "throughput/epoch_samples_per_sec") == pytest.approx(3.0)
-    assert logger.at(7, "throughput/epoch_batches_per_sec") == pytest.approx(1.0)
+    assert logger.at(2, "throughput/epoch_samples_per_sec") == pytest.approx(4.0)
+    assert logger.at(6, "throughput/epoch_samples_per_sec") == pytest.approx(3.0)
+    assert logger.at(6, "throughput/epoch_batches_per_sec") == pytest.approx(1.0)
     # nn.Linear(8, 2) per sample: forward addmm 2*8*2 = 32, weight gradient mm 32 (the input needs no grad)
-    assert logger.at(3, "throughput/epoch_flops_per_sample") == pytest.approx(64.0)
-    assert logger.at(7, "throughput/epoch_flops_per_sample") == pytest.approx(64.0)
+    assert logger.at(2, "throughput/epoch_flops_per_sample") == pytest.approx(64.0)
+    assert logger.at(6, "throughput/epoch_flops_per_sample") == pytest.approx(64.0)
     assert meter._flops_cache == {3: 192.0}  # forgotten at the change, then counted for size 3
     assert meter.state_dict()["samples"] == 10
 
@@ -327,10 +327,10 @@ def test_flops_auto_measured_for_seedcnn_equal_the_analytic_count(tmp_path):
 
     per_sample = seedcnn_flops_per_sample()
     assert meter._flops_cache == {4: 4.0 * per_sample, 2: 2.0 * per_sample}
-    assert logger.at(4, "throughput/flops_per_sample") == per_sample
-    assert logger.at(4, "throughput/epoch_flops_per_sample") == per_sample
-    assert logger.at(4, "throughput/mfu") == pytest.approx(logger.at(4, "throughput/flops_per_sec") / 1e12)
-    assert [s for s, _ in logger.rows] == [4, 4]  # epoch 0 has no timed batch: nothing logged
+    assert logger.at(3, "throughput/flops_per_sample") == per_sample
+    assert logger.at(3, "throughput/epoch_flops_per_sample") == per_sample
+    assert logger.at(3, "throughput/mfu") == pytest.approx(logger.at(3, "throughput/flops_per_sec") / 1e12)
+    assert [s for s, _ in logger.rows] == [3, 3]  # epoch 0 has no timed batch: nothing logged
 
 
 def test_counting_flops_during_the_real_step_does_not_change_training(tmp_path):
@@ -354,8 +354,8 @@ def test_module_flops_per_batch_is_used_instead_of_counting(tmp_path, clock):
     _trainer(tmp_path, meter, logger).fit(model, DataLoader(_xy(16), batch_size=4))
     assert meter._flops_cache == {}
     # batches 1-3 timed: 12 samples * 50 FLOPs in 6 s
-    assert logger.at(4, "throughput/flops_per_sec") == pytest.approx(100.0)
-    assert logger.at(4, "throughput/mfu") == pytest.approx(0.1)
+    assert logger.at(3, "throughput/flops_per_sec") == pytest.approx(100.0)
+    assert logger.at(3, "throughput/mfu") == pytest.approx(0.1)
 
 
 # --------------------------------------------------------------------- peak FLOP/s
@@ -556,7 +556,9 @@ def test_state_dict_round_trip_and_missing_keys_load_as_zero():
     assert other.state_dict() == meter.state_dict()
     other.load_state_dict({"samples": 7})  # an older checkpoint with fewer keys
     assert other.state_dict()["samples"] == 7 and other.state_dict()["compute"] == 0.0
-    assert ThroughputMeter(warmup_steps=1).state_key != ThroughputMeter(warmup_steps=2).state_key
+    # Keyed on identity: other settings keep the state on resume; a name tells two meters apart.
+    assert ThroughputMeter(warmup_steps=1).state_key == ThroughputMeter(warmup_steps=2).state_key == "ThroughputMeter"
+    assert ThroughputMeter(name="a").state_key != ThroughputMeter(name="b").state_key
 
 
 def test_checkpoint_resume_restores_totals(tmp_path, clock):
@@ -642,13 +644,31 @@ def test_ddp_two_processes_global_rate_is_the_sum_and_slowest_step_is_reported(t
     totals = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     rank_rates = [t["samples"] / t["compute"] for t in totals]
     assert rank_rates == [4.0, 2.0]  # 4 samples per batch in 1 s and in 2 s
-    for step in (2, 4):
+    for step in (1, 3):
         assert logged[(step, "throughput/samples_per_sec")] == pytest.approx(4.0)  # rank 0's own
         assert logged[(step, "throughput/global_samples_per_sec")] == pytest.approx(sum(rank_rates))
         assert logged[(step, "throughput/step_time_max")] == pytest.approx(2.0)  # rank 1, the straggler
         assert logged[(step, "throughput/step_time")] == pytest.approx(1.0)
     # the real FLOPs of nn.Linear(8, 2) were counted under DDP too (64 per sample, see above)
-    assert logged[(4, "throughput/flops_per_sample")] == pytest.approx(64.0)
-    assert logged[(4, "throughput/global_flops_per_sec")] == pytest.approx(64.0 * 6)
-    assert logged[(4, "throughput/mfu")] == pytest.approx(64.0 * 6 / 2e6)
-    assert logged[(4, "throughput/epoch_global_samples_per_sec")] == pytest.approx(6.0)
+    assert logged[(3, "throughput/flops_per_sample")] == pytest.approx(64.0)
+    assert logged[(3, "throughput/global_flops_per_sec")] == pytest.approx(64.0 * 6)
+    assert logged[(3, "throughput/mfu")] == pytest.approx(64.0 * 6 / 2e6)
+    assert logged[(3, "throughput/epoch_global_samples_per_sec")] == pytest.approx(6.0)
+
+
+class LoggingModule(ScriptedModule):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.log("train/loss_step", loss)
+        return loss
+
+
+def test_logged_at_the_steps_lightning_logs_its_own_metrics_at(tmp_path, clock):
+    """One step's curves line up: the meter's rows share the step axis of Lightning's `self.log`."""
+    model = LoggingModule(waits=[0.0] * 6, computes=[0.01] * 6)
+    meter = ThroughputMeter(warmup_steps=0, measure_flops=False)
+    logger = MemoryLogger()
+    _trainer(tmp_path, meter, logger, log_every_n_steps=2).fit(model, DataLoader(_xy(24), batch_size=4))
+    lightning_steps = {step for step, row in logger.rows if "train/loss_step" in row}
+    meter_steps = {step for step, row in logger.rows if "throughput/samples_per_sec" in row}
+    assert lightning_steps == {1, 3, 5} and meter_steps == lightning_steps
