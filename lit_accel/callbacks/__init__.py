@@ -3,6 +3,7 @@ standard library), so it can be copied into another project on its own."""
 
 from lit_accel.callbacks.divergence_guard import DivergenceError, DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR
+from lit_accel.callbacks.generalization_monitor import GeneralizationMonitor
 from lit_accel.callbacks.hparams_summary import HParamsSummary
 from lit_accel.callbacks.prediction_writer import PredictionCSVWriter
 from lit_accel.callbacks.preemption_checkpoint import PreemptionCheckpoint
@@ -14,6 +15,7 @@ __all__ = [
     "DivergenceError",
     "DivergenceGuard",
     "DynamicBatchLR",
+    "GeneralizationMonitor",
     "HParamsSummary",
     "PredictionCSVWriter",
     "PreemptionCheckpoint",

@@ -70,6 +70,11 @@ class DivergenceGuard(Callback):
       (factor - 1)·|median|``) *and*, if ``spike_zscore`` is set, lies more than ``spike_zscore``
       standard deviations above their mean. Set a factor and ``spike_zscore`` to ``None`` to turn
       spike detection off for that signal;
+    * **early loss spike** (``early_loss_spike_factor``): before ``warmup`` good steps, a loss above
+      that multiple of the *largest* good loss so far. A learning rate far too high does its damage
+      in the first few updates (measured: with the recipe's LR 40x too high, the loss went 2.3, 10,
+      15, 17, then the network was dead at 2.30 for good), before a baseline for the tests above
+      exists; a fresh classifier's first loss is a safe yardstick for that;
     * **slow divergence** (``drift_factor``): the median loss of the last ``window`` good steps
       exceeds the lowest such median seen in this fit by ``drift_factor`` (``median > best +
       (factor - 1)·|best|``): a loss that creeps up over hundreds of steps without a single spike
@@ -150,6 +155,11 @@ class DivergenceGuard(Callback):
         grad_spike_factor: same for the total gradient norm.
         spike_zscore: if set, a spike must also be this many standard deviations above the window
             mean (guards against ratio false alarms when the loss is near zero).
+        early_loss_spike_factor: before ``warmup`` good steps, a loss above this multiple of the
+            largest good loss so far is a spike (> 1; ``None``, the default: no test before
+            ``warmup``). Off by default because some models' first losses swing widely (Lightning's
+            ``BoringModel`` under plain SGD: 0.55 to 4.3 within 5 steps); a classifier trained with
+            cross-entropy from scratch starts near ln(classes), which makes 4 a safe value there.
         drift_factor: roll back when the median loss of the last ``window`` good steps exceeds the
             best such median of this fit by this factor (> 1); ``None`` turns drift detection off.
         rewarm_steps: after a rollback, optimizer steps over which the learning rate climbs back to
@@ -210,6 +220,7 @@ class DivergenceGuard(Callback):
         loss_spike_factor: float | None = 3.0,
         grad_spike_factor: float | None = 10.0,
         spike_zscore: float | None = 4.0,
+        early_loss_spike_factor: float | None = None,
         drift_factor: float | None = None,
         rewarm_steps: int = 0,
         rewarm_start_factor: float = 0.1,
@@ -230,7 +241,12 @@ class DivergenceGuard(Callback):
         _check_int("warmup", warmup, 2)
         if warmup > window:
             raise ValueError(f"warmup={warmup!r} is not allowed: use at most window={window}")
-        for arg, value in (("loss_spike_factor", loss_spike_factor), ("grad_spike_factor", grad_spike_factor)):
+        factors = (
+            ("loss_spike_factor", loss_spike_factor),
+            ("grad_spike_factor", grad_spike_factor),
+            ("early_loss_spike_factor", early_loss_spike_factor),
+        )
+        for arg, value in factors:
             if value is not None and not (_is_number(value) and value > 1.0):
                 raise ValueError(f"{arg}={value!r} is not allowed: use a number > 1, or None to turn it off")
         if spike_zscore is not None and not (_is_number(spike_zscore) and spike_zscore > 0):
@@ -258,6 +274,7 @@ class DivergenceGuard(Callback):
         self.loss_spike_factor = loss_spike_factor
         self.grad_spike_factor = grad_spike_factor
         self.spike_zscore = spike_zscore
+        self.early_loss_spike_factor = early_loss_spike_factor
         self.drift_factor = None if drift_factor is None else float(drift_factor)
         self.rewarm_steps = rewarm_steps
         self.rewarm_start_factor = float(rewarm_start_factor)
@@ -397,6 +414,7 @@ class DivergenceGuard(Callback):
             loss_hist=self._loss_hist,
             grad_hist=self._grad_hist,
             warmup=self.warmup,
+            early_loss_factor=self.early_loss_spike_factor,
             loss_factor=self.loss_spike_factor,
             grad_factor=self.grad_spike_factor,
             zscore=self.spike_zscore,
@@ -702,6 +720,7 @@ def _classify(
     loss_factor: float | None,
     grad_factor: float | None,
     zscore: float | None,
+    early_loss_factor: float | None = None,
 ) -> _Verdict:
     """What is wrong with this step, if anything (numbers in, verdict out); ``param_norm`` None: not measured."""
     if param_norm is not None and not math.isfinite(param_norm):
@@ -712,6 +731,10 @@ def _classify(
         return _Verdict("bad", "non-finite loss", loss)
     if not math.isfinite(grad_norm):
         return _Verdict("bad", "non-finite gradient norm", grad_norm)
+    if loss is not None and early_loss_factor is not None and 0 < len(loss_hist) < warmup:
+        largest = max(loss_hist)
+        if loss > largest + (early_loss_factor - 1.0) * abs(largest):
+            return _Verdict("bad", f"loss spike in the first steps (largest so far {_fmt(largest)})", loss)
     if loss is not None and _is_spike(loss, loss_hist, loss_factor, zscore, warmup):
         return _Verdict("bad", f"loss spike (baseline {_fmt(statistics.median(loss_hist))})", loss)
     if _is_spike(grad_norm, grad_hist, grad_factor, zscore, warmup):

@@ -134,6 +134,7 @@ def test_escalate() -> None:
         ({"window": True}, "window=True"),
         ({"save_on_stop": "no"}, "save_on_stop='no'"),
         ({"drift_factor": 1.0}, "drift_factor=1.0"),
+        ({"early_loss_spike_factor": 0.5}, "early_loss_spike_factor=0.5"),
         ({"drift_factor": float("nan")}, "drift_factor=nan"),
         ({"rewarm_steps": -1}, "rewarm_steps=-1"),
         ({"rewarm_start_factor": 0.0}, "rewarm_start_factor=0.0"),
@@ -682,3 +683,17 @@ def test_without_drift_detection_the_creep_goes_unnoticed(tmp_path: Path) -> Non
     guard = DivergenceGuard(drift_factor=None, window=5, warmup=3, snapshot_every=2)
     _trainer(tmp_path, [guard], max_steps=30).fit(Scripted("sgd", loss_offset=CREEP))
     assert guard.rollbacks == 0 and guard.skipped_steps == 0
+
+
+def test_a_loss_spike_in_the_first_steps_is_caught_before_the_baseline_exists(tmp_path: Path) -> None:
+    """A far too high LR does its damage in the first updates, before `warmup` steps give a baseline."""
+    spike = {1: 20.0, 2: 20.0, 3: 20.0}  # the loss jumps from ~1 to ~21 at step 1
+    early = DivergenceGuard(rollback_after=3, early_loss_spike_factor=4.0, window=10, warmup=8)
+    rec = Recorder()
+    _trainer(tmp_path, [early, rec], max_steps=6).fit(Scripted("sgd", loss_offset=spike))
+    assert early.skipped_steps == 3 and early.rollbacks == 1
+    assert same_state(rec.after[3]["params"], rec.before[0]["params"])  # back to the start
+
+    blind = DivergenceGuard(rollback_after=3, window=10, warmup=8)  # the class default: no early test
+    _trainer(tmp_path, [blind], max_steps=6).fit(Scripted("sgd", loss_offset=spike))
+    assert blind.skipped_steps == 0 and blind.rollbacks == 0
