@@ -20,6 +20,7 @@ __all__ = [
     "LastAfterEveryValidation",
     "check_checkpoint",
     "find_checkpoint",
+    "hpc_checkpoints",
     "read_checkpoint",
     "verify_distributed_checkpoint",
 ]
@@ -29,18 +30,25 @@ CHECKPOINT_ALIASES = ("best", "last")
 # A checkpoint is a file, or a folder of .distcp shards under FSDP2 (ModelParallelStrategy).
 _LAST_NAME = "last.ckpt"
 _BEST_PATTERN = "best-*.ckpt"
+# What Lightning saves on SLURM's requeue signal: <default_root_dir>/hpc_ckpt_<n>.ckpt
+# (lightning.pytorch.trainer.connectors.checkpoint_connector, hpc_save_path).
+_HPC_PATTERN = "hpc_ckpt_*.ckpt"
 
 
-def find_checkpoint(root: str, which: str) -> str | None:
+def find_checkpoint(root: str, which: str, hpc_dir: str | None = None) -> str | None:
     """The newest run's ``last`` or ``best`` checkpoint under ``root``, or None.
 
     Runs are the ``…/checkpoints/`` folders below ``root`` (for TensorBoard logs:
     ``runs/<name>/version_<n>/checkpoints``); the newest is the one whose checkpoint was written
-    last.
+    last. ``last`` is the newest of the runs' ``last.ckpt`` and the ``hpc_ckpt_<n>.ckpt`` files
+    that Lightning writes into ``hpc_dir`` (the Trainer's ``default_root_dir``) on SLURM's requeue
+    signal, of those saved by a run under ``root`` (its ModelCheckpoint's folder, recorded in the
+    file, lies under ``root``, or the file itself does).
 
     Args:
         root: the folder to search (the logger's save dir).
         which: ``"last"`` or ``"best"``.
+        hpc_dir: where to look for Lightning's ``hpc_ckpt_<n>.ckpt`` files (``last`` only).
 
     Raises:
         ValueError: if ``which`` is not one of ``"best"``, ``"last"``.
@@ -49,9 +57,36 @@ def find_checkpoint(root: str, which: str) -> str | None:
         raise ValueError(f"which={which!r} is not allowed: use 'best' or 'last'")
     pattern = _LAST_NAME if which == "last" else _BEST_PATTERN
     found = glob.glob(os.path.join(glob.escape(root), "**", "checkpoints", pattern), recursive=True)
+    if which == "last" and hpc_dir is not None:
+        found += hpc_checkpoints(hpc_dir, root)
     if not found:
         return None
     return max(found, key=os.path.getmtime)
+
+
+def hpc_checkpoints(folder: str, root: str) -> list[str]:
+    """Lightning's SLURM requeue checkpoints (``hpc_ckpt_<n>.ckpt``) in ``folder`` saved by a run under ``root``.
+
+    A file that cannot be read (e.g. the job was killed while writing it) is left out.
+    """
+    root_path = os.path.realpath(root)
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(folder), _HPC_PATTERN)):
+        if _is_under(os.path.realpath(path), root_path):
+            found.append(path)
+            continue
+        try:
+            callbacks = read_checkpoint(path).get("callbacks") or {}
+        except CheckpointError:
+            continue
+        folders = [state.get("dirpath") for state in callbacks.values() if isinstance(state, dict)]
+        if any(isinstance(d, str) and _is_under(os.path.realpath(d), root_path) for d in folders):
+            found.append(path)
+    return found
+
+
+def _is_under(path: str, folder: str) -> bool:
+    return os.path.commonpath([path, folder]) == folder
 
 
 def read_checkpoint(path: str) -> dict:

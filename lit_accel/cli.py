@@ -13,15 +13,16 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from jsonargparse import lazy_instance
+from jsonargparse import Namespace, lazy_instance
 
 from lit_accel.callbacks import PredictionCSVWriter, PreemptionCheckpoint, RNGStateCheckpoint
 from lit_accel.callbacks.divergence_guard import DivergenceError
@@ -69,8 +70,10 @@ class LitAccelCLI(LightningCLI):
     * ``lr_monitor`` (LearningRateMonitor);
     * ``predict_writer`` (PredictionCSVWriter): ``lit-accel predict`` writes ``predictions.csv``.
 
-    Before a subcommand runs, ``--ckpt_path best|last`` is resolved and the checkpoint is checked
-    (exists, loads, fits the configured network), and bad arguments end in one message.
+    ``--ckpt_path best|last`` is resolved to a file while the arguments are parsed, so the model
+    is rebuilt from that checkpoint's hyperparameters as for a file path; before a subcommand runs
+    the checkpoint is checked (exists, loads, fits the network), and bad arguments end in one
+    message. ``predict`` runs without a logger: it writes no run folder, only the predictions.
     """
 
     def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
@@ -126,27 +129,40 @@ class LitAccelCLI(LightningCLI):
             }
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then replace ``--ckpt_path best|last`` by the file it names, before anything is built.
+
+        LightningCLI rebuilds the model from a ``--ckpt_path`` file's saved hyperparameters right
+        after parsing (its private ``_parse_ckpt_path``, listed in ``lit_accel/_lightning_compat.py``),
+        so an alias resolved here behaves exactly like the path it names: a run trained with
+        another network is tested with that network. The file is read first, so a damaged or
+        crafted one ends in one message; ``seed_everything: true`` under an outside launcher is
+        refused before LightningCLI draws a seed.
+        """
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if not subcommand:
+            return
+        config = self.config[subcommand]
+        _check_seed_agreed(config.get("seed_everything"))
+        alias = config.get("ckpt_path")
+        if alias in CHECKPOINT_ALIASES:
+            config["ckpt_path"] = _resolve_alias(str(alias), subcommand, config["trainer"])
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and os.path.isfile(ckpt_path):
+            read_checkpoint(ckpt_path)
+
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls on Ampere+ GPUs: ~2x faster fp32 GEMMs at CNN-irrelevant precision loss.
         torch.set_float32_matmul_precision("high")
         trainer_config = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
         _check_gpu_available(str(trainer_config.get("accelerator")))
         _check_cpu_devices(trainer_config.get("accelerator"), trainer_config.get("devices"))
-
-    def _set_seed(self) -> None:
-        # LightningCLI replaces `seed_everything: true` by the seed it draws here: check it first.
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        _check_seed_agreed(config.get("seed_everything"))
-        super()._set_seed()
-
-    def _parse_ckpt_path(self) -> None:
-        # LightningCLI reads a --ckpt_path file's hyperparameters while parsing, so the model is
-        # built as it was trained; read it first so a damaged file ends in one message.
-        subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and os.path.isfile(ckpt_path):
-            read_checkpoint(ckpt_path)
-        super()._parse_ckpt_path()
+        if self.subcommand == "predict":
+            # Prediction is not a run: no logger (no new runs/<name>/version_N/ folder), no
+            # config.yaml; the predictions go where predict_writer.output_path says.
+            trainer_config["logger"] = False
+            self.save_config_callback = None
 
     def instantiate_classes(self) -> None:
         """Build everything; an argument that a class rejects becomes one clear message."""
@@ -170,20 +186,29 @@ class LitAccelCLI(LightningCLI):
                 f"model.optimizer lr={learning_rate} is not allowed: use a positive learning rate, "
                 "e.g. --model.optimizer.lr 0.05."
             )
-        _check_lr_scheduler(self.model, optimizer)
+        _check_lr_scheduler(self.model, optimizer, self.trainer, self.datamodule)
         _check_finite("trainer", {"gradient_clip_val": self.trainer.gradient_clip_val})
 
     def before_fit(self) -> None:
-        self._resolve_checkpoint_alias("fit")
+        self._check_before_run("fit")
 
     def before_validate(self) -> None:
-        self._resolve_checkpoint_alias("validate")
+        self._check_before_run("validate")
 
     def before_test(self) -> None:
-        self._resolve_checkpoint_alias("test")
+        self._check_before_run("test")
 
     def before_predict(self) -> None:
-        self._resolve_checkpoint_alias("predict")
+        self._check_before_run("predict")
+        ckpt_path = self.config_init["predict"].get("ckpt_path")
+        if ckpt_path is not None and os.path.isfile(ckpt_path):
+            # The checkpoint callbacks do nothing in predict; restored with another folder than the
+            # one they saved in, they would warn that it changed. Give them back their folder.
+            states = read_checkpoint(ckpt_path).get("callbacks") or {}
+            for callback in self.trainer.checkpoint_callbacks:
+                saved = states.get(callback.state_key)
+                if isinstance(saved, dict) and isinstance(saved.get("dirpath"), str):
+                    callback.dirpath = saved["dirpath"]
 
     def after_predict(self) -> None:
         """Nothing predicted (every file unreadable) is an error, as an empty folder is; the CSV
@@ -197,37 +222,42 @@ class LitAccelCLI(LightningCLI):
                     "is kept). Point --data.predict_dir at a folder of PNG/JPEG/... images."
                 )
 
-    def _resolve_checkpoint_alias(self, subcommand: str) -> None:
-        """Turn ``--ckpt_path best|last`` into a file from an earlier run (Lightning knows only its own)
-        and check the checkpoint before anything starts."""
+    def _check_before_run(self, subcommand: str) -> None:
+        """Check the log folder and the checkpoint (exists, loads, fits the model) before anything starts."""
         _check_output_folder(_log_root(self.trainer), "trainer.logger.init_args.save_dir")
-        config = self.config_init[subcommand]
-        alias = config.get("ckpt_path")
-        sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
-        if alias is not None and alias not in CHECKPOINT_ALIASES:
-            check_checkpoint(str(alias), self.model, sharded=sharded)
-            return
-        if alias is None:
-            return
-        root = _log_root(self.trainer)
-        path = find_checkpoint(root, alias)
-        if path is not None:
-            rank_zero_info(f"--ckpt_path {alias}: using {path}")
-            check_checkpoint(path, self.model, sharded=sharded)
-            config["ckpt_path"] = path
-        elif subcommand == "fit" and alias == "last":
-            # Resuming with "last" before any checkpoint exists starts afresh, so the same
-            # command can be used for the first launch and for every relaunch after preemption.
-            rank_zero_info(f"--ckpt_path last: no checkpoint under {root} yet, starting from scratch")
-            config["ckpt_path"] = None
-        else:
-            raise LitAccelUserError(
-                f"--ckpt_path {alias}: no {alias!r} checkpoint found under {root}/. Train first with "
-                f"'lit-accel fit --config …' (same logger settings), or pass the checkpoint file itself."
-            )
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path is not None:
+            sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
+            check_checkpoint(str(ckpt_path), self.model, sharded=sharded)
 
 
-def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer) -> None:
+def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | None:
+    """The file ``--ckpt_path best|last`` names: the newest run's under this experiment's log folder
+    (Lightning knows only its own runs). ``last`` is also the newest ``hpc_ckpt_N.ckpt`` that
+    Lightning wrote on SLURM's requeue signal (SIGUSR1) for this experiment.
+
+    Raises:
+        LitAccelUserError: when there is no such checkpoint (except ``fit`` with ``last``: None,
+            a fresh start).
+    """
+    root = _log_root_from_config(trainer_config)
+    hpc_dir = str(trainer_config.get("default_root_dir") or os.getcwd())
+    path = find_checkpoint(root, alias, hpc_dir=hpc_dir)
+    if path is not None:
+        rank_zero_info(f"--ckpt_path {alias}: using {path}")
+        return path
+    if subcommand == "fit" and alias == "last":
+        # Resuming with "last" before any checkpoint exists starts afresh, so the same command
+        # can be used for the first launch and for every relaunch after preemption.
+        rank_zero_info(f"--ckpt_path last: no checkpoint under {root} yet, starting from scratch")
+        return None
+    raise LitAccelUserError(
+        f"--ckpt_path {alias}: no {alias!r} checkpoint found under {root}/. Train first with "
+        f"'lit-accel fit --config …' (same logger settings), or pass the checkpoint file itself."
+    )
+
+
+def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer, trainer: Any, datamodule: Any) -> None:
     """Build the scheduler once on the stand-in optimizer: bad settings fail before the run starts."""
     if model.lr_scheduler_factory is None:
         return
@@ -237,8 +267,39 @@ def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer
         if isinstance(err, LitAccelUserError):
             raise
         raise ConfigurationError(f"invalid model.lr_scheduler: {err}. Fix it in the config or on the command line.") from err
-    scheduler_interval(scheduler, model.lr_scheduler_interval)
-    _check_finite("model.lr_scheduler", {k: v for k, v in vars(scheduler).items() if k not in ("optimizer", "_last_lr", "base_lrs")})
+    interval = scheduler_interval(scheduler, model.lr_scheduler_interval)
+    # Settings only: ReduceLROnPlateau starts its best-so-far (and "worse than any") at infinity.
+    state = ("optimizer", "_last_lr", "base_lrs", "best", "mode_worse")
+    _check_finite("model.lr_scheduler", {k: v for k, v in vars(scheduler).items() if k not in state})
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        _check_plateau_monitor(model.lr_scheduler_monitor, interval, trainer, datamodule)
+
+
+def _check_plateau_monitor(monitor: str, interval: str, trainer: Any, datamodule: Any) -> None:
+    """A ReduceLROnPlateau steps on an epoch metric: it must be logged every epoch, or Lightning stops
+    the run at the first epoch without it."""
+    if interval != "epoch":
+        raise ConfigurationError(
+            f"model.lr_scheduler_interval={interval} is not allowed with ReduceLROnPlateau, which follows {monitor}, "
+            "a metric logged once per epoch: remove it, or pass --model.lr_scheduler_interval epoch."
+        )
+    if not monitor.startswith("val/"):
+        return
+    validation_off = [
+        setting
+        for setting, off in (
+            (f"data.val_size={getattr(datamodule, 'val_size', None)}", getattr(datamodule, "val_size", 1) == 0),
+            (f"trainer.limit_val_batches={trainer.limit_val_batches}", trainer.limit_val_batches == 0),
+            (f"trainer.check_val_every_n_epoch={trainer.check_val_every_n_epoch}", trainer.check_val_every_n_epoch != 1),
+        )
+        if off
+    ]
+    if validation_off:
+        raise ConfigurationError(
+            f"model.lr_scheduler ReduceLROnPlateau follows model.lr_scheduler_monitor={monitor}, which is not logged "
+            f"every epoch here ({', '.join(validation_off)}): validate every epoch, or pass "
+            "--model.lr_scheduler_monitor train/loss."
+        )
 
 
 def _check_finite(owner: str, settings: dict[str, object]) -> None:
@@ -309,6 +370,24 @@ def _log_root(trainer) -> str:
     logger = trainer.logger
     root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) if logger is not None else None
     return str(root or trainer.default_root_dir)
+
+
+def _log_root_from_config(trainer_config: Any) -> str:
+    """:func:`_log_root` from the parsed ``trainer`` config, before the Trainer exists."""
+    default_root_dir = str(trainer_config.get("default_root_dir") or os.getcwd())
+    logger = trainer_config.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    if logger is None or logger is True:  # the Trainer's default: TensorBoard (or CSV) logs
+        return os.path.join(default_root_dir, "lightning_logs")
+    if logger is False:
+        return default_root_dir
+    if isinstance(logger, (dict, Namespace)):
+        init = logger.as_dict() if isinstance(logger, Namespace) else dict(logger)
+        # Lightning's loggers do nothing in __init__ (files are made on first use): cheap to build.
+        logger = instantiate_class((), init)
+    root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
+    return str(root or default_root_dir)
 
 
 def main(args: Sequence[str] | None = None) -> None:

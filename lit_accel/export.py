@@ -3,7 +3,7 @@
 Two artifacts, each holding the network, its weights and CIFAR-10's normalization:
 
 * ``model.pt2`` — ``torch.export`` (load with ``torch.export.load(path).module()``). Takes the
-  dtype chosen at export (``--input-dtype``, default uint8).
+  dtype chosen at export (``--input_dtype``, default uint8).
 * ``model.torchscript.pt`` — TorchScript (``torch.jit.load(path)``, also from C++/LibTorch). Takes
   uint8 or float input. TorchScript is deprecated in recent PyTorch; it is kept for serving stacks
   that still need it.
@@ -105,11 +105,12 @@ class ServingModel(nn.Module):
 def resolve_checkpoint(checkpoint: str, runs_dir: str = "runs") -> str:
     """A checkpoint path, or ``best``/``last``: the newest run's under ``runs_dir`` (as ``--ckpt_path``)."""
     if checkpoint in CHECKPOINT_ALIASES and not os.path.exists(checkpoint):
-        found = find_checkpoint(runs_dir, checkpoint)
+        # hpc_ckpt_<n>.ckpt (SLURM requeue) lie in the Trainer's default_root_dir: the working directory
+        found = find_checkpoint(runs_dir, checkpoint, hpc_dir=os.getcwd())
         if found is None:
             raise CheckpointError(
                 f"no {checkpoint!r} checkpoint found under {runs_dir}/. Train first with "
-                f"'lit-accel fit --config …', pass --runs-dir with the logger's save_dir, or pass the .ckpt file."
+                f"'lit-accel fit --config …', pass --runs_dir with the logger's save_dir, or pass the .ckpt file."
             )
         return found
     if not os.path.exists(checkpoint):
@@ -376,20 +377,49 @@ def _parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument("checkpoint", help="a .ckpt file (or FSDP checkpoint folder), or 'best'/'last': the newest run's")
-    parser.add_argument("-o", "--out-dir", default="exported", help="folder for the files (default: %(default)s)")
+    parser.add_argument("-o", "--out_dir", default="exported", help="folder for the files (default: %(default)s)")
     parser.add_argument("--format", choices=[*FORMATS, "both"], default="both", help="what to write (default: %(default)s)")
     parser.add_argument(
-        "--input-dtype", choices=["uint8", "float32"], default="uint8",
+        "--input_dtype", choices=["uint8", "float32"], default="uint8",
         help="the input dtype of model.pt2 (TorchScript takes both; default: %(default)s)",
     )
     parser.add_argument("--classes", nargs="+", help="class names in output order (default: CIFAR-10's for 10 classes)")
-    parser.add_argument("--runs-dir", default="runs", help="where 'best'/'last' are looked for (default: %(default)s)")
+    parser.add_argument("--runs_dir", default="runs", help="where 'best'/'last' are looked for (default: %(default)s)")
     return parser
+
+
+# lit-accel-export 0.1.0 spelled its options --kebab-case; lit-accel (LightningCLI) spells them --snake_case.
+_DEPRECATED_FLAGS = {"--out-dir": "--out_dir", "--input-dtype": "--input_dtype", "--runs-dir": "--runs_dir"}
+
+
+def _modern_flags(args: Sequence[str]) -> list[str]:
+    """``args`` with the old ``--kebab-case`` options renamed; says once which were used."""
+    renamed: list[str] = []
+    used: list[str] = []
+    for index, arg in enumerate(args):
+        if arg == "--":  # what follows is positional
+            renamed += args[index:]
+            break
+        flag, equals, value = arg.partition("=")
+        if flag in _DEPRECATED_FLAGS:
+            used.append(flag)
+            arg = _DEPRECATED_FLAGS[flag] + equals + value
+        renamed.append(arg)
+    if used:
+        flags = list(dict.fromkeys(used))
+        old, new = ", ".join(flags), ", ".join(_DEPRECATED_FLAGS[flag] for flag in flags)
+        print(
+            f"lit-accel-export: warning: {old} {'is' if len(flags) == 1 else 'are'} deprecated and will be removed in "
+            f"a future release: use {new} "
+            "(options are spelled as in lit-accel).",
+            file=sys.stderr,
+        )
+    return renamed
 
 
 def main(args: Sequence[str] | None = None) -> None:
     """Entry point of ``lit-accel-export``. A user error ends in one message and exit status 2."""
-    options = _parser().parse_args(args)
+    options = _parser().parse_args(_modern_flags(sys.argv[1:] if args is None else list(args)))
     formats: tuple[Format, ...] = FORMATS if options.format == "both" else (options.format,)
     try:
         checkpoint = resolve_checkpoint(options.checkpoint, options.runs_dir)

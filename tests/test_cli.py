@@ -12,7 +12,9 @@ SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar",
 
 
 def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
-    fit = LitAccelCLI(args=["fit", *SMOKE, "--trainer.max_epochs", "2"])
+    # Trained at width 24; the commands below give the recipe's width (16): an alias, like the
+    # path it names, rebuilds the network the checkpoint was trained with (issue #13, item 3).
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--trainer.max_epochs", "2", "--model.net.width", "24"])
     best_score = float(fit.trainer.checkpoint_callback.best_model_score)
     run_dir = in_tmp_dir / "runs" / "cifar10" / "version_0"
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
@@ -26,12 +28,15 @@ def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
     test_path = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     assert "test/acc" in test_last.trainer.callback_metrics
     assert torch.equal(test_last.trainer.callback_metrics["test/acc"], test_path.trainer.callback_metrics["test/acc"])
+    for cli in (validate, test_last, test_path):
+        assert cli.model.net.features[0].out_channels == 24, "the checkpoint's network, not the config's"
+        assert cli.config[cli.subcommand]["model"]["net"]["init_args"]["width"] == 24
 
 
 def test_tensorboard_logs_by_default(in_tmp_dir):
     LitAccelCLI(args=["fit", *SMOKE])
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
-    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "lr-AdamW"):
+    for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "train/lr"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert (in_tmp_dir / "runs" / "cifar10" / "version_0" / "config.yaml").exists()
 
@@ -42,6 +47,36 @@ def test_checkpoint_alias_without_a_run_is_one_clear_error(in_tmp_dir, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "no 'best' checkpoint found under runs/" in err and "Traceback" not in err
+
+
+def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(in_tmp_dir):
+    plateau = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau", "--model.lr_scheduler.patience", "0"]
+    fit = LitAccelCLI(args=["fit", *SMOKE, *plateau, "--trainer.max_epochs", "2"])
+    (config,) = fit.trainer.lr_scheduler_configs
+    assert (config.monitor, config.interval, config.name) == ("val/loss", "epoch", "train/lr")
+    scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
+    val_losses = [value for _, value in scalars["val/loss"]]
+    assert len(val_losses) == 2
+    assert config.scheduler.best == pytest.approx(min(val_losses), rel=1e-6), "stepped with val/loss"
+    assert [value for _, value in scalars["train/lr"]][0] == pytest.approx(0.004)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--data.val_size", "0"], "ReduceLROnPlateau follows model.lr_scheduler_monitor=val/loss, which is not logged every epoch here (data.val_size=0)"),
+        (["--model.lr_scheduler_monitor", "val/los"], "lr_scheduler_monitor='val/los' is not allowed: use a metric ImageClassifier logs"),
+        (["--model.lr_scheduler_interval", "step"], "lr_scheduler_interval=step is not allowed with ReduceLROnPlateau"),
+    ],
+    ids=["no-validation", "unknown-metric", "per-step"],
+)
+def test_a_plateau_scheduler_without_its_metric_is_one_clear_error(in_tmp_dir, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMOKE, "--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau", *extra])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err, err
+    assert not (in_tmp_dir / "runs").exists()
 
 
 def test_resume_alias_before_any_checkpoint_starts_afresh(in_tmp_dir):

@@ -81,7 +81,7 @@ def test_console_script_is_installed() -> None:
 
 def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(checkpoint: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "exported"
-    main([str(checkpoint), "--out-dir", str(out)])
+    main([str(checkpoint), "--out_dir", str(out)])
     assert f"exported {checkpoint}" in capsys.readouterr().out
     assert (out / PT2_NAME).is_file() and (out / TORCHSCRIPT_NAME).is_file()
     assert json.loads((out / "metadata.json").read_text())["classes"] == list(CIFAR10_CLASSES)
@@ -138,6 +138,48 @@ def test_any_network_exports_with_float_input(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metadata.json").read_text())["classes"] == ["a", "b", "c"]
 
 
+def test_the_old_kebab_case_options_still_work_with_one_deprecation_warning(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    main([str(checkpoint), "--out-dir", str(tmp_path / "out"), "--input-dtype=float32", "--format", "pt2",
+          "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert err.count("deprecated") == 1, err
+    assert "--out-dir, --input-dtype, --runs-dir are deprecated" in err and "use --out_dir, --input_dtype, --runs_dir" in err
+    metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    assert metadata["input"][PT2_NAME] == "float32 in [0, 1]"
+
+
+def test_the_options_are_snake_case_like_lit_accel(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    usage = capsys.readouterr().out
+    assert "--out_dir" in usage and "--input_dtype" in usage and "--runs_dir" in usage
+    assert "--out-dir" not in usage and "--input-dtype" not in usage
+
+
+def _incomplete_distributed_checkpoint(folder: Path, checkpoint: Path) -> str:
+    """An FSDP checkpoint folder whose weight shards are missing (a copy cut short)."""
+    import torch.distributed.checkpoint as dcp
+
+    full = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    dcp.save({"state_dict": full.pop("state_dict")}, checkpoint_id=folder, no_dist=True)
+    full.pop("optimizer_states", None)
+    torch.save(full, folder / "meta.pt")
+    for shard in folder.glob("*.distcp"):
+        shard.unlink()
+    return str(folder)
+
+
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+def test_an_incomplete_checkpoint_folder_is_one_message(checkpoint: Path, tmp_path: Path, capsys) -> None:
+    folder = _incomplete_distributed_checkpoint(tmp_path / "last.ckpt", checkpoint)
+    with pytest.raises(SystemExit) as exit_info:
+        main([folder, "--out_dir", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lit-accel-export: error: ") and "is not a readable distributed checkpoint" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def _write_checkpoint_without_net(path: Path) -> str:
     torch.save({"state_dict": {}, "hyper_parameters": {"num_classes": 10}}, path)
     return str(path)
@@ -157,7 +199,7 @@ def _write_checkpoint_without_net(path: Path) -> str:
 def test_user_errors_are_one_message_and_exit_status_2(tmp_path, make_argument, message, capsys) -> None:
     argument = make_argument(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
-        main([argument, "--out-dir", str(tmp_path / "out"), "--runs-dir", str(tmp_path / "runs")])
+        main([argument, "--out_dir", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("lit-accel-export: error: ") and "Traceback" not in err

@@ -11,7 +11,7 @@ import torch
 from helpers import config, run_cli
 from PIL import Image
 
-from lit_accel.cli import LitAccelCLI
+from lit_accel.cli import LitAccelCLI, main
 from lit_accel.data import CIFAR10_CLASSES
 from lit_accel.data.augment import normalize
 from lit_accel.data.image_folder import read_image_file
@@ -80,3 +80,23 @@ def test_a_folder_without_readable_images_keeps_the_predictions_a_user_had(in_tm
     assert "nothing was predicted: none of the files in" in result.stderr and "Traceback" not in result.stderr
     assert keep.read_bytes() == before
     assert sorted(p.name for p in in_tmp_dir.glob("keep.csv*")) == ["keep.csv"], "no temporary or part files left"
+
+
+def test_predicting_a_folder_needs_only_the_checkpoint_and_the_images(in_tmp_dir: Path, no_network, recwarn, capsys) -> None:
+    """The recipe's own config (CIFAR-10, not synthetic) on a machine without CIFAR-10 or network:
+    predict reads the checkpoint and the images, nothing else, and is not a new run."""
+    LitAccelCLI(args=["fit", *SMOKE, "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "2"])
+    folder = _image_folder(in_tmp_dir / "to_classify")
+    recwarn.clear()
+
+    main(["predict", *config("cifar10.yaml"), "--trainer.enable_progress_bar", "false", "--ckpt_path", "best",
+          "--data.predict_dir", str(folder)])
+
+    assert "CIFAR-10 not found" not in capsys.readouterr().err
+    assert not (in_tmp_dir / "data").exists(), "CIFAR-10 was looked for"
+    with open(in_tmp_dir / "predictions.csv", newline="") as f:  # the writer's default path
+        assert [row[0] for row in csv.reader(f)][1:] == sorted(GOOD)
+    assert sorted(p.name for p in (in_tmp_dir / "runs" / "cifar10").iterdir()) == ["version_0"], "no new run folder"
+    assert not (in_tmp_dir / "config.yaml").exists()
+    messages = [str(w.message) for w in recwarn]
+    assert not any("dirpath has changed" in m or "callbacks used to create the checkpoint" in m for m in messages), messages

@@ -227,6 +227,11 @@ def finished_run(tmp_path_factory) -> Path:
     data = (checkpoints / "last.ckpt").read_bytes()
     (root / "truncated.ckpt").write_bytes(data[: len(data) // 2])
     (root / "corrupted.ckpt").write_bytes(b"not a checkpoint" * 100)
+    # Without hyperparameters (as a model built in Python saves it), nothing rebuilds the network the
+    # weights belong to: a checkpoint file, `best` or `last` otherwise brings its own (issue #13).
+    contents = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    contents.pop("hyper_parameters")
+    torch.save(contents, root / "weights_only.ckpt")
     return root
 
 
@@ -245,7 +250,7 @@ BAD_INPUTS = {
     "data missing, no network": (["fit", *config("cifar10.yaml"), *QUIET, "--data.data_dir", "nowhere"], "CIFAR-10 not found"),
     "truncated checkpoint": (["test", *SMOKE, "--ckpt_path", "truncated.ckpt"], "cannot be read"),
     "corrupted checkpoint": (["test", *SMOKE, "--ckpt_path", "corrupted.ckpt"], "cannot be read"),
-    "checkpoint of another network": (["test", *SMOKE, "--model.net", "lit_accel.models.SeedCNN", "--ckpt_path", "last"], "different network"),
+    "checkpoint of another network": (["test", *SMOKE, "--model.net", "lit_accel.models.SeedCNN", "--ckpt_path", "weights_only.ckpt"], "different network"),
     "fsdp_gpu without a GPU": (["fit", *SMOKE, *config("strategy/fsdp_gpu.yaml")], "no usable CUDA GPU"),
     "more devices than the machine has": (["fit", *SMOKE, "--trainer.accelerator", "cpu", "--trainer.devices", "512"], "trainer.devices=512"),
     "NaN learning rate (SGD accepts it)": (

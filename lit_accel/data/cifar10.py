@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -189,14 +190,19 @@ class CIFAR10DataModule(LightningDataModule):
 
     # ----------------------------------------------------------------------------------- loading
     def prepare_data(self) -> None:
-        """Download CIFAR-10 once per node (Lightning calls this on local rank 0 only)."""
-        if self.synthetic or not self.verify_checksums:
+        """Download CIFAR-10 once per node (Lightning calls this on local rank 0 only).
+
+        Predicting a ``predict_dir`` needs only those images: CIFAR-10 is then neither looked for
+        nor downloaded.
+        """
+        if self.synthetic or not self.verify_checksums or self._predicting_a_folder():
             return
         # one archive holds both splits, and torchvision checks every file of both here
         self._load_cifar(train=True, download=self.download)
 
     def setup(self, stage: str) -> None:
-        """Load the splits a stage needs; every rank builds the identical split."""
+        """Load the splits a stage needs; every rank builds the identical split. ``"predict"`` with a
+        ``predict_dir`` opens only that folder."""
         if stage in ("fit", "validate") and "train" not in self._splits:
             images, labels = self._load_split(train=True)
             _require(
@@ -213,6 +219,10 @@ class CIFAR10DataModule(LightningDataModule):
             self._predict_folder = _open_image_folder(self.predict_dir, self._image_folder_transform())
         elif stage in ("test", "predict") and "test" not in self._splits:
             self._splits["test"] = self._load_split(train=False)
+
+    def _predicting_a_folder(self) -> bool:
+        trainer = self.trainer
+        return self.predict_dir is not None and trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
 
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         if self.synthetic:

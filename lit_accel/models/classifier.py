@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -17,7 +18,13 @@ from lit_accel.models.nets import SeedCNN
 from lit_accel.errors import ConfigurationError
 from lit_accel.schedules import WarmupDecayLR, optimizer_steps_left
 
-__all__ = ["ImageClassifier"]
+__all__ = ["ImageClassifier", "LR_LOG_KEY", "MONITORABLE_METRICS"]
+
+# The key LearningRateMonitor logs the scheduled learning rate under (the scheduler config's
+# "name"), whatever the optimizer: Lightning's default would be "lr-<OptimizerClass>".
+LR_LOG_KEY = "train/lr"
+# The metrics ImageClassifier logs once per epoch: what a ReduceLROnPlateau scheduler can follow.
+MONITORABLE_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc")
 
 
 class ImageClassifier(LightningModule):
@@ -39,6 +46,9 @@ class ImageClassifier(LightningModule):
             (a grown batch, a resumed run of another length, steps DivergenceGuard skipped).
         lr_scheduler_interval: step the scheduler every ``"epoch"`` or every optimizer ``"step"``;
             ``null`` (default): ``"step"`` for ``WarmupDecayLR``, ``"epoch"`` for other schedulers.
+        lr_scheduler_monitor: the metric a scheduler that follows one (``ReduceLROnPlateau``) is
+            stepped with: one of ``val/loss`` (default), ``val/acc``, ``train/loss``, ``train/acc``
+            (for an accuracy, give the scheduler ``mode: max``). Other schedulers ignore it.
         label_smoothing: cross-entropy label smoothing, in [0, 1).
         channels_last: keep the network and the inputs in NHWC memory layout (faster convolutions
             with tensor cores and on most CPUs' oneDNN kernels). Under FSDP2, which shards only
@@ -53,13 +63,15 @@ class ImageClassifier(LightningModule):
     Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,
     ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (per epoch, over all
     ranks; ``train/loss`` and ``train/acc`` leave out steps whose loss is not finite, the steps
-    DivergenceGuard skips).
+    DivergenceGuard skips). With a scheduler, a LearningRateMonitor logs its learning rate as
+    ``train/lr`` (the scheduler config's ``name``).
 
     Raises:
         ValueError: for ``num_classes`` < 2, ``label_smoothing`` outside [0, 1), an unknown
-            ``lr_scheduler_interval``, or ``compile_options`` that ``torch.compile`` does not take;
-            when the optimizers are configured, for ``WarmupDecayLR`` with ``"epoch"`` interval or
-            a run that cannot be sized (see :meth:`WarmupDecayLR.plan`).
+            ``lr_scheduler_interval`` or ``lr_scheduler_monitor``, or ``compile_options`` that
+            ``torch.compile`` does not take; when the optimizers are configured, for
+            ``WarmupDecayLR`` with ``"epoch"`` interval or a run that cannot be sized (see
+            :meth:`WarmupDecayLR.plan`).
 
     Example::
 
@@ -81,6 +93,7 @@ class ImageClassifier(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] | None = None,
+        lr_scheduler_monitor: str = "val/loss",
         label_smoothing: float = 0.0,
         channels_last: bool = False,
         flip_tta: bool = False,
@@ -96,6 +109,11 @@ class ImageClassifier(LightningModule):
             raise ValueError(
                 f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: use 'epoch', 'step' or null (automatic)"
             )
+        if lr_scheduler_monitor not in MONITORABLE_METRICS:
+            raise ValueError(
+                f"lr_scheduler_monitor={lr_scheduler_monitor!r} is not allowed: use a metric ImageClassifier logs every "
+                f"epoch, one of {', '.join(MONITORABLE_METRICS)}"
+            )
         try:  # a wrong key would otherwise fail only when the network is compiled, after start-up
             inspect.signature(torch.compile).bind(None, **(compile_options or {}))
         except TypeError as err:
@@ -110,6 +128,7 @@ class ImageClassifier(LightningModule):
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
+        self.lr_scheduler_monitor = lr_scheduler_monitor
         self.num_classes = num_classes
         self.channels_last = channels_last
         self.flip_tta = flip_tta
@@ -235,7 +254,10 @@ class ImageClassifier(LightningModule):
             # Sized now so that a warm-up longer than the run fails before training starts; a
             # resumed run replaces this plan with its checkpoint's.
             scheduler.plan(self.trainer.estimated_stepping_batches)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+        config = {"scheduler": scheduler, "interval": interval, "name": LR_LOG_KEY}
+        if isinstance(scheduler, ReduceLROnPlateau):
+            config["monitor"] = self.lr_scheduler_monitor  # Lightning refuses a plateau scheduler without one
+        return {"optimizer": optimizer, "lr_scheduler": config}
 
     def on_train_start(self) -> None:
         for config in self.trainer.lr_scheduler_configs:

@@ -1,0 +1,47 @@
+"""Packaging metadata: one version, an SPDX license with its text, the Lightning range that is tested."""
+
+from __future__ import annotations
+
+import email
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import lit_accel
+from helpers import REPO_ROOT
+
+# Builds the metadata as pip does (setuptools' PEP 517 hook), from a copy of the source tree, so
+# the check sees pyproject.toml as it is now, not the metadata of an earlier install.
+PREPARE_METADATA = r"""
+import sys
+from setuptools import build_meta
+print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))
+"""
+
+
+def test_the_version_is_the_installed_distributions() -> None:
+    assert lit_accel.__version__ == importlib.metadata.version("lit-accel")
+
+
+def test_built_metadata_has_one_version_an_spdx_license_and_its_text(tmp_path: Path) -> None:
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(REPO_ROOT / name, source / name)
+    shutil.copytree(REPO_ROOT / "lit_accel", source / "lit_accel", ignore=shutil.ignore_patterns("__pycache__"))
+    out = tmp_path / "meta"
+    out.mkdir()
+    built = subprocess.run(
+        [sys.executable, "-c", PREPARE_METADATA, str(out)], cwd=source, capture_output=True, text=True, timeout=120
+    )
+    assert built.returncode == 0, built.stderr[-3000:]
+    metadata = email.message_from_string((out / built.stdout.strip().splitlines()[-1] / "METADATA").read_text())
+
+    assert metadata["Version"] == lit_accel.__version__, "the version is written once, in lit_accel/__init__.py"
+    assert metadata["License-Expression"] == "Apache-2.0"
+    assert metadata.get_all("License-File") == ["LICENSE"]
+    assert (REPO_ROOT / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
+    requirements = metadata.get_all("Requires-Dist")
+    assert any(r.replace(" ", "") in ("lightning<2.7,>=2.6", "lightning>=2.6,<2.7") for r in requirements), requirements
