@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import config, run_cli
 
@@ -15,6 +16,7 @@ def _meter_config(tmp_path, warmup_steps: int):
     return ["--config", str(path)]
 
 
+@pytest.mark.slow
 def test_resume_with_another_warmup_keeps_the_meters_totals(tmp_path):
     common = [*config("cifar10.yaml", "smoke.yaml"), "--trainer.enable_progress_bar", "false"]
     first = run_cli(["fit", *common, *_meter_config(tmp_path, 1)], cwd=tmp_path)
