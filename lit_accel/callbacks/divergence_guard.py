@@ -1,7 +1,8 @@
 """DivergenceGuard: catch NaN/Inf and loss or gradient spikes at every optimizer step, skip the bad
 update, roll back with a lower learning rate when it persists, and stop cleanly when that fails too.
 
-Imports only ``lightning`` and ``torch`` (and the standard library), so the file can be copied into
+Imports only ``lightning``, ``torch``, the standard library and the private
+``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
 another project.
 
 Cost, measured on a shared 2-core CPU (torch 2.14.1): the guard's hooks took about 0.2 ms per step

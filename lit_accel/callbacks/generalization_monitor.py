@@ -2,7 +2,8 @@
 stalls or the gap grows too wide, and end training with the weights of the best validation (what
 Keras calls ``restore_best_weights``; Lightning's ``EarlyStopping`` stops but keeps the last weights).
 
-Imports only ``lightning`` and ``torch`` (and the standard library), so the file can be copied into
+Imports only ``lightning``, ``torch``, the standard library and the private ``_state_keys.py``
+(standard library only), so the two files can be copied into
 another project.
 
 Cost: one all-reduce of a few numbers per validation and per validated epoch (none on one device),
@@ -26,6 +27,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+
+from lit_accel.callbacks._state_keys import identity_state_key
 
 __all__ = ["GeneralizationMonitor"]
 
@@ -196,7 +199,7 @@ class GeneralizationMonitor(EarlyStopping):
 
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(monitor=self.monitor, mode=self.mode)
+        return identity_state_key(type(self).__qualname__, monitor=self.monitor, mode=self.mode)
 
     @property
     def best_weights(self) -> dict[str, Tensor] | None:

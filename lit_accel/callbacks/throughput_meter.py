@@ -1,7 +1,8 @@
 """Training throughput, data wait, FLOPs/MFU and peak memory for any Lightning run.
 
-This module imports only ``lightning``, ``torch`` and the standard library, so it can be copied into
-another project as it is.
+This module imports only ``lightning``, ``torch``, the standard library and the private
+``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
+another project as they are.
 """
 
 from __future__ import annotations

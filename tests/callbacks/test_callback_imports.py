@@ -1,0 +1,37 @@
+"""The rule the callbacks' docstrings state: each module imports only the standard library, torch,
+lightning and the private checkpoint-key helper, so it can be copied into another project."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+CALLBACKS = Path(__file__).resolve().parents[2] / "lit_accel" / "callbacks"
+ALLOWED_ROOTS = {"torch", "lightning", "lightning_utilities", "typing_extensions"}
+ALLOWED_PRIVATE = {"lit_accel.callbacks._state_keys"}
+
+
+def _imported(path: Path) -> set[str]:
+    """Module-level imports (also under a top-level ``if``/``try``). Imports inside a function are
+    optional extras loaded when used (numpy's RNG state, matplotlib for figures), not requirements."""
+    names: set[str] = set()
+    top = [n for n in ast.parse(path.read_text()).body if not isinstance(n, (ast.FunctionDef, ast.ClassDef))]
+    for node in (inner for stmt in top for inner in ast.walk(stmt)):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("path", sorted(p for p in CALLBACKS.glob("*.py") if p.name != "__init__.py"), ids=lambda p: p.name)
+def test_callback_module_imports_only_what_it_can_carry_along(path):
+    foreign = {
+        name for name in _imported(path)
+        if name.split(".")[0] not in ALLOWED_ROOTS | set(sys.stdlib_module_names) | {"__future__"}
+        and name not in ALLOWED_PRIVATE
+    }
+    assert not foreign, f"{path.name} imports {sorted(foreign)}: callbacks may import only torch, lightning and the standard library at module level"
