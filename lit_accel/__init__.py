@@ -11,4 +11,12 @@ from lit_accel.models import BatchNormCNN, ImageClassifier, LiteCNN, ResNet9, Se
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNormCNN", "CIFAR10DataModule", "ImageClassifier", "LiteCNN", "ResNet9", "SeedCNN", "make_synthetic_cifar"]
+__all__ = [
+    "BatchNormCNN",
+    "CIFAR10DataModule",
+    "ImageClassifier",
+    "LiteCNN",
+    "ResNet9",
+    "SeedCNN",
+    "make_synthetic_cifar",
+]

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from typing_extensions import override
+
 __all__ = ["PRIVATE_LIGHTNING_MEMBERS", "PrivateMember", "missing_private_members"]
 
 
@@ -38,6 +40,7 @@ class PrivateMember:
     used_by: str
     instance: bool = False
 
+    @override
     def __str__(self) -> str:
         owner = self.owner.split(":")[1] + ("()" if self.instance else "")
         return f"{owner}.{self.name}"
@@ -49,46 +52,73 @@ _TRAINER = "lightning.pytorch:Trainer"
 
 PRIVATE_LIGHTNING_MEMBERS: tuple[PrivateMember, ...] = (
     PrivateMember(
-        _CLI, "_parse_ckpt_path",
+        _CLI,
+        "_parse_ckpt_path",
         "lit_accel/cli.py: LightningCLI calls it after parse_arguments to rebuild the model from a --ckpt_path "
         "file's hyperparameters; LitAccelCLI resolves best/last before it so aliases get that too",
     ),
     PrivateMember(
-        "lightning.pytorch.trainer.connectors.checkpoint_connector:_CheckpointConnector", "hpc_save_path",
+        "lightning.pytorch.trainer.connectors.checkpoint_connector:_CheckpointConnector",
+        "hpc_save_path",
         "lit_accel/checkpoints.py: --ckpt_path last also finds the hpc_ckpt_<n>.ckpt files this names "
         "(SLURM requeue, saved in trainer.default_root_dir)",
     ),
     PrivateMember(
-        _MODEL_CHECKPOINT, "_should_skip_saving_checkpoint",
+        _MODEL_CHECKPOINT,
+        "_should_skip_saving_checkpoint",
         "lit_accel/checkpoints.py: LastAfterEveryValidation saves last.ckpt after every validation",
     ),
-    PrivateMember(_MODEL_CHECKPOINT, "_should_save_on_train_epoch_end", "lit_accel/checkpoints.py: LastAfterEveryValidation"),
+    PrivateMember(
+        _MODEL_CHECKPOINT, "_should_save_on_train_epoch_end", "lit_accel/checkpoints.py: LastAfterEveryValidation"
+    ),
     PrivateMember(_MODEL_CHECKPOINT, "_save_last_checkpoint", "lit_accel/checkpoints.py: LastAfterEveryValidation"),
     PrivateMember(_MODEL_CHECKPOINT, "_monitor_candidates", "lit_accel/checkpoints.py: LastAfterEveryValidation"),
-    PrivateMember(_MODEL_CHECKPOINT, "_last_global_step_saved", "lit_accel/checkpoints.py: LastAfterEveryValidation", instance=True),
     PrivateMember(
-        "lightning.pytorch.strategies:ModelParallelStrategy", "_data_parallel_size",
-        "lit_accel/strategies.py: FSDP2Strategy resolves 'auto' to every process", instance=True,
+        _MODEL_CHECKPOINT,
+        "_last_global_step_saved",
+        "lit_accel/checkpoints.py: LastAfterEveryValidation",
+        instance=True,
     ),
     PrivateMember(
-        "lightning.fabric.utilities.load:_load_distributed_checkpoint", "__call__",
+        "lightning.pytorch.strategies:ModelParallelStrategy",
+        "_data_parallel_size",
+        "lit_accel/strategies.py: FSDP2Strategy resolves 'auto' to every process",
+        instance=True,
+    ),
+    PrivateMember(
+        "lightning.fabric.utilities.load:_load_distributed_checkpoint",
+        "__call__",
         "lit_accel/export.py: an FSDP2 checkpoint folder consolidated into one state dict",
     ),
     PrivateMember(
-        _TRAINER, "_logger_connector.should_update_logs",
-        "lit_accel/models/classifier.py: log train/loss_step only on the steps the loggers write", instance=True,
+        _TRAINER,
+        "_logger_connector.should_update_logs",
+        "lit_accel/models/classifier.py: log train/loss_step only on the steps the loggers write",
+        instance=True,
     ),
     PrivateMember(
-        "lightning.pytorch.core.mixins.hparams_mixin:_given_hyperparameters", "get",
+        "lightning.pytorch.core.mixins.hparams_mixin:_given_hyperparameters",
+        "get",
         "lit_accel/models/classifier.py: keep the network out of hparams unless LightningCLI builds the model",
     ),
     PrivateMember(
-        _TRAINER, "fit_loop._combined_loader",
-        "lit_accel/callbacks/dynamic_batch_lr.py: reload the training DataLoader mid-fit", instance=True,
+        _TRAINER,
+        "fit_loop._combined_loader",
+        "lit_accel/callbacks/dynamic_batch_lr.py: reload the training DataLoader mid-fit",
+        instance=True,
     ),
     PrivateMember(
-        "lightning.pytorch.loggers:TensorBoardLogger", "_default_hp_metric",
-        "lit_accel/callbacks/hparams_summary.py: warn when Lightning's placeholder hp_metric is on", instance=True,
+        _TRAINER,
+        "_accelerator_connector.cluster_environment",
+        "lit_accel/callbacks/preemption_checkpoint.py: find SLURM auto-requeue, whose signal it defers to a "
+        "batch's end",
+        instance=True,
+    ),
+    PrivateMember(
+        "lightning.pytorch.loggers:TensorBoardLogger",
+        "_default_hp_metric",
+        "lit_accel/callbacks/hparams_summary.py: warn when Lightning's placeholder hp_metric is on",
+        instance=True,
     ),
 )
 
@@ -97,8 +127,12 @@ def _trainer() -> Any:
     from lightning.pytorch import Trainer
 
     return Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
 
 

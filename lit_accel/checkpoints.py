@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
+from typing_extensions import override
 
 from lit_accel.errors import CheckpointError
 
@@ -125,7 +126,9 @@ def refused_object_message(path: str, err: Exception) -> str:
     whatever the file holds: the one thing not to do with a file of unknown origin. This names
     what was refused instead.
     """
-    found = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "GLOBAL" in line), "")
+    found = next(
+        (line.strip() for line in str(err).splitlines() if "Unsupported global" in line or "GLOBAL" in line), ""
+    )
     detail = f" ({found.rstrip('.')})" if found else ""
     return (
         f"checkpoint {path} holds Python objects other than tensors and plain data{detail}: refused, and nothing in "
@@ -150,8 +153,8 @@ def check_checkpoint(path: str, model: nn.Module, sharded: bool = False) -> None
         verify_distributed_checkpoint(path)
         if not sharded:
             raise CheckpointError(
-                f"checkpoint {path} is a distributed (FSDP2) checkpoint folder, which only the FSDP strategy loads: add "
-                "--config configs/strategy/fsdp.yaml --trainer.devices N (N: the processes it was saved with), or "
+                f"checkpoint {path} is a distributed (FSDP2) checkpoint folder, which only the FSDP strategy loads: "
+                "add --config configs/strategy/fsdp.yaml --trainer.devices N (N: the processes it was saved with), or "
                 f"export it to one file with 'lit-accel-export {path} -o DIR'."
             )
         return
@@ -172,9 +175,18 @@ def check_checkpoint(path: str, model: nn.Module, sharded: bool = False) -> None
             details.append(f"{len(mismatched)} of other shapes (e.g. {name}: {found[name]} vs {expected[name]})")
         raise CheckpointError(
             f"checkpoint {path} was saved from a different network than the configured one: {'; '.join(details)}. "
-            "Use the config the checkpoint was trained with (its run folder holds config.yaml): "
-            "--config runs/<name>/version_<n>/config.yaml."
+            f"Use the config the checkpoint was trained with: {_run_config_hint(path)}."
         )
+
+
+def _run_config_hint(path: str) -> str:
+    """``--config <run>/config.yaml`` for a checkpoint in a run's ``checkpoints/`` folder that has
+    one (LightningCLI saves it there), else where such a file lies."""
+    folder = os.path.dirname(os.path.abspath(path))
+    run_config = os.path.join(os.path.dirname(os.path.dirname(path)), "config.yaml")
+    if os.path.basename(folder) == "checkpoints" and os.path.isfile(run_config):
+        return f"--config {run_config}"
+    return "its run folder holds config.yaml (--config runs/<name>/version_<n>/config.yaml)"
 
 
 # What the ".metadata" file of a torch.distributed.checkpoint folder holds (torch 2.4-2.14):
@@ -205,6 +217,7 @@ _DCP_METADATA_GLOBALS = {
 
 
 class _DistributedMetadataUnpickler(pickle.Unpickler):
+    @override
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _DCP_METADATA_GLOBALS:
             return super().find_class(module, name)
@@ -276,11 +289,13 @@ class LastAfterEveryValidation(ModelCheckpoint):
     The arguments are ModelCheckpoint's.
     """
 
+    @override
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_validation_end(trainer, pl_module)
         if not self._should_skip_saving_checkpoint(trainer) and not self._should_save_on_train_epoch_end(trainer):
             self._save_last_if_behind(trainer)
 
+    @override
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         super().on_train_end(trainer, pl_module)
         if not trainer.sanity_checking and not trainer.fast_dev_run:

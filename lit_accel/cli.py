@@ -12,17 +12,18 @@ import math
 import os
 import sys
 import warnings
-from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+from jsonargparse import Namespace, lazy_instance
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
-from jsonargparse import Namespace, lazy_instance
+from typing_extensions import override
 
 from lit_accel.callbacks import PredictionCSVWriter, PreemptionCheckpoint, RNGStateCheckpoint
 from lit_accel.callbacks.divergence_guard import DivergenceError
@@ -38,6 +39,9 @@ from lit_accel.errors import ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
 from lit_accel.models.classifier import scheduler_interval
 
+if TYPE_CHECKING:
+    from _typeshed import SupportsWrite  # typeshed's type for print_usage's file
+
 __all__ = ["LitAccelCLI", "main"]
 
 DEFAULT_LOG_DIR = "runs"
@@ -49,7 +53,8 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 class _ConciseParser(LightningArgumentParser):
     """On a bad argument, print one usage line instead of every option of every class."""
 
-    def print_usage(self, file=None) -> None:
+    @override
+    def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
         prog = self.prog.replace(" [options]", "")
         (file or sys.stderr).write(f"usage: {prog} [--config CONFIG ...] [options]\n")
 
@@ -76,7 +81,7 @@ class LitAccelCLI(LightningCLI):
     message. ``predict`` runs without a logger: it writes no run folder, only the predictions.
     """
 
-    def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+    def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         super().__init__(
             ImageClassifier,
             CIFAR10DataModule,
@@ -90,6 +95,7 @@ class LitAccelCLI(LightningCLI):
             run=run,
         )
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastAfterEveryValidation, "checkpoint")
         parser.set_defaults(
@@ -124,11 +130,15 @@ class LitAccelCLI(LightningCLI):
                 "trainer.logger": lazy_instance(
                     # default_hp_metric off: Lightning's placeholder hp_metric would hide the
                     # HParams tab's real metrics (val/acc, test/acc).
-                    TensorBoardLogger, save_dir=DEFAULT_LOG_DIR, name="lit_accel", default_hp_metric=False
+                    TensorBoardLogger,
+                    save_dir=DEFAULT_LOG_DIR,
+                    name="lit_accel",
+                    default_hp_metric=False,
                 )
             }
         )
 
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse, then replace ``--ckpt_path best|last`` by the file it names, before anything is built.
 
@@ -152,6 +162,7 @@ class LitAccelCLI(LightningCLI):
         if ckpt_path and os.path.isfile(ckpt_path):
             read_checkpoint(ckpt_path)
 
+    @override
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls on Ampere+ GPUs: ~2x faster fp32 GEMMs at CNN-irrelevant precision loss.
         torch.set_float32_matmul_precision("high")
@@ -164,6 +175,7 @@ class LitAccelCLI(LightningCLI):
             trainer_config["logger"] = False
             self.save_config_callback = None
 
+    @override
     def instantiate_classes(self) -> None:
         """Build everything; an argument that a class rejects becomes one clear message."""
         try:
@@ -177,7 +189,9 @@ class LitAccelCLI(LightningCLI):
             # fails here, in a message, instead of as a traceback after the run has started.
             optimizer = self.model.optimizer_factory([torch.nn.Parameter(torch.zeros(1))])
         except ValueError as err:
-            raise ConfigurationError(f"invalid model.optimizer: {err}. Fix it in the config or on the command line.") from err
+            raise ConfigurationError(
+                f"invalid model.optimizer: {err}. Fix it in the config or on the command line."
+            ) from err
         settings = {key: value for key, value in optimizer.param_groups[0].items() if key != "params"}
         _check_finite("model.optimizer", settings)
         learning_rate = settings.get("lr")
@@ -207,13 +221,17 @@ class LitAccelCLI(LightningCLI):
             states = read_checkpoint(ckpt_path).get("callbacks") or {}
             for callback in self.trainer.checkpoint_callbacks:
                 saved = states.get(callback.state_key)
-                if isinstance(saved, dict) and isinstance(saved.get("dirpath"), str):
+                if (
+                    isinstance(callback, ModelCheckpoint)
+                    and isinstance(saved, dict)
+                    and isinstance(saved.get("dirpath"), str)
+                ):
                     callback.dirpath = saved["dirpath"]
 
     def after_predict(self) -> None:
         """Nothing predicted (every file unreadable) is an error, as an empty folder is; the CSV
         a user already had is left as it was."""
-        for callback in self.trainer.callbacks:
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             if isinstance(callback, PredictionCSVWriter) and callback.predictions_written == 0:
                 folder = getattr(self.datamodule, "predict_dir", None)
                 source = f"none of the files in {folder} is a readable image" if folder else "the data set was empty"
@@ -257,7 +275,9 @@ def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | No
     )
 
 
-def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer, trainer: Any, datamodule: Any) -> None:
+def _check_lr_scheduler(
+    model: ImageClassifier, optimizer: torch.optim.Optimizer, trainer: Any, datamodule: Any
+) -> None:
     """Build the scheduler once on the stand-in optimizer: bad settings fail before the run starts."""
     if model.lr_scheduler_factory is None:
         return
@@ -266,7 +286,9 @@ def _check_lr_scheduler(model: ImageClassifier, optimizer: torch.optim.Optimizer
     except ValueError as err:
         if isinstance(err, LitAccelUserError):
             raise
-        raise ConfigurationError(f"invalid model.lr_scheduler: {err}. Fix it in the config or on the command line.") from err
+        raise ConfigurationError(
+            f"invalid model.lr_scheduler: {err}. Fix it in the config or on the command line."
+        ) from err
     interval = scheduler_interval(scheduler, model.lr_scheduler_interval)
     # Settings only: ReduceLROnPlateau starts its best-so-far (and "worse than any") at infinity.
     state = ("optimizer", "_last_lr", "base_lrs", "best", "mode_worse")
@@ -290,7 +312,10 @@ def _check_plateau_monitor(monitor: str, interval: str, trainer: Any, datamodule
         for setting, off in (
             (f"data.val_size={getattr(datamodule, 'val_size', None)}", getattr(datamodule, "val_size", 1) == 0),
             (f"trainer.limit_val_batches={trainer.limit_val_batches}", trainer.limit_val_batches == 0),
-            (f"trainer.check_val_every_n_epoch={trainer.check_val_every_n_epoch}", trainer.check_val_every_n_epoch != 1),
+            (
+                f"trainer.check_val_every_n_epoch={trainer.check_val_every_n_epoch}",
+                trainer.check_val_every_n_epoch != 1,
+            ),
         )
         if off
     ]
@@ -365,7 +390,7 @@ def _check_seed_agreed(seed: object) -> None:
         )
 
 
-def _log_root(trainer) -> str:
+def _log_root(trainer: Trainer) -> str:
     """This experiment's folder (``runs/<name>`` for TensorBoard): aliases never pick another one's run."""
     logger = trainer.logger
     root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None) if logger is not None else None
@@ -390,7 +415,7 @@ def _log_root_from_config(trainer_config: Any) -> str:
     return str(root or default_root_dir)
 
 
-def main(args: Sequence[str] | None = None) -> None:
+def main(args: ArgsType = None) -> None:
     """Entry point of ``lit-accel``. A user error ends in one message and exit status 2.
 
     User errors are lit_accel's own (missing data, no checkpoint to resume) and Lightning's

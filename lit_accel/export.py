@@ -30,15 +30,19 @@ import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint, read_checkpoint, verify_distributed_checkpoint
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from lit_accel.data.cifar10 import CIFAR10_CLASSES
 from lit_accel.errors import CheckpointError, LitAccelUserError
+
+if TYPE_CHECKING:  # for annotations only: load_classifier imports it when called
+    from lit_accel.models import ImageClassifier
 
 __all__ = ["CheckpointError", "ServingModel", "export_checkpoint", "export_model", "load_classifier", "main"]
 
@@ -52,8 +56,6 @@ FORMATS: tuple[Format, ...] = ("pt2", "torchscript")
 _MAX_BATCH = 65536
 # float32 differences between the exported graph and eager PyTorch (op fusion, summation order).
 _CHECK_TOLERANCE = 1e-4
-
-
 
 
 class ServingModel(nn.Module):
@@ -70,6 +72,10 @@ class ServingModel(nn.Module):
     probabilities ``(N, C)``. Computes ``softmax(net((images / 255 - mean) / std))``, the same
     arithmetic as training's ``lit_accel.data.augment.normalize``.
     """
+
+    if TYPE_CHECKING:  # buffers, registered in __init__; no class annotation at run time, which TorchScript would read
+        mean: Tensor
+        std: Tensor
 
     def __init__(
         self,
@@ -89,11 +95,9 @@ class ServingModel(nn.Module):
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
+    @override
     def forward(self, images: Tensor) -> Tensor:
-        if images.dtype == torch.uint8:
-            x = images.to(torch.float32) / 255.0
-        else:
-            x = images.to(torch.float32)
+        x = images.to(torch.float32) / 255.0 if images.dtype == torch.uint8 else images.to(torch.float32)
         x = (x - self.mean) / self.std
         logits = self.net(x)
         if self.flip_tta:
@@ -121,7 +125,7 @@ def resolve_checkpoint(checkpoint: str, runs_dir: str = "runs") -> str:
     return checkpoint
 
 
-def load_classifier(checkpoint: str) -> nn.Module:
+def load_classifier(checkpoint: str) -> ImageClassifier:
     """An ``ImageClassifier`` rebuilt from a ``lit-accel fit`` checkpoint, on the CPU, in eval mode.
 
     Accepts a ``.ckpt`` file or an FSDP2 checkpoint folder (``.distcp`` shards, from
@@ -267,12 +271,16 @@ def _staging_folder(out: Path) -> Path:
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             where = "is a file" if folder == out else f"is inside {folder}, which is a file"
-            raise LitAccelUserError(f"output folder {out} {where}: pass a folder path with -o (it is created if needed).")
+            raise LitAccelUserError(
+                f"output folder {out} {where}: pass a folder path with -o (it is created if needed)."
+            )
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
     except OSError as err:
-        raise LitAccelUserError(f"output folder {out} cannot be created ({err.strerror}): pass a writable folder with -o.") from None
+        raise LitAccelUserError(
+            f"output folder {out} cannot be created ({err.strerror}): pass a writable folder with -o."
+        ) from None
 
 
 def export_checkpoint(
@@ -294,7 +302,13 @@ def export_checkpoint(
         classes = CIFAR10_CLASSES
     flip_tta = bool(model.hparams.get("flip_tta", False))
     return export_model(
-        model.net, out_dir, classes=classes, formats=formats, input_dtype=input_dtype, source=str(checkpoint), flip_tta=flip_tta
+        model.net,
+        out_dir,
+        classes=classes,
+        formats=formats,
+        input_dtype=input_dtype,
+        source=str(checkpoint),
+        flip_tta=flip_tta,
     )
 
 
@@ -376,11 +390,17 @@ def _parser() -> argparse.ArgumentParser:
             "uint8 0..255 (or float [0, 1]); output: class probabilities (N, classes)."
         ),
     )
-    parser.add_argument("checkpoint", help="a .ckpt file (or FSDP checkpoint folder), or 'best'/'last': the newest run's")
-    parser.add_argument("-o", "--out_dir", default="exported", help="folder for the files (default: %(default)s)")
-    parser.add_argument("--format", choices=[*FORMATS, "both"], default="both", help="what to write (default: %(default)s)")
     parser.add_argument(
-        "--input_dtype", choices=["uint8", "float32"], default="uint8",
+        "checkpoint", help="a .ckpt file (or FSDP checkpoint folder), or 'best'/'last': the newest run's"
+    )
+    parser.add_argument("-o", "--out_dir", default="exported", help="folder for the files (default: %(default)s)")
+    parser.add_argument(
+        "--format", choices=[*FORMATS, "both"], default="both", help="what to write (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--input_dtype",
+        choices=["uint8", "float32"],
+        default="uint8",
         help="the input dtype of model.pt2 (TorchScript takes both; default: %(default)s)",
     )
     parser.add_argument("--classes", nargs="+", help="class names in output order (default: CIFAR-10's for 10 classes)")

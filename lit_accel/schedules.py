@@ -20,8 +20,10 @@ import math
 import warnings
 from typing import Any, Literal
 
+from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
+from typing_extensions import override
 
 from lit_accel.errors import ConfigurationError
 
@@ -68,8 +70,8 @@ class WarmupDecayLR(LRScheduler):
         last_epoch: as for every torch scheduler (``-1``: a fresh start).
 
     Raises:
-        ConfigurationError: (a ``ValueError``) for a value outside the ranges above, both warm-up arguments set, or (from
-            :meth:`plan`) a run of no steps or a warm-up longer than the run.
+        ConfigurationError: (a ``ValueError``) for a value outside the ranges above, both warm-up arguments set,
+            or (from :meth:`plan`) a run of no steps or a warm-up longer than the run.
 
     Example::
 
@@ -103,7 +105,12 @@ class WarmupDecayLR(LRScheduler):
         end_factor: float = 0.0,
         last_epoch: int = -1,
     ) -> None:
-        _require(_is_fraction(warmup_fraction, upper_open=True), "warmup_fraction", warmup_fraction, "a fraction of the run in [0, 1)")
+        _require(
+            _is_fraction(warmup_fraction, upper_open=True),
+            "warmup_fraction",
+            warmup_fraction,
+            "a fraction of the run in [0, 1)",
+        )
         _require(
             isinstance(warmup_steps, int) and not isinstance(warmup_steps, bool) and warmup_steps >= 0,
             "warmup_steps",
@@ -117,7 +124,12 @@ class WarmupDecayLR(LRScheduler):
             f"0 when warmup_fraction is set ({warmup_fraction}): give one of the two",
         )
         _require(decay in _DECAYS, "decay", decay, "'cosine' or 'linear'")
-        _require(_is_fraction(start_factor) and start_factor > 0, "start_factor", start_factor, "a fraction of the peak LR in (0, 1]")
+        _require(
+            _is_fraction(start_factor) and start_factor > 0,
+            "start_factor",
+            start_factor,
+            "a fraction of the peak LR in (0, 1]",
+        )
         _require(_is_fraction(end_factor), "end_factor", end_factor, "a fraction of the peak LR in [0, 1]")
         self.warmup_fraction = float(warmup_fraction)
         self.warmup_steps = int(warmup_steps)
@@ -176,11 +188,12 @@ class WarmupDecayLR(LRScheduler):
             return 1.0
         return min(1.0, self.anchor_progress + (1.0 - self.anchor_progress) * (step - self.anchor_step) / steps_left)
 
-    def get_lr(self) -> list[float]:  # type: ignore[override]
+    @override
+    def get_lr(self) -> list[float | Tensor]:
         factor = lr_factor(self.progress(), self.warmup, self.decay, self.start_factor, self.end_factor)
         return [base_lr * factor for base_lr in self.base_lrs]
 
-    def _apply(self, lrs: list[float]) -> None:
+    def _apply(self, lrs: list[float | Tensor]) -> None:
         for group, lr in zip(self.optimizer.param_groups, lrs):
             group["lr"] = lr
         self._last_lr = list(lrs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from lightning.pytorch.strategies import ModelParallelStrategy
+from typing_extensions import override
 
 __all__ = ["FSDP2Strategy"]
 
@@ -35,6 +36,7 @@ class FSDP2Strategy(ModelParallelStrategy):
             raise ValueError(f"data_parallel_size={data_parallel_size!r} is not allowed: use 'auto' or a positive int")
         super().__init__(data_parallel_size=data_parallel_size, tensor_parallel_size=1, **kwargs)
 
+    @override
     def setup_environment(self) -> None:
         if self._data_parallel_size == "auto":
             self._data_parallel_size = self.num_nodes * self.num_processes

@@ -41,12 +41,19 @@ def cifar10_root(tmp_path_factory) -> tuple[Path, dict[str, np.ndarray]]:
     test_labels = rng.integers(0, 10, size=TEST_IMAGES)
     for i in range(5):
         part = slice(i * TRAIN_PER_BATCH, (i + 1) * TRAIN_PER_BATCH)
-        _write_batch(folder / f"data_batch_{i + 1}", train_images[part], train_labels[part], f"training batch {i + 1} of 5")
+        _write_batch(
+            folder / f"data_batch_{i + 1}", train_images[part], train_labels[part], f"training batch {i + 1} of 5"
+        )
     _write_batch(folder / "test_batch", test_images, test_labels, "testing batch 1 of 1")
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump({"label_names": names, "num_cases_per_batch": 10000, "num_vis": 3072}, f, protocol=2)
-    arrays = {"train_images": train_images, "train_labels": train_labels, "test_images": test_images, "test_labels": test_labels}
+    arrays = {
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
     return root, arrays
 
 

@@ -24,7 +24,9 @@ def lit_accel_command() -> list[str]:
     return [str(exe)] if exe.exists() else ["lit-accel"]
 
 
-def run_cli(args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], cwd: Path, timeout: float = 240, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """Run ``lit-accel ARGS`` in a subprocess; returns the finished process (output captured)."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     return subprocess.run(
@@ -47,7 +49,6 @@ def config(*names: str) -> list[str]:
     for name in names:
         args += ["--config", str(CONFIGS / name)]
     return args
-
 
 
 class MemoryLogger(Logger):
@@ -95,7 +96,9 @@ class MemoryLogger(Logger):
         return {k for _, row in self.rows for k in row}
 
 
-def quiet_cpu_trainer(root: Path, callbacks: list[Callback] | tuple[Callback, ...] = (), **overrides: Any) -> pl.Trainer:
+def quiet_cpu_trainer(
+    root: Path, callbacks: list[Callback] | tuple[Callback, ...] = (), **overrides: Any
+) -> pl.Trainer:
     """A one-process CPU Trainer writing under ``root``: no logger, progress bar, model summary or
     checkpointing unless ``overrides`` (which win over every default) say otherwise."""
     settings: dict[str, Any] = dict(

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, read_scalars, run_cli
 
+from helpers import config, read_scalars, run_cli
 from lit_accel.cli import LitAccelCLI, main
 
 SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
@@ -33,6 +33,42 @@ def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
         assert cli.config[cli.subcommand]["model"]["net"]["init_args"]["width"] == 24
 
 
+# The least the CLI trains and tests: one batch of each, on a small synthetic set.
+TINY = [
+    *SMOKE,
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.synthetic_size",
+    "320",
+    "--data.val_size",
+    "64",
+    "--data.synthetic_test_size",
+    "64",
+    "--trainer.limit_train_batches",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_test_batches",
+    "1",
+]
+
+
+@pytest.mark.slow
+def test_best_and_last_are_the_newest_of_two_runs(in_tmp_dir):
+    """Two runs under one logger folder (widths 8, then 12): best and last name the second run's
+    files, and the model is rebuilt with its network."""
+    for width in ("8", "12"):
+        LitAccelCLI(args=["fit", *TINY, "--model.net.width", width])
+    runs = in_tmp_dir / "runs" / "cifar10"
+    assert sorted(p.name for p in runs.iterdir()) == ["version_0", "version_1"]
+    for alias in ("last", "best"):
+        cli = LitAccelCLI(args=["test", *TINY, "--ckpt_path", alias])
+        path = Path(cli.config["test"]["ckpt_path"])
+        assert path.parent.resolve() == (runs / "version_1" / "checkpoints").resolve(), (alias, path)
+        assert path.name == "last.ckpt" if alias == "last" else path.name.startswith("best-epoch"), (alias, path)
+        assert cli.model.net.features[0].out_channels == 12, "the newest run's network"
+
+
 def test_tensorboard_logs_by_default(in_tmp_dir):
     LitAccelCLI(args=["fit", *SMOKE])
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
@@ -50,7 +86,12 @@ def test_checkpoint_alias_without_a_run_is_one_clear_error(in_tmp_dir, capsys):
 
 
 def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(in_tmp_dir):
-    plateau = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau", "--model.lr_scheduler.patience", "0"]
+    plateau = [
+        "--model.lr_scheduler",
+        "torch.optim.lr_scheduler.ReduceLROnPlateau",
+        "--model.lr_scheduler.patience",
+        "0",
+    ]
     fit = LitAccelCLI(args=["fit", *SMOKE, *plateau, "--trainer.max_epochs", "2"])
     (config,) = fit.trainer.lr_scheduler_configs
     assert (config.monitor, config.interval, config.name) == ("val/loss", "epoch", "train/lr")
@@ -64,8 +105,15 @@ def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--data.val_size", "0"], "ReduceLROnPlateau follows model.lr_scheduler_monitor=val/loss, which is not logged every epoch here (data.val_size=0)"),
-        (["--model.lr_scheduler_monitor", "val/los"], "lr_scheduler_monitor='val/los' is not allowed: use a metric ImageClassifier logs"),
+        (
+            ["--data.val_size", "0"],
+            "ReduceLROnPlateau follows model.lr_scheduler_monitor=val/loss, which is not logged every epoch here "
+            "(data.val_size=0)",
+        ),
+        (
+            ["--model.lr_scheduler_monitor", "val/los"],
+            "lr_scheduler_monitor='val/los' is not allowed: use a metric ImageClassifier logs",
+        ),
         (["--model.lr_scheduler_interval", "step"], "lr_scheduler_interval=step is not allowed with ReduceLROnPlateau"),
     ],
     ids=["no-validation", "unknown-metric", "per-step"],
@@ -124,8 +172,18 @@ def test_own_cifar_format_files_through_the_cli(in_tmp_dir, cifar10_root, no_net
     import pickle
 
     root = _copy_of(cifar10_root[0], in_tmp_dir)
-    base = ["fit", *config("cifar10.yaml"), "--trainer.enable_progress_bar", "false", "--data.data_dir", str(root),
-            "--data.val_size", "50", "--trainer.max_epochs", "1"]
+    base = [
+        "fit",
+        *config("cifar10.yaml"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--data.data_dir",
+        str(root),
+        "--data.val_size",
+        "50",
+        "--trainer.max_epochs",
+        "1",
+    ]
     for extra, expected in [
         ([], "not the official CIFAR-10 (their checksums differ)"),
         (["--data.verify_checksums", "false"], None),

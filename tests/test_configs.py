@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from helpers import CONFIGS, config, run_cli
 
+from helpers import CONFIGS, config, run_cli
 from lit_accel.cli import LitAccelCLI, main
 
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -55,9 +55,17 @@ def test_default_recipe_on_the_real_cifar10_code_path(names, in_tmp_dir, cifar10
     root, _ = cifar10_root
     cli = LitAccelCLI(
         args=[
-            "fit", *config(*names), *QUIET,
-            "--data.data_dir", str(root), "--data.val_size", "50", "--data.batch_size", "32",
-            "--trainer.max_epochs", "1",
+            "fit",
+            *config(*names),
+            *QUIET,
+            "--data.data_dir",
+            str(root),
+            "--data.val_size",
+            "50",
+            "--data.batch_size",
+            "32",
+            "--trainer.max_epochs",
+            "1",
         ]
     )
     assert cli.datamodule.classes[3] == "cat"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config
 
+from helpers import config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.data import CIFAR10_CLASSES
 from lit_accel.data.augment import normalize
@@ -59,9 +59,16 @@ def checkpoint(tmp_path_factory) -> Path:
         patch.setattr("sys.argv", ["lit-accel"])
         LitAccelCLI(
             args=[
-                "fit", *config("cifar10.yaml", "smoke.yaml"), "--trainer.enable_progress_bar", "false",
-                "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "2",
-                "--trainer.limit_val_batches", "1",
+                "fit",
+                *config("cifar10.yaml", "smoke.yaml"),
+                "--trainer.enable_progress_bar",
+                "false",
+                "--trainer.enable_model_summary",
+                "false",
+                "--trainer.limit_train_batches",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
             ]
         )
     return next((root / "runs").rglob("best-*.ckpt"))
@@ -79,7 +86,9 @@ def test_console_script_is_installed() -> None:
     assert scripts.get("lit-accel-export") == "lit_accel.export:main"
 
 
-def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(checkpoint: Path, tmp_path: Path, capsys) -> None:
+def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(
+    checkpoint: Path, tmp_path: Path, capsys
+) -> None:
     out = tmp_path / "exported"
     main([str(checkpoint), "--out_dir", str(out)])
     assert f"exported {checkpoint}" in capsys.readouterr().out
@@ -90,8 +99,17 @@ def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(ch
     batches = [torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=generator) for n in (1, 5, 9)]
     torch.save({"uint8": batches, "float": [b.float() / 255 for b in batches]}, tmp_path / "inputs.pt")
     serve = subprocess.run(
-        [sys.executable, "-c", SERVE_WITHOUT_LIT_ACCEL, str(out), str(tmp_path / "inputs.pt"), str(tmp_path / "outputs.pt")],
-        capture_output=True, text=True, timeout=240,
+        [
+            sys.executable,
+            "-c",
+            SERVE_WITHOUT_LIT_ACCEL,
+            str(out),
+            str(tmp_path / "inputs.pt"),
+            str(tmp_path / "outputs.pt"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert serve.returncode == 0, serve.stderr
     outputs = torch.load(tmp_path / "outputs.pt")
@@ -99,10 +117,14 @@ def test_artifacts_predict_like_the_checkpoint_in_a_process_without_lit_accel(ch
     for i, images in enumerate(batches):  # batch sizes 1, 5, 9: the batch dimension is dynamic
         expected = _expected(checkpoint, images)
         single_pass = torch.softmax(
-            ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()(normalize(images)),
+            ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()(
+                normalize(images)
+            ),
             dim=-1,
         )
-        assert not torch.allclose(single_pass, expected, atol=TOLERANCE), "the recipe averages over flips: a single pass differs"
+        assert not torch.allclose(single_pass, expected, atol=TOLERANCE), (
+            "the recipe averages over flips: a single pass differs"
+        )
         for kind in ("pt2_uint8", "script_uint8", "script_float"):
             got = outputs[kind][i]
             assert got.shape == (images.shape[0], 10)
@@ -133,17 +155,34 @@ def test_any_network_exports_with_float_input(tmp_path: Path) -> None:
     written = export_model(net, tmp_path, classes=["a", "b", "c"], input_dtype="float32")
     images = torch.rand(2, 3, 32, 32)
     expected = torch.softmax(net(normalize(images)), dim=-1)
-    torch.testing.assert_close(torch.export.load(str(written["pt2"])).module()(images), expected, atol=TOLERANCE, rtol=0)
+    torch.testing.assert_close(
+        torch.export.load(str(written["pt2"])).module()(images), expected, atol=TOLERANCE, rtol=0
+    )
     torch.testing.assert_close(torch.jit.load(str(written["torchscript"]))(images), expected, atol=TOLERANCE, rtol=0)
     assert json.loads((tmp_path / "metadata.json").read_text())["classes"] == ["a", "b", "c"]
 
 
-def test_the_old_kebab_case_options_still_work_with_one_deprecation_warning(checkpoint: Path, tmp_path: Path, capsys) -> None:
-    main([str(checkpoint), "--out-dir", str(tmp_path / "out"), "--input-dtype=float32", "--format", "pt2",
-          "--runs-dir", str(tmp_path)])
+def test_the_old_kebab_case_options_still_work_with_one_deprecation_warning(
+    checkpoint: Path, tmp_path: Path, capsys
+) -> None:
+    main(
+        [
+            str(checkpoint),
+            "--out-dir",
+            str(tmp_path / "out"),
+            "--input-dtype=float32",
+            "--format",
+            "pt2",
+            "--runs-dir",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert err.count("deprecated") == 1, err
-    assert "--out-dir, --input-dtype, --runs-dir are deprecated" in err and "use --out_dir, --input_dtype, --runs_dir" in err
+    assert (
+        "--out-dir, --input-dtype, --runs-dir are deprecated" in err
+        and "use --out_dir, --input_dtype, --runs_dir" in err
+    )
     metadata = json.loads((tmp_path / "out" / "metadata.json").read_text())
     assert metadata["input"][PT2_NAME] == "float32 in [0, 1]"
 
@@ -189,7 +228,10 @@ def _write_checkpoint_without_net(path: Path) -> str:
     ("make_argument", "message"),
     [
         (lambda d: str(d / "missing.ckpt"), "checkpoint '.*missing.ckpt' not found"),
-        (lambda d: (d / "bad.ckpt").write_text("garbage") and str(d / "bad.ckpt"), "cannot be read .*not a torch checkpoint archive.*truncated, corrupted or not a Lightning checkpoint"),
+        (
+            lambda d: (d / "bad.ckpt").write_text("garbage") and str(d / "bad.ckpt"),
+            "cannot be read .*not a torch checkpoint archive.*truncated, corrupted or not a Lightning checkpoint",
+        ),
         (lambda d: str(d), "is a folder, not a checkpoint"),
         (lambda d: _write_checkpoint_without_net(d / "python.ckpt"), "does not record its network .*export_model"),
         (lambda d: "best", "no 'best' checkpoint found under .*runs/"),
@@ -231,7 +273,9 @@ def test_an_output_path_that_is_a_file_is_one_message(where: str, checkpoint: Pa
     assert (tmp_path / "existing_file").read_text() == "keep me"
 
 
-def test_a_failed_export_leaves_the_previous_artifacts_as_they_were(checkpoint: Path, tmp_path: Path, monkeypatch) -> None:
+def test_a_failed_export_leaves_the_previous_artifacts_as_they_were(
+    checkpoint: Path, tmp_path: Path, monkeypatch
+) -> None:
     import lit_accel.export as export
 
     out = tmp_path / "exported"

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from helpers import REPO_ROOT
 
+from helpers import REPO_ROOT
 from lit_accel._lightning_compat import PRIVATE_LIGHTNING_MEMBERS, missing_private_members
 
 

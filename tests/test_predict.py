@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import config, run_cli
 from PIL import Image
 
+from helpers import config, run_cli
 from lit_accel.cli import LitAccelCLI, main
-from lit_accel.data import CIFAR10_CLASSES
+from lit_accel.data import CIFAR10_CLASSES, CIFAR10DataModule
 from lit_accel.data.augment import normalize
 from lit_accel.data.image_folder import read_image_file
 from lit_accel.models import ImageClassifier
@@ -38,7 +38,16 @@ def test_predict_a_folder_of_image_files_to_csv(in_tmp_dir: Path) -> None:
     folder = _image_folder(in_tmp_dir / "to_classify")
 
     result = run_cli(
-        ["predict", *SMOKE, "--ckpt_path", "best", "--data.predict_dir", str(folder), "--predict_writer.output_path", "out/predictions.csv"],
+        [
+            "predict",
+            *SMOKE,
+            "--ckpt_path",
+            "best",
+            "--data.predict_dir",
+            str(folder),
+            "--predict_writer.output_path",
+            "out/predictions.csv",
+        ],
         cwd=in_tmp_dir,
     )
     assert result.returncode == 0, result.stderr
@@ -54,7 +63,9 @@ def test_predict_a_folder_of_image_files_to_csv(in_tmp_dir: Path) -> None:
     model = ImageClassifier.load_from_checkpoint(best, map_location="cpu", weights_only=False).eval()
     images = torch.stack([read_image_file(str(folder / name)) for name in sorted(GOOD)])
     with torch.no_grad():
-        expected = torch.softmax(model.evaluation_logits(normalize(images)), dim=-1)  # flip averaging, as the recipe says
+        expected = torch.softmax(
+            model.evaluation_logits(normalize(images)), dim=-1
+        )  # flip averaging, as the recipe says
     values, indices = expected.topk(3, dim=1)
     for row, top_values, top_indices in zip(rows[1:], values.tolist(), indices.tolist()):
         assert row[1::2] == [CIFAR10_CLASSES[i] for i in top_indices]
@@ -73,7 +84,16 @@ def test_a_folder_without_readable_images_keeps_the_predictions_a_user_had(in_tm
     before = keep.read_bytes()
 
     result = run_cli(
-        ["predict", *SMOKE, "--ckpt_path", "best", "--data.predict_dir", str(folder), "--predict_writer.output_path", str(keep)],
+        [
+            "predict",
+            *SMOKE,
+            "--ckpt_path",
+            "best",
+            "--data.predict_dir",
+            str(folder),
+            "--predict_writer.output_path",
+            str(keep),
+        ],
         cwd=in_tmp_dir,
     )
     assert result.returncode == 2, result.stderr[-3000:]
@@ -82,15 +102,27 @@ def test_a_folder_without_readable_images_keeps_the_predictions_a_user_had(in_tm
     assert sorted(p.name for p in in_tmp_dir.glob("keep.csv*")) == ["keep.csv"], "no temporary or part files left"
 
 
-def test_predicting_a_folder_needs_only_the_checkpoint_and_the_images(in_tmp_dir: Path, no_network, recwarn, capsys) -> None:
+def test_predicting_a_folder_needs_only_the_checkpoint_and_the_images(
+    in_tmp_dir: Path, no_network, recwarn, capsys
+) -> None:
     """The recipe's own config (CIFAR-10, not synthetic) on a machine without CIFAR-10 or network:
     predict reads the checkpoint and the images, nothing else, and is not a new run."""
     LitAccelCLI(args=["fit", *SMOKE, "--trainer.enable_model_summary", "false", "--trainer.limit_train_batches", "2"])
     folder = _image_folder(in_tmp_dir / "to_classify")
     recwarn.clear()
 
-    main(["predict", *config("cifar10.yaml"), "--trainer.enable_progress_bar", "false", "--ckpt_path", "best",
-          "--data.predict_dir", str(folder)])
+    main(
+        [
+            "predict",
+            *config("cifar10.yaml"),
+            "--trainer.enable_progress_bar",
+            "false",
+            "--ckpt_path",
+            "best",
+            "--data.predict_dir",
+            str(folder),
+        ]
+    )
 
     assert "CIFAR-10 not found" not in capsys.readouterr().err
     assert not (in_tmp_dir / "data").exists(), "CIFAR-10 was looked for"
@@ -99,4 +131,85 @@ def test_predicting_a_folder_needs_only_the_checkpoint_and_the_images(in_tmp_dir
     assert sorted(p.name for p in (in_tmp_dir / "runs" / "cifar10").iterdir()) == ["version_0"], "no new run folder"
     assert not (in_tmp_dir / "config.yaml").exists()
     messages = [str(w.message) for w in recwarn]
-    assert not any("dirpath has changed" in m or "callbacks used to create the checkpoint" in m for m in messages), messages
+    assert not any("dirpath has changed" in m or "callbacks used to create the checkpoint" in m for m in messages), (
+        messages
+    )
+
+
+# ------------------------------------------------------------------ the test split, one process and DDP
+# The smoke config's synthetic set with a 40-image test split in batches of 16 (16 + 16 + 8; under
+# 2-process DDP 20 per rank: 16 + 4), every batch predicted.
+TEST_SPLIT = [
+    *SMOKE,
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.synthetic_test_size",
+    "40",
+    "--data.eval_batch_size",
+    "16",
+    "--trainer.limit_predict_batches",
+    "1.0",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A folder with one short run of the smoke config; returns its best checkpoint."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr("sys.argv", ["lit-accel"])
+        LitAccelCLI(
+            args=[
+                "fit",
+                *TEST_SPLIT,
+                "--data.synthetic_size",
+                "320",
+                "--data.val_size",
+                "64",
+                "--trainer.limit_train_batches",
+                "2",
+                "--trainer.limit_val_batches",
+                "1",
+            ]
+        )
+    return next(root.rglob("best-*.ckpt"))
+
+
+def _check_test_split_rows(csv_path: Path, checkpoint: Path) -> None:
+    """One row per test image, index = its position in the data set, with that image's label and the
+    checkpoint's prediction for it."""
+    data = CIFAR10DataModule(synthetic=True, synthetic_test_size=40)  # the config's seed and split
+    data.setup("test")
+    split = data.split_dataset("test")
+    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()
+    with torch.no_grad():
+        probabilities = torch.softmax(model.evaluation_logits(normalize(split.images)), dim=-1)
+    with open(csv_path, newline="") as f:
+        header, *rows = list(csv.reader(f))
+    assert header[:4] == ["index", "label", "predicted", "probability"]
+    assert [int(row[0]) for row in rows] == list(range(40)), "each data set index exactly once, in order"
+    for row in rows:
+        index, label, predicted, probability = int(row[0]), row[1], row[2], float(row[3])
+        assert label == CIFAR10_CLASSES[int(split.labels[index])], row
+        expected = probabilities[index]
+        assert probability == pytest.approx(float(expected.max()), abs=5e-6), row
+        assert probability == pytest.approx(float(expected[CIFAR10_CLASSES.index(predicted)]), abs=5e-6), row
+
+
+def test_predicting_the_test_split_numbers_rows_by_data_set_index(tiny_run: Path, in_tmp_dir: Path) -> None:
+    main(["predict", *TEST_SPLIT, "--ckpt_path", str(tiny_run), "--predict_writer.output_path", "test.csv"])
+    _check_test_split_rows(in_tmp_dir / "test.csv", tiny_run)
+
+
+@pytest.mark.slow
+def test_predicting_the_test_split_under_ddp_writes_each_index_once(tiny_run: Path, tmp_path: Path) -> None:
+    """2 processes (gloo, CPU) through the real CLI: each rank predicts every other image (0, 2, … and
+    1, 3, …); the merged file still has each data set index once, with that image's prediction."""
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2"]
+    args = ["predict", *TEST_SPLIT, *ddp, "--ckpt_path", str(tiny_run), "--predict_writer.output_path", "ddp.csv"]
+    result = run_cli(args, cwd=tmp_path, timeout=180, env={"OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "wrote 40 predictions" in result.stderr + result.stdout
+    _check_test_split_rows(tmp_path / "ddp.csv", tiny_run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp.csv"], "no part files left, no run folder"

@@ -6,12 +6,16 @@ import json
 
 import pytest
 import torch
+
 from helpers import config, run_cli
 
 
 def _meter_config(tmp_path, warmup_steps: int):
     path = tmp_path / f"meter{warmup_steps}.yaml"
-    meter = {"class_path": "lit_accel.callbacks.ThroughputMeter", "init_args": {"warmup_steps": warmup_steps, "print_summary": False}}
+    meter = {
+        "class_path": "lit_accel.callbacks.ThroughputMeter",
+        "init_args": {"warmup_steps": warmup_steps, "print_summary": False},
+    }
     path.write_text(json.dumps({"trainer": {"callbacks": [meter]}}))  # JSON is YAML
     return ["--config", str(path)]
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import CONFIGS, config, quiet_cpu_trainer
 from lightning.pytorch.callbacks import Callback
 
+from helpers import CONFIGS, config, quiet_cpu_trainer
 from lit_accel import CIFAR10DataModule, ImageClassifier
 from lit_accel.callbacks import DynamicBatchLR
 from lit_accel.cli import LitAccelCLI, main
@@ -239,10 +239,18 @@ def test_the_recipe_anneals_fully_for_any_run_length(run_length, steps, in_tmp_d
     [
         (["--model.lr_scheduler.init_args.warmup_fraction", "-0.5"], "warmup_fraction=-0.5 is not allowed"),
         (
-            ["--model.lr_scheduler.init_args.warmup_fraction", "0", "--model.lr_scheduler.init_args.warmup_steps", "1000"],
+            [
+                "--model.lr_scheduler.init_args.warmup_fraction",
+                "0",
+                "--model.lr_scheduler.init_args.warmup_steps",
+                "1000",
+            ],
             "warmup_steps=1000 is not allowed: the run has only 8",
         ),
-        (["--model.lr_scheduler.init_args.warmup_steps", "10"], "warmup_steps=10 is not allowed: use 0 when warmup_fraction is set"),
+        (
+            ["--model.lr_scheduler.init_args.warmup_steps", "10"],
+            "warmup_steps=10 is not allowed: use 0 when warmup_fraction is set",
+        ),
         (["--model.lr_scheduler_interval", "epoch"], "lr_scheduler_interval=epoch is not allowed"),
     ],
 )
@@ -267,8 +275,16 @@ def test_a_run_resumed_mid_epoch_follows_the_same_schedule_to_the_end_value(tmp_
         "      init_args: {policy: none, batch_size_schedule: {1: 96}}\n"
     )
     run = [
-        *config("cifar10.yaml", "smoke.yaml"), *QUIET, "--config", str(growth),
-        "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "1.0", "--step_checkpoint.every_n_train_steps", "3",
+        *config("cifar10.yaml", "smoke.yaml"),
+        *QUIET,
+        "--config",
+        str(growth),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "1.0",
+        "--step_checkpoint.every_n_train_steps",
+        "3",
     ]
 
     def fit(folder: str, *extra: str) -> list[float]:
@@ -300,7 +316,16 @@ def test_a_run_resumed_mid_epoch_with_fewer_epochs_still_ends_at_the_end_value(t
     run = [*config("cifar10.yaml", "smoke.yaml"), *QUIET, "--step_checkpoint.every_n_train_steps", "3"]
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError, match="injected crash at step 11"):
-        _recorded_fit([*run, "--trainer.max_epochs", "3", "--trainer.callbacks+=faults.CrashAtStep", "--trainer.callbacks.step", "11"])
+        _recorded_fit(
+            [
+                *run,
+                "--trainer.max_epochs",
+                "3",
+                "--trainer.callbacks+=faults.CrashAtStep",
+                "--trainer.callbacks.step",
+                "11",
+            ]
+        )
     cli, resumed = _recorded_fit([*run, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert cli.trainer.global_step == 16 and len(resumed) == 16 - 9
     assert resumed[-1] == 0.0
@@ -328,9 +353,7 @@ def test_steps_the_divergence_guard_skips_still_end_the_schedule_on_the_last_ste
     from lit_accel.callbacks import DivergenceGuard
 
     recorder = LRRecorder()
-    model = _SometimesNaN(
-        BatchNormCNN(width=4), optimizer=partial(torch.optim.SGD, lr=PEAK_LR), lr_scheduler=SCHEDULE
-    )
+    model = _SometimesNaN(BatchNormCNN(width=4), optimizer=partial(torch.optim.SGD, lr=PEAK_LR), lr_scheduler=SCHEDULE)
     data = CIFAR10DataModule(synthetic=True, synthetic_size=288, val_size=32, batch_size=32, augment=False)
     guard = DivergenceGuard(rollback_after=5)
     trainer = quiet_cpu_trainer(tmp_path, [guard, _NaNLossAt({20, 21}), recorder], limit_val_batches=0, max_epochs=3)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, lit_accel_command
 
+from helpers import config, lit_accel_command
 from lit_accel.cli import LitAccelCLI
 
 # smoke.yaml alone: the default logger (runs/lit_accel/) and no recipe callbacks, only the requeue path.
@@ -55,13 +55,31 @@ def test_a_requeued_job_relaunched_with_last_resumes_from_the_hpc_checkpoint(in_
     scontrol = bin_dir / "scontrol"
     scontrol.write_text(FAKE_SCONTROL)
     scontrol.chmod(0o755)
-    env = {**SLURM_ENV, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SCONTROL_LOG": str(in_tmp_dir / "scontrol.log")}
+    env = {
+        **SLURM_ENV,
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SCONTROL_LOG": str(in_tmp_dir / "scontrol.log"),
+    }
     # Long enough to be signalled mid-run; last.ckpt every 3 steps; no validation to write others.
-    run = ["fit", *SMOKE, "--trainer.max_epochs", "50", "--trainer.limit_val_batches", "0",
-           "--step_checkpoint.every_n_train_steps", "3", "--ckpt_path", "last"]
+    run = [
+        "fit",
+        *SMOKE,
+        "--trainer.max_epochs",
+        "50",
+        "--trainer.limit_val_batches",
+        "0",
+        "--step_checkpoint.every_n_train_steps",
+        "3",
+        "--ckpt_path",
+        "last",
+    ]
     job = subprocess.Popen(
-        lit_accel_command() + run, cwd=in_tmp_dir, env={**os.environ, **env}, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        lit_accel_command() + run,
+        cwd=in_tmp_dir,
+        env={**os.environ, **env},
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         last = in_tmp_dir / "runs" / "lit_accel" / "version_0" / "checkpoints" / "last.ckpt"

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import config, run_cli
 
+from helpers import config, run_cli
 from lit_accel.checkpoints import verify_distributed_checkpoint
-from lit_accel.cli import LitAccelCLI, main as cli_main
+from lit_accel.cli import LitAccelCLI
+from lit_accel.cli import main as cli_main
 from lit_accel.errors import CheckpointError
 from lit_accel.export import main as export_main
 
@@ -140,7 +141,9 @@ def test_fit_and_test_refuse_a_crafted_folder_before_anything_loads(checkpoint_f
     assert not marker.exists()
 
 
-def test_a_real_folder_under_a_single_process_strategy_says_how_to_load_it(checkpoint_file, tmp_path, monkeypatch, capsys):
+def test_a_real_folder_under_a_single_process_strategy_says_how_to_load_it(
+    checkpoint_file, tmp_path, monkeypatch, capsys
+):
     folder = _as_folder(checkpoint_file, tmp_path / "last.ckpt")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exit_info:
@@ -156,21 +159,27 @@ def test_fsdp_test_refuses_a_crafted_folder_on_every_rank(checkpoint_file, tmp_p
     marker = tmp_path / "ran"
     folder = _crafted(".metadata", checkpoint_file, tmp_path, marker)
     result = run_cli(
-        ["test", *SMOKE, *config("strategy/fsdp.yaml"), "--trainer.devices", "2", "--ckpt_path", str(folder)], cwd=tmp_path
+        ["test", *SMOKE, *config("strategy/fsdp.yaml"), "--trainer.devices", "2", "--ckpt_path", str(folder)],
+        cwd=tmp_path,
     )
     assert result.returncode == 2, result.stderr[-3000:]
     assert "holds Python objects other than checkpoint data" in result.stderr
     assert not marker.exists()
 
 
-def test_a_crafted_checkpoint_file_is_refused_without_advice_to_trust_it(checkpoint_file, tmp_path, monkeypatch, capsys):
+def test_a_crafted_checkpoint_file_is_refused_without_advice_to_trust_it(
+    checkpoint_file, tmp_path, monkeypatch, capsys
+):
     marker = tmp_path / "ran"
     contents = torch.load(checkpoint_file, map_location="cpu", weights_only=True)
     contents["hyper_parameters"]["extra"] = Payload(str(marker))
     crafted = tmp_path / "crafted.ckpt"
     torch.save(contents, crafted)
     monkeypatch.chdir(tmp_path)
-    for run in (lambda: cli_main(["test", *SMOKE, "--ckpt_path", str(crafted)]), lambda: export_main([str(crafted), "-o", "out"])):
+    for run in (
+        lambda: cli_main(["test", *SMOKE, "--ckpt_path", str(crafted)]),
+        lambda: export_main([str(crafted), "-o", "out"]),
+    ):
         with pytest.raises(SystemExit) as exit_info:
             run()
         assert exit_info.value.code == 2

@@ -54,10 +54,11 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -107,26 +108,46 @@ def _lit_args(s: Settings, net: str | None = None, data_images: int | None = Non
     images = data_images or (s.warmup_steps + s.timed_steps + 2) * s.batch_size + val_images
     args = [
         "fit",
-        "--model.net", f"lit_accel.models.{net}",
-        "--model.optimizer", "torch.optim.SGD",
-        "--model.optimizer.lr", "0.02",
-        "--model.optimizer.momentum", "0.9",
-        "--model.optimizer.nesterov", "true",
-        "--model.optimizer.weight_decay", "5e-4",
-        "--model.label_smoothing", "0.1",
-        "--data.synthetic", "true",
-        "--data.synthetic_size", str(images),
-        "--data.val_size", str(val_images),
-        "--data.batch_size", str(s.batch_size),
-        "--trainer.accelerator", "gpu" if s.device == "cuda" else "cpu",
-        "--trainer.devices", "1",
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-        "--trainer.num_sanity_val_steps", "0",
-        "--step_checkpoint.every_n_train_steps", "0",
-        "--checkpoint.monitor", "null",
-        "--checkpoint.save_top_k", "0",
-        "--checkpoint.save_last", "false",
+        "--model.net",
+        f"lit_accel.models.{net}",
+        "--model.optimizer",
+        "torch.optim.SGD",
+        "--model.optimizer.lr",
+        "0.02",
+        "--model.optimizer.momentum",
+        "0.9",
+        "--model.optimizer.nesterov",
+        "true",
+        "--model.optimizer.weight_decay",
+        "5e-4",
+        "--model.label_smoothing",
+        "0.1",
+        "--data.synthetic",
+        "true",
+        "--data.synthetic_size",
+        str(images),
+        "--data.val_size",
+        str(val_images),
+        "--data.batch_size",
+        str(s.batch_size),
+        "--trainer.accelerator",
+        "gpu" if s.device == "cuda" else "cpu",
+        "--trainer.devices",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.enable_model_summary",
+        "false",
+        "--trainer.num_sanity_val_steps",
+        "0",
+        "--step_checkpoint.every_n_train_steps",
+        "0",
+        "--checkpoint.monitor",
+        "null",
+        "--checkpoint.save_top_k",
+        "0",
+        "--checkpoint.save_last",
+        "false",
     ]
     if net == "ResNet9":
         args += ["--model.net.width", str(s.resnet_width)]
@@ -170,15 +191,17 @@ def _timed_fit(
     return result
 
 
-def _lit_run(s: Settings, *extra: str, callbacks: Callable[[], list[Any]] | None = None) -> Callable[[], dict[str, Any]]:
+def _lit_run(
+    s: Settings, *extra: str, callbacks: Callable[[], list[Any]] | None = None
+) -> Callable[[], dict[str, Any]]:
     steps = s.warmup_steps + s.timed_steps
     args = [*_lit_args(s), "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0", *extra]
     return lambda: _timed_fit(s, args, callbacks() if callbacks else None)
 
 
 def _plain_run(s: Settings, precision: str = "32-true") -> Callable[[], dict[str, Any]]:
-    from lit_accel.data import make_synthetic_cifar
     import lit_accel.models as nets
+    from lit_accel.data import make_synthetic_cifar
 
     images, labels = make_synthetic_cifar((s.warmup_steps + s.timed_steps + 2) * s.batch_size, seed=0)
 
@@ -204,14 +227,24 @@ def _subprocess_run(s: Settings, devices: int) -> Callable[[], dict[str, Any]]:
         with tempfile.TemporaryDirectory() as folder:
             output = Path(folder) / "timer.json"
             timer = json.dumps(
-                {"class_path": "bench_timer.StepTimer", "init_args": {"warmup_steps": s.warmup_steps, "timed_steps": s.timed_steps, "output": str(output)}}
+                {
+                    "class_path": "bench_timer.StepTimer",
+                    "init_args": {"warmup_steps": s.warmup_steps, "timed_steps": s.timed_steps, "output": str(output)},
+                }
             )
             # Per-device batch halves with 2 processes: the same global batch, as a fair scaling test.
             per_device = max(1, s.batch_size // devices)
             args = [
-                *_lit_args(s), "--data.batch_size", str(per_device),
-                "--trainer.max_steps", str(steps), "--trainer.limit_val_batches", "0",
-                "--trainer.devices", str(devices), "--trainer.callbacks+=" + timer,
+                *_lit_args(s),
+                "--data.batch_size",
+                str(per_device),
+                "--trainer.max_steps",
+                str(steps),
+                "--trainer.limit_val_batches",
+                "0",
+                "--trainer.devices",
+                str(devices),
+                "--trainer.callbacks+=" + timer,
             ]
             if devices > 1:
                 args += ["--trainer.strategy", "ddp"]
@@ -236,7 +269,10 @@ def build_case(name: str, s: Settings) -> list[Variant]:
     if name == "overhead":
         return [Variant("plain PyTorch loop", _plain_run(s)), Variant("lit-accel fit", _lit_run(s))]
     if name == "callbacks":
-        return [Variant("no callbacks", _lit_run(s)), Variant("meter + guard + dynamic", _lit_run(s, callbacks=_all_callbacks))]
+        return [
+            Variant("no callbacks", _lit_run(s)),
+            Variant("meter + guard + dynamic", _lit_run(s, callbacks=_all_callbacks)),
+        ]
     if name == "pipeline":
         variants = [Variant("preload", _lit_run(s))]
         for workers in (0, 1, 2):
@@ -248,7 +284,10 @@ def build_case(name: str, s: Settings) -> list[Variant]:
             )
         return variants
     if name == "precision":
-        variants = [Variant("32-true", _lit_run(s)), Variant("bf16-mixed", _lit_run(s, "--trainer.precision", "bf16-mixed"))]
+        variants = [
+            Variant("32-true", _lit_run(s)),
+            Variant("bf16-mixed", _lit_run(s, "--trainer.precision", "bf16-mixed")),
+        ]
         label = "16-mixed" if s.device == "cuda" else "16-mixed (runs as bf16-mixed on CPU)"
         variants.append(Variant(label, _lit_run(s, "--trainer.precision", "16-mixed")))
         return variants
@@ -259,10 +298,14 @@ def build_case(name: str, s: Settings) -> list[Variant]:
         for net, width, lr in parse_networks(s.networks):
             args = [
                 *_lit_args(s, net=net, data_images=20_000 + 2_000, val_images=2_000),
-                "--model.optimizer.lr", str(lr),
-                "--trainer.max_epochs", "1000",
-                "--trainer.check_val_every_n_epoch", "null",
-                "--trainer.val_check_interval", str(s.network_val_every),
+                "--model.optimizer.lr",
+                str(lr),
+                "--trainer.max_epochs",
+                "1000",
+                "--trainer.check_val_every_n_epoch",
+                "null",
+                "--trainer.val_check_interval",
+                str(s.network_val_every),
             ]
             if net == "ResNet9" and width is None:
                 width = s.resnet_width
@@ -354,7 +397,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {row['case']} | {row['variant']} | {_fmt(row['images_per_sec'], '{:,.0f}')} | "
             f"{_fmt(row['ratio'], '{:.3f}')} | {_fmt(row['data_wait'], '{:.1%}')} | "
-            f"{_fmt(row['peak_memory_mb'], '{:,.0f}')} | {_fmt(row.get('val_acc', float('nan')), '{:.3f}')} | {row['reps']} |"
+            f"{_fmt(row['peak_memory_mb'], '{:,.0f}')} | {_fmt(row.get('val_acc', float('nan')), '{:.3f}')} | "
+            f"{row['reps']} |"
         )
     return "\n".join(lines)
 
@@ -364,7 +408,8 @@ def network_table(rows: list[dict[str, Any]]) -> str:
     targets = [f"{t:.2f}" for t in ACCURACY_TARGETS]
     lines = [
         f"| network | images/s | training s | val acc after {EARLY_SECONDS:.0f} s | val acc at the end | "
-        + " | ".join(f"s to val acc {t}" for t in targets) + " |",
+        + " | ".join(f"s to val acc {t}" for t in targets)
+        + " |",
         "| --- | ---: | ---: | ---: | ---: | " + " | ".join("---:" for _ in targets) + " |",
     ]
     for row in rows:
@@ -418,7 +463,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--networks", default=NETWORKS, help="networks case: NET[@WIDTH]:LR, comma-separated")
     parser.add_argument("--network-seconds", type=float, help="networks case: training seconds per run")
     parser.add_argument(
-        "--net", default="SeedCNN", choices=("SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9"),
+        "--net",
+        default="SeedCNN",
+        choices=("SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9"),
         help="the network of every case but networks (default SeedCNN, the baseline)",
     )
     parser.add_argument("--json", help="also write the rows to this file")
@@ -440,7 +487,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.smoke:
         s = Settings(args.device, 32, 1, 3, 1, 1.0, resnet_width=8, network_val_every=10)
     elif args.full:
-        s = Settings(args.device, 512 if gpu else 128, 10, 300 if gpu else 150, 5, 30.0 if gpu else 45.0, network_reps=3)
+        s = Settings(
+            args.device, 512 if gpu else 128, 10, 300 if gpu else 150, 5, 30.0 if gpu else 45.0, network_reps=3
+        )
     else:
         s = Settings(args.device, 512 if gpu else 128, 5, 100 if gpu else 30, 3, 15.0, network_reps=1)
     if args.reps:

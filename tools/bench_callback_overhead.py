@@ -44,7 +44,8 @@ import statistics
 import tempfile
 import time
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
@@ -165,9 +166,7 @@ class _Schedule(Callback):
 
     def pair_ratios(self) -> list[float]:
         """Per pair of adjacent blocks: samples/s with the callback ÷ without."""
-        rates = [
-            ((s1 - s0) / (t1 - t0), on) for (t0, s0, on), (t1, s1, _) in zip(self.marks, self.marks[1:])
-        ]
+        rates = [((s1 - s0) / (t1 - t0), on) for (t0, s0, on), (t1, s1, _) in zip(self.marks, self.marks[1:])]
         ratios = []
         for k in range(0, len(rates) - 1, 2):
             (r_a, on_a), (r_b, _) = rates[k], rates[k + 1]

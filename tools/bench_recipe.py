@@ -7,8 +7,9 @@ training, validation, checkpoints and the recipe's callbacks included. Per recip
 whole-process seconds of ``fit`` and of ``test``, the test accuracy, the final ``train/acc`` and
 ``val/acc`` (a heuristic capacity check: a ``train/acc`` well below ``val/acc`` says the recipe
 underfits and more capacity or less regularization would pay; ``train/acc`` is the epoch's running
-accuracy with augmentation and dropout on, ``val/acc`` includes flip averaging when it is on), the training seconds (validation excluded) and the validation
-accuracy after each epoch against training time. Recipes alternate from one repetition to the
+accuracy with augmentation and dropout on, ``val/acc`` includes flip averaging when it is on), the
+training seconds (validation excluded) and the validation accuracy after each epoch against
+training time. Recipes alternate from one repetition to the
 next; the table shows medians.
 
 Usage::
@@ -34,9 +35,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 TOOLS = Path(__file__).resolve().parent
 REPO = TOOLS.parent
@@ -65,23 +67,60 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "the previous recipe: BatchNormCNN width 16, SGD+Nesterov 0.05, label smoothing 0.1, crop+flip, fp32 "
         "NCHW, 15 epochs; its cosine now over optimizer steps (WarmupDecayLR, no warm-up), not epochs",
         [
-            "--model.net", "lit_accel.models.BatchNormCNN", "--model.net.init_args.width", "16",
-            "--model.optimizer", "torch.optim.SGD", "--model.optimizer.init_args.lr", "0.05",
-            "--model.optimizer.init_args.momentum", "0.9", "--model.optimizer.init_args.nesterov", "true",
-            "--model.optimizer.init_args.weight_decay", "5e-4",
-            "--model.lr_scheduler.init_args.warmup_fraction", "0.0",
-            "--model.label_smoothing", "0.1", "--model.channels_last", "false", "--model.flip_tta", "false",
-            "--data.random_crop", "true", "--data.batch_size", "256", "--trainer.max_epochs", "15",
+            "--model.net",
+            "lit_accel.models.BatchNormCNN",
+            "--model.net.init_args.width",
+            "16",
+            "--model.optimizer",
+            "torch.optim.SGD",
+            "--model.optimizer.init_args.lr",
+            "0.05",
+            "--model.optimizer.init_args.momentum",
+            "0.9",
+            "--model.optimizer.init_args.nesterov",
+            "true",
+            "--model.optimizer.init_args.weight_decay",
+            "5e-4",
+            "--model.lr_scheduler.init_args.warmup_fraction",
+            "0.0",
+            "--model.label_smoothing",
+            "0.1",
+            "--model.channels_last",
+            "false",
+            "--model.flip_tta",
+            "false",
+            "--data.random_crop",
+            "true",
+            "--data.batch_size",
+            "256",
+            "--trainer.max_epochs",
+            "15",
         ],
     ),
     "seed-adam": (
         "the plain-loop reference through lit-accel: SeedCNN, Adam 1e-3, constant LR, batch 128, no "
         "augmentation, no label smoothing, 3 epochs",
         [
-            "--model.net", "lit_accel.models.SeedCNN", "--model.optimizer", "torch.optim.Adam",
-            "--model.optimizer.init_args.lr", "0.001", "--model.lr_scheduler", "null",
-            "--model.label_smoothing", "0.0", "--model.channels_last", "false", "--model.flip_tta", "false",
-            "--data.augment", "false", "--data.batch_size", "128", "--trainer.max_epochs", "3",
+            "--model.net",
+            "lit_accel.models.SeedCNN",
+            "--model.optimizer",
+            "torch.optim.Adam",
+            "--model.optimizer.init_args.lr",
+            "0.001",
+            "--model.lr_scheduler",
+            "null",
+            "--model.label_smoothing",
+            "0.0",
+            "--model.channels_last",
+            "false",
+            "--model.flip_tta",
+            "false",
+            "--data.augment",
+            "false",
+            "--data.batch_size",
+            "128",
+            "--trainer.max_epochs",
+            "3",
         ],
     ),
 }
@@ -124,7 +163,9 @@ def run_recipe(
         # bench_timer's callbacks only read clocks and metrics; tools/ is put on the path for them.
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")]))}
         fit = [*common, _callback("bench_timer.StepTimer", warmup_steps=0, output=str(timer_file))]
-        fit_seconds, fit_exit_code = _run([sys.executable, "-m", "lit_accel", "fit", *fit], folder, env, timeout, fit_exit_codes)
+        fit_seconds, fit_exit_code = _run(
+            [sys.executable, "-m", "lit_accel", "fit", *fit], folder, env, timeout, fit_exit_codes
+        )
         tested: dict[str, float] = {}
         test_seconds = float("nan")
         if any(Path(folder).glob("runs/*/version_*/checkpoints/best-*.ckpt")):
@@ -148,10 +189,17 @@ def run_recipe(
 
 
 # What a fit that stopped before StepTimer wrote its file (a DivergenceGuard stop) reports.
-_NO_TIMER: dict[str, Any] = {"final_metrics": {}, "train_seconds": float("nan"), "images_per_sec": float("nan"), "curve": []}
+_NO_TIMER: dict[str, Any] = {
+    "final_metrics": {},
+    "train_seconds": float("nan"),
+    "images_per_sec": float("nan"),
+    "curve": [],
+}
 
 
-def _run(command: list[str], cwd: str, env: dict[str, str], timeout: float, exit_codes: tuple[int, ...] = (0,)) -> tuple[float, int]:
+def _run(
+    command: list[str], cwd: str, env: dict[str, str], timeout: float, exit_codes: tuple[int, ...] = (0,)
+) -> tuple[float, int]:
     started = time.perf_counter()
     done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - started
@@ -171,7 +219,10 @@ def parse_recipes(names: str, extra: list[str]) -> list[Recipe]:
     for item in extra:
         name, sep, args = item.partition("=")
         if not sep or not name.strip() or name.strip() in {r.name for r in recipes}:
-            raise ValueError(f"--recipe {item!r} is not allowed: use NAME=ARGS with a new NAME, e.g. 'lr4=--model.optimizer.init_args.lr 0.004'")
+            raise ValueError(
+                f"--recipe {item!r} is not allowed: use NAME=ARGS with a new NAME, "
+                "e.g. 'lr4=--model.optimizer.init_args.lr 0.004'"
+            )
         recipes.append(Recipe(name.strip(), shlex.split(args)))
     if not recipes:
         raise ValueError("no recipe to run: name at least one with --recipes or --recipe")
@@ -217,7 +268,15 @@ def summarize(recipes: list[Recipe]) -> list[dict[str, Any]]:
     for recipe in recipes:
         results = recipe.results
         row: dict[str, Any] = {"recipe": recipe.name, "args": recipe.args, "reps": len(results)}
-        for key in ("fit_seconds", "test_seconds", "test_acc", "train_acc", "val_acc", "train_seconds", "images_per_sec"):
+        for key in (
+            "fit_seconds",
+            "test_seconds",
+            "test_acc",
+            "train_acc",
+            "val_acc",
+            "train_seconds",
+            "images_per_sec",
+        ):
             row[key] = statistics.median(r[key] for r in results)
         row["curves"] = [r["curve"] for r in results]
         rows.append(row)
@@ -237,7 +296,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         curve = ", ".join(f"{acc:.3f}@{seconds:.0f}s" for seconds, _step, acc in row["curves"][0])
         lines.append(
-            f"| {row['recipe']} | {row['fit_seconds']:.1f} | {row['test_seconds']:.1f} | {_fmt(row['test_acc'], '{:.4f}')} | "
+            f"| {row['recipe']} | {row['fit_seconds']:.1f} | {row['test_seconds']:.1f} | "
+            f"{_fmt(row['test_acc'], '{:.4f}')} | "
             f"{_fmt(row['train_acc'], '{:.3f}')} | {_fmt(row['val_acc'], '{:.3f}')} | {row['train_seconds']:.1f} | "
             f"{_fmt(row['images_per_sec'], '{:,.0f}')} | {curve or '—'} | {row['reps']} |"
         )
@@ -246,8 +306,12 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: the synthetic set)")
-    parser.add_argument("--recipes", default=None, help=f"named recipes, comma-separated (default {DEFAULT_RECIPES}); --list shows them")
-    parser.add_argument("--recipe", action="append", default=[], metavar="NAME=ARGS", help="an extra recipe: the shipped one plus ARGS")
+    parser.add_argument(
+        "--recipes", default=None, help=f"named recipes, comma-separated (default {DEFAULT_RECIPES}); --list shows them"
+    )
+    parser.add_argument(
+        "--recipe", action="append", default=[], metavar="NAME=ARGS", help="an extra recipe: the shipped one plus ARGS"
+    )
     parser.add_argument("--recipe-timeout", type=float, default=1800, help="seconds one fit or test may take")
 
 
@@ -255,7 +319,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     parser.add_argument("--reps", type=int, default=1, help="repetitions of each recipe (alternating order)")
-    parser.add_argument("--smoke", action="store_true", help="seconds: the recipes on a tiny budget (configs/smoke.yaml)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="seconds: the recipes on a tiny budget (configs/smoke.yaml)"
+    )
     parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--list", action="store_true", help="print the named recipes and exit")
     args = parser.parse_args(argv)
@@ -266,7 +332,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     return run_from_args(parser, args, args.reps, args.smoke, args.json)
 
 
-def run_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, reps: int, smoke: bool, json_path: str | None) -> list[dict[str, Any]]:
+def run_from_args(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, reps: int, smoke: bool, json_path: str | None
+) -> list[dict[str, Any]]:
     """Shared by this script and ``tools/bench.py --cases recipe``."""
     if reps < 1:
         parser.error(f"--reps {reps}: use 1 or more")

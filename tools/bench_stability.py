@@ -115,8 +115,10 @@ def run(
         for rep in range(reps):
             for item in runs if rep % 2 == 0 else runs[::-1]:
                 args = [
-                    "--trainer.max_epochs", str(epochs),
-                    "--model.optimizer.init_args.lr", repr(base_lr * item.lr_multiplier),
+                    "--trainer.max_epochs",
+                    str(epochs),
+                    "--model.optimizer.init_args.lr",
+                    repr(base_lr * item.lr_multiplier),
                 ]
                 result = bench_recipe.run_recipe(
                     args,
@@ -158,13 +160,15 @@ def _fmt(value: float, pattern: str) -> str:
 
 def table(rows: list[dict[str, Any]], base_lr: float) -> str:
     lines = [
-        "| LR | guard | test acc | vs tuned | val acc | train acc | skipped steps | rollbacks | LR factor | stopped | fit s | reps |",
+        "| LR | guard | test acc | vs tuned | val acc | train acc | skipped steps | rollbacks | LR factor | stopped "
+        "| fit s | reps |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for row in rows:
         lines.append(
             f"| x{row['lr_multiplier']:g} ({base_lr * row['lr_multiplier']:.3g}) | {'on' if row['guard'] else 'off'} | "
-            f"{_fmt(row['test_acc'], '{:.4f}')} | {_fmt(row['vs_tuned'], '{:+.4f}')} | {_fmt(row['val_acc'], '{:.3f}')} | "
+            f"{_fmt(row['test_acc'], '{:.4f}')} | {_fmt(row['vs_tuned'], '{:+.4f}')} | "
+            f"{_fmt(row['val_acc'], '{:.3f}')} | "
             f"{_fmt(row['train_acc'], '{:.3f}')} | {row['skipped_steps']:g} | {row['rollbacks']:g} | "
             f"{row['lr_factor']:.3g} | {row['stopped']} | {row['fit_seconds']:.1f} | {row['reps']} |"
         )
@@ -172,8 +176,12 @@ def table(rows: list[dict[str, Any]], base_lr: float) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
-    parser.add_argument("--lr-multipliers", default=DEFAULT_MULTIPLIERS, help="factors on the recipe's LR (default 1,10,40)")
-    parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS, help="trainer.max_epochs of every run (default 3)")
+    parser.add_argument(
+        "--lr-multipliers", default=DEFAULT_MULTIPLIERS, help="factors on the recipe's LR (default 1,10,40)"
+    )
+    parser.add_argument(
+        "--epochs", type=int, default=DEFAULT_EPOCHS, help="trainer.max_epochs of every run (default 3)"
+    )
 
 
 def run_from_args(

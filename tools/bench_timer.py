@@ -76,7 +76,9 @@ class StepTimer(Callback):
         self.timed_steps = timed_steps
         self.output = output
         if budget_seconds is not None and budget_seconds <= 0:
-            raise ValueError(f"budget_seconds={budget_seconds!r} is not allowed: use a positive number of seconds or None")
+            raise ValueError(
+                f"budget_seconds={budget_seconds!r} is not allowed: use a positive number of seconds or None"
+            )
         self.budget_seconds = budget_seconds
         self.curve: list[tuple[float, int, float]] = []
         self.result: dict[str, Any] = {}
@@ -96,13 +98,17 @@ class StepTimer(Callback):
             torch.cuda.reset_peak_memory_stats(trainer.strategy.root_device)
         reset_peak_rss()
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self._timing:
             now = time.perf_counter()
             self._wait += now - self._mark
             self._batch_start = now
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         if not self._timing:
             if step >= self.warmup_steps and not self.result:

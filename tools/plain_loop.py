@@ -126,8 +126,19 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     images, labels = make_synthetic_cifar(max(args.batch_size * (args.steps + 5), 1024), seed=0)
-    result = train(getattr(nets, args.net)(), images, labels, args.batch_size, 5, args.steps, precision=args.precision, device=args.device)
-    print(f"{args.net} {args.precision} batch {args.batch_size} on {args.device}: {result.images_per_sec:,.0f} images/s")
+    result = train(
+        getattr(nets, args.net)(),
+        images,
+        labels,
+        args.batch_size,
+        5,
+        args.steps,
+        precision=args.precision,
+        device=args.device,
+    )
+    print(
+        f"{args.net} {args.precision} batch {args.batch_size} on {args.device}: {result.images_per_sec:,.0f} images/s"
+    )
 
 
 if __name__ == "__main__":

@@ -37,7 +37,9 @@ def write_folder(out: Path, train_size: int = 50_000, test_size: int = 10_000, s
     test_images, test_labels = make_synthetic_cifar(test_size, seed=seed, split=1)
     _dump(folder / "test_batch", test_images, test_labels, "testing batch 1 of 1")
     with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": bounds[1], "num_vis": 3072}, f, protocol=4)
+        pickle.dump(
+            {"label_names": list(CIFAR10_CLASSES), "num_cases_per_batch": bounds[1], "num_vis": 3072}, f, protocol=4
+        )
     return folder
 
 

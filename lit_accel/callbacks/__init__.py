@@ -1,6 +1,7 @@
 """Reusable Lightning callbacks. Each module imports only ``lightning``, ``torch``, the standard
-library and, for checkpoint state keys, the private ``_state_keys.py`` (standard library only), so
-it can be copied into another project with that one helper file."""
+library, ``typing_extensions`` (for ``@override``; torch and lightning require it) and, for
+checkpoint state keys, the private ``_state_keys.py`` (standard library only), so it can be copied
+into another project with that one helper file."""
 
 from lit_accel.callbacks.divergence_guard import DivergenceError, DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR

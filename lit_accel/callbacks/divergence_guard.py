@@ -1,7 +1,8 @@
 """DivergenceGuard: catch NaN/Inf and loss or gradient spikes at every optimizer step, skip the bad
 update, roll back with a lower learning rate when it persists, and stop cleanly when that fails too.
 
-Imports only ``lightning``, ``torch``, the standard library and the private
+Imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
+``@override``; torch and lightning require it) and the private
 ``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
 another project.
 
@@ -31,7 +32,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
+from typing_extensions import override
 
+from lit_accel.callbacks._shared import check_int, fmt, is_number, local_tensor, scale_learning_rates
 from lit_accel.callbacks._state_keys import adopt_older_state, check_name, identity_state_key
 
 __all__ = ["DivergenceError", "DivergenceGuard"]
@@ -41,8 +44,6 @@ log = logging.getLogger(__name__)
 # Param-group keys and scheduler attributes that hold a learning rate (or a point of the LR schedule,
 # e.g. OneCycleLR's ``max_lr``/``min_lr``, CyclicLR's ``max_lrs``). Floors chosen by the user
 # (CosineAnnealingLR ``eta_min``, ReduceLROnPlateau ``min_lrs``) are left alone.
-_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-_SCHEDULER_LR_ATTRS = ("base_lrs", "max_lrs", "_last_lr")
 
 
 class DivergenceError(RuntimeError):
@@ -232,14 +233,14 @@ class DivergenceGuard(Callback):
         name: str | None = None,
     ) -> None:
         super().__init__()
-        _check_int("rollback_after", rollback_after, 1)
+        check_int("rollback_after", rollback_after, 1)
         if max_rollbacks is not None:
-            _check_int("max_rollbacks", max_rollbacks, 0, "or None (never stop)")
-        if not (_is_number(lr_backoff) and 0.0 < lr_backoff <= 1.0):
+            check_int("max_rollbacks", max_rollbacks, 0, "or None (never stop)")
+        if not (is_number(lr_backoff) and 0.0 < lr_backoff <= 1.0):
             raise ValueError(f"lr_backoff={lr_backoff!r} is not allowed: use a number in (0, 1]")
-        _check_int("snapshot_every", snapshot_every, 1)
-        _check_int("window", window, 2)
-        _check_int("warmup", warmup, 2)
+        check_int("snapshot_every", snapshot_every, 1)
+        check_int("window", window, 2)
+        check_int("warmup", warmup, 2)
         if warmup > window:
             raise ValueError(f"warmup={warmup!r} is not allowed: use at most window={window}")
         factors = (
@@ -248,16 +249,16 @@ class DivergenceGuard(Callback):
             ("early_loss_spike_factor", early_loss_spike_factor),
         )
         for arg, value in factors:
-            if value is not None and not (_is_number(value) and value > 1.0):
+            if value is not None and not (is_number(value) and value > 1.0):
                 raise ValueError(f"{arg}={value!r} is not allowed: use a number > 1, or None to turn it off")
-        if spike_zscore is not None and not (_is_number(spike_zscore) and spike_zscore > 0):
+        if spike_zscore is not None and not (is_number(spike_zscore) and spike_zscore > 0):
             raise ValueError(f"spike_zscore={spike_zscore!r} is not allowed: use a number > 0, or None")
-        if drift_factor is not None and not (_is_number(drift_factor) and drift_factor > 1.0):
+        if drift_factor is not None and not (is_number(drift_factor) and drift_factor > 1.0):
             raise ValueError(f"drift_factor={drift_factor!r} is not allowed: use a number > 1, or None to turn it off")
-        _check_int("rewarm_steps", rewarm_steps, 0)
-        if not (_is_number(rewarm_start_factor) and 0.0 < rewarm_start_factor <= 1.0):
+        check_int("rewarm_steps", rewarm_steps, 0)
+        if not (is_number(rewarm_start_factor) and 0.0 < rewarm_start_factor <= 1.0):
             raise ValueError(f"rewarm_start_factor={rewarm_start_factor!r} is not allowed: use a number in (0, 1]")
-        _check_int("scaler_patience", scaler_patience, 0)
+        check_int("scaler_patience", scaler_patience, 0)
         if not isinstance(save_on_stop, bool):
             raise ValueError(f"save_on_stop={save_on_stop!r} is not allowed: use true or false")
         if on_stop not in ("raise", "stop"):
@@ -298,12 +299,17 @@ class DivergenceGuard(Callback):
     # ------------------------------------------------------------------ state
 
     @property
+    @override
     def state_key(self) -> str:
         return identity_state_key(type(self).__qualname__, name=self.name)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         adopt_older_state(checkpoint, self.state_key, type(self).__qualname__, name=self.name)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "skipped_steps": self.skipped_steps,
@@ -314,6 +320,7 @@ class DivergenceGuard(Callback):
             "rewarm_factor": self.rewarm_factor,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.skipped_steps = int(state_dict.get("skipped_steps", 0))
         self.rollbacks = int(state_dict.get("rollbacks", 0))
@@ -343,6 +350,7 @@ class DivergenceGuard(Callback):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not pl_module.automatic_optimization:
             raise RuntimeError(
@@ -350,11 +358,13 @@ class DivergenceGuard(Callback):
                 "optimizer step Lightning runs. Remove it or set `automatic_optimization = True`."
             )
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_run_state()
         self._groups = _group_by_sharing(pl_module, trainer)
         self._snapshot = _Snapshot.take(pl_module, trainer.optimizers[0], _schedulers(trainer), trainer.global_step)
 
+    @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
         if self._stopped:
             return
@@ -366,6 +376,7 @@ class DivergenceGuard(Callback):
         self._loss_acc = loss if self._loss_acc is None else self._loss_acc + loss
 
     @torch.no_grad()
+    @override
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
     ) -> None:
@@ -396,8 +407,13 @@ class DivergenceGuard(Callback):
             if drift is not None:
                 # The update runs; the rollback in on_train_batch_end replaces it with the snapshot.
                 action, self._bad_streak, self._scaler_streak = _escalate(
-                    drift.kind, 0, 0, self.rollbacks,
-                    rollback_after=self.rollback_after, max_rollbacks=self.max_rollbacks, scaler_patience=self.scaler_patience,
+                    drift.kind,
+                    0,
+                    0,
+                    self.rollbacks,
+                    rollback_after=self.rollback_after,
+                    max_rollbacks=self.max_rollbacks,
+                    scaler_patience=self.scaler_patience,
                 )
                 self._pending = drift._replace(action=action, step=trainer.global_step, loss=loss, grad_norm=grad_norm)
         elif action == "scaler_skip":
@@ -440,8 +456,10 @@ class DivergenceGuard(Callback):
                 self._drift_ratio = median / self._best_median if self._best_median > 0 else float("nan")
                 if _drifted(median, self._best_median, self.drift_factor):
                     return _Verdict(
-                        "drift", f"slow divergence: median loss of the last {self.window} steps over the best "
-                        f"median of this fit, {_fmt(self._best_median)}", median,
+                        "drift",
+                        f"slow divergence: median loss of the last {self.window} steps over the best "
+                        f"median of this fit, {fmt(self._best_median)}",
+                        median,
                     )
                 healthy = not _drifted(median, self._best_median, 1.0 + (self.drift_factor - 1.0) / 2)
             elif self.drift_factor is not None and math.isfinite(self._best_median):
@@ -476,11 +494,12 @@ class DivergenceGuard(Callback):
                 "DivergenceGuard: step %d: skipped the update (%s: %s); %d bad step(s) in a row",
                 step,
                 verdict.reason,
-                _fmt(verdict.value),
+                fmt(verdict.value),
                 self._bad_streak,
             )
 
     @torch.no_grad()
+    @override
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -500,6 +519,7 @@ class DivergenceGuard(Callback):
         self._log_metrics(trainer, force=pending is not None)
 
     @torch.no_grad()
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._release_schedulers()
         if self._stopped or self._snapshot is None:
@@ -515,9 +535,11 @@ class DivergenceGuard(Callback):
                     self._snapshot.step,
                 )
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._release_schedulers()
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":  # free the host copy of the model and the references to its tensors
             self._release_schedulers()
@@ -554,9 +576,9 @@ class DivergenceGuard(Callback):
         total = torch.zeros((), device=device)
         for share, tensors in self._groups:
             if params:
-                local = [_local(t) for t in tensors if t.is_floating_point()]
+                local = [local_tensor(t) for t in tensors if t.is_floating_point()]
             else:
-                local = [_local(t.grad) for t in tensors if t.grad is not None]
+                local = [local_tensor(t.grad) for t in tensors if t.grad is not None]
             if local:
                 total = total + _total_norm(local).float().to(device).square() * (share / world)
         return total
@@ -567,7 +589,7 @@ class DivergenceGuard(Callback):
             if config.interval == "step" and "step" not in vars(scheduler):
                 # An instance attribute shadows the method for this one batch; released in
                 # on_train_batch_end, before any checkpoint can pickle the scheduler.
-                scheduler.step = _no_step
+                vars(scheduler)["step"] = _no_step
                 self._held.append(scheduler)
 
     def _release_schedulers(self) -> None:
@@ -580,7 +602,7 @@ class DivergenceGuard(Callback):
         optimizer = trainer.optimizers[0]
         schedulers = _schedulers(trainer)
         self._snapshot.restore(pl_module, optimizer, schedulers)
-        _scale_learning_rates(optimizer, schedulers, self.lr_backoff)
+        scale_learning_rates(optimizer, schedulers, self.lr_backoff, floors=False)
         # The snapshot keeps the lowered rates, so the next rollback to it lowers them further
         # instead of going back to the rates it was taken with.
         self._snapshot.retake_learning_rates(optimizer, schedulers)
@@ -590,7 +612,7 @@ class DivergenceGuard(Callback):
         self.rewarm_done, self.rewarm_factor = 0, 1.0
         if self.rewarm_steps > 0:
             self.rewarm_factor = self.rewarm_start_factor
-            _scale_learning_rates(optimizer, schedulers, self.rewarm_factor)
+            scale_learning_rates(optimizer, schedulers, self.rewarm_factor, floors=False)
         if verdict.kind == "drift":
             # The recent losses were the drift's; the next window is the restored state's.
             self._loss_hist.clear()
@@ -603,9 +625,9 @@ class DivergenceGuard(Callback):
                 "rolled back" if verdict.kind == "drift" else "skipped the update and rolled back",
                 self._snapshot.step,
                 verdict.reason,
-                _fmt(verdict.value),
-                _fmt(verdict.loss),
-                _fmt(verdict.grad_norm),
+                fmt(verdict.value),
+                fmt(verdict.loss),
+                fmt(verdict.grad_norm),
                 self.lr_backoff,
                 self.lr_factor,
                 self.rollbacks,
@@ -616,7 +638,7 @@ class DivergenceGuard(Callback):
         """One step of the climb back after a rollback, through the same scaling as the backoff."""
         self.rewarm_done += 1
         target = _rewarm_factor(self.rewarm_done, self.rewarm_steps, self.rewarm_start_factor)
-        _scale_learning_rates(trainer.optimizers[0], _schedulers(trainer), target / self.rewarm_factor)
+        scale_learning_rates(trainer.optimizers[0], _schedulers(trainer), target / self.rewarm_factor, floors=False)
         self.rewarm_factor = target
 
     def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, verdict: _Verdict, batch_idx: int) -> None:
@@ -638,7 +660,7 @@ class DivergenceGuard(Callback):
 
     def _log_metrics(self, trainer: pl.Trainer, force: bool) -> None:
         step = trainer.global_step  # already counts this step
-        if not trainer.loggers or not (force or step % max(trainer.log_every_n_steps, 1) == 0):
+        if not trainer.loggers or not (force or step % max(trainer.log_every_n_steps, 1) == 0):  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             return
         metrics = {
             "guard/skipped_steps": float(self.skipped_steps),
@@ -671,9 +693,7 @@ class _Verdict(NamedTuple):
     grad_norm: float = float("nan")
 
 
-def _is_spike(
-    value: float, history: Sequence[float], factor: float | None, zscore: float | None, warmup: int
-) -> bool:
+def _is_spike(value: float, history: Sequence[float], factor: float | None, zscore: float | None, warmup: int) -> bool:
     """Whether ``value`` exceeds every enabled test against the recent good values."""
     if len(history) < warmup or (factor is None and zscore is None):
         return False
@@ -735,11 +755,11 @@ def _classify(
     if loss is not None and early_loss_factor is not None and 0 < len(loss_hist) < warmup:
         largest = max(loss_hist)
         if loss > largest + (early_loss_factor - 1.0) * abs(largest):
-            return _Verdict("bad", f"loss spike in the first steps (largest so far {_fmt(largest)})", loss)
+            return _Verdict("bad", f"loss spike in the first steps (largest so far {fmt(largest)})", loss)
     if loss is not None and _is_spike(loss, loss_hist, loss_factor, zscore, warmup):
-        return _Verdict("bad", f"loss spike (baseline {_fmt(statistics.median(loss_hist))})", loss)
+        return _Verdict("bad", f"loss spike (baseline {fmt(statistics.median(loss_hist))})", loss)
     if _is_spike(grad_norm, grad_hist, grad_factor, zscore, warmup):
-        return _Verdict("bad", f"gradient-norm spike (baseline {_fmt(statistics.median(grad_hist))})", grad_norm)
+        return _Verdict("bad", f"gradient-norm spike (baseline {fmt(statistics.median(grad_hist))})", grad_norm)
     return _Verdict("ok")
 
 
@@ -775,8 +795,8 @@ def _stop_message(
     saved = f"The state it gave up on is saved in {path}; " if path else ""
     return (
         f"DivergenceGuard stopped training at step {verdict.step} (epoch {epoch}, batch {batch_idx}): "
-        f"{verdict.reason}: {_fmt(verdict.value)} (loss {_fmt(verdict.loss)}, grad norm "
-        f"{_fmt(verdict.grad_norm)}), after {guard.rollbacks} rollback(s) that cut the learning rate to "
+        f"{verdict.reason}: {fmt(verdict.value)} (loss {fmt(verdict.loss)}, grad norm "
+        f"{fmt(verdict.grad_norm)}), after {guard.rollbacks} rollback(s) that cut the learning rate to "
         f"x{guard.lr_factor:g} of the original and {guard.skipped_steps} skipped step(s). {saved}"
         f"the model was put back to the last good snapshot (step {good_step}). What to try: a lower "
         "learning rate or a longer warm-up; gradient clipping (Trainer gradient_clip_val=1.0); "
@@ -835,7 +855,7 @@ class _Snapshot:
         with torch.no_grad():
             for name, tensor in _named_state(module):
                 if name in self.tensors:
-                    _local(tensor).copy_(self.tensors[name])
+                    local_tensor(tensor).copy_(self.tensors[name])
             for index, param in enumerate(_optimizer_params(optimizer)):
                 saved = self.optimizer_state.get(index)
                 if saved is None:
@@ -845,7 +865,9 @@ class _Snapshot:
                 for key in [k for k in live if k not in saved]:
                     del live[key]
                 for key, value in saved.items():
-                    live[key] = value.restore_into(live.get(key)) if isinstance(value, _HostTensor) else copy.deepcopy(value)
+                    live[key] = (
+                        value.restore_into(live.get(key)) if isinstance(value, _HostTensor) else copy.deepcopy(value)
+                    )
         for group, saved in zip(optimizer.param_groups, self.param_groups):
             # Exactly as saved: an entry another callback added after the snapshot goes away, so
             # what it stores there (e.g. DynamicBatchLR's dynamic_lr_scale) matches the restored LRs.
@@ -871,12 +893,14 @@ class _HostTensor:
     @classmethod
     def of(cls, tensor: Tensor, old: Any) -> _HostTensor:
         buffer = old.data if isinstance(old, _HostTensor) else None
-        spec = (type(tensor), tensor.device_mesh, tensor.placements) if hasattr(tensor, "device_mesh") else None
-        return cls(_to_host(tensor, buffer), _local(tensor).device, spec)
+        spec = None
+        if hasattr(tensor, "device_mesh") and hasattr(tensor, "placements"):  # a DTensor
+            spec = (type(tensor), tensor.device_mesh, tensor.placements)
+        return cls(_to_host(tensor, buffer), local_tensor(tensor).device, spec)
 
     def restore_into(self, live: Tensor | None) -> Tensor:
-        if live is not None and _local(live).shape == self.data.shape:
-            _local(live).copy_(self.data)
+        if live is not None and local_tensor(live).shape == self.data.shape:
+            local_tensor(live).copy_(self.data)
             return live
         local = self.data.to(self.device, copy=True)
         if self.dtensor is not None:
@@ -885,13 +909,8 @@ class _HostTensor:
         return local
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2, tensor parallel), the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _to_host(tensor: Tensor, buffer: Tensor | None) -> Tensor:
-    src = _local(tensor).detach()
+    src = local_tensor(tensor).detach()
     if buffer is None or buffer.shape != src.shape or buffer.dtype != src.dtype:
         buffer = torch.empty(src.shape, dtype=src.dtype, device="cpu", pin_memory=src.is_cuda)
     # Pinned + non_blocking keeps the copy off the host's critical path; the next step's host read
@@ -921,7 +940,7 @@ def _group_by_sharing(module: torch.nn.Module, trainer: pl.Trainer) -> list[tupl
     tagged = chain(((p, param_shards) for p in module.parameters()), ((b, 1) for b in module.buffers()))
     for tensor, plain_shards in tagged:
         shards = plain_shards
-        if hasattr(tensor, "placements"):
+        if hasattr(tensor, "placements") and hasattr(tensor, "device_mesh"):
             shards = 1
             for dim, placement in enumerate(tensor.placements):
                 if placement.is_shard():
@@ -979,37 +998,5 @@ def _schedulers(trainer: pl.Trainer) -> list[Any]:
     return [config.scheduler for config in trainer.lr_scheduler_configs]
 
 
-def _scale_learning_rates(optimizer: torch.optim.Optimizer, schedulers: list[Any], factor: float) -> None:
-    for group in optimizer.param_groups:
-        for key in _GROUP_LR_KEYS:
-            value = group.get(key)
-            if isinstance(value, Tensor):
-                value.mul_(factor)
-            elif isinstance(value, (int, float)) and not isinstance(value, bool):
-                group[key] = value * factor
-    todo = list(schedulers)
-    while todo:
-        scheduler = todo.pop()
-        todo.extend(getattr(scheduler, "_schedulers", []))  # SequentialLR, ChainedScheduler
-        for attr in _SCHEDULER_LR_ATTRS:
-            values = getattr(scheduler, attr, None)
-            if isinstance(values, list):
-                setattr(scheduler, attr, [v * factor if isinstance(v, (int, float, Tensor)) else v for v in values])
-
-
 def _no_step(*args: Any, **kwargs: Any) -> None:
     return None
-
-
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool (``True`` is an int to Python, never a factor here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(name: str, value: Any, minimum: int, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed: use an integer >= {minimum}{' ' + extra if extra else ''}")
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"

@@ -12,14 +12,23 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
+from typing_extensions import override
 
+from lit_accel.callbacks._shared import (
+    DYNAMIC_LR_SCALE_KEY,
+    is_int,
+    is_number,
+    notify_batch_size_changed,
+    require,
+    scale_learning_rates,
+)
 from lit_accel.callbacks._state_keys import adopt_older_state, identity_state_key
 
 __all__ = ["DynamicBatchLR"]
@@ -33,13 +42,6 @@ _POLICIES = ("lr", "batch", "batch_then_lr", "none")
 _SCALINGS = ("none", "linear", "sqrt")
 # Learning-rate-valued entries that torch schedulers keep in each param group (OneCycleLR keeps
 # max_lr/min_lr there; every LRScheduler keeps initial_lr).
-_GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-# Learning-rate-valued scheduler attributes: lists (base_lrs: all; max_lrs: CyclicLR; min_lrs:
-# ReduceLROnPlateau; _last_lr: get_last_lr()) and scalars (eta_min: the cosine schedules).
-_SCHED_LR_LISTS = ("base_lrs", "max_lrs", "min_lrs", "_last_lr")
-_SCHED_LR_SCALARS = ("eta_min",)
-# The param-group entry holding the multiplier this callback has baked into that group's LRs.
-_SCALE_KEY = "dynamic_lr_scale"
 
 
 class DynamicBatchLR(Callback):
@@ -200,19 +202,19 @@ class DynamicBatchLR(Callback):
         lr_schedule: dict[int, float] | None = None,
     ) -> None:
         super().__init__()
-        _require(isinstance(monitor, str) and monitor != "", "monitor", monitor, "a metric name")
-        _require(mode in ("min", "max"), "mode", mode, "'min' or 'max'")
-        _require(policy in _POLICIES, "policy", policy, f"one of {_POLICIES}")
-        _require(_is_int(patience) and patience >= 1, "patience", patience, "an integer >= 1")
-        _require(_is_number(min_delta) and min_delta >= 0, "min_delta", min_delta, "a number >= 0")
-        _require(_is_int(cooldown) and cooldown >= 0, "cooldown", cooldown, "an integer >= 0")
-        _require(_is_number(lr_factor) and 0 < lr_factor < 1, "lr_factor", lr_factor, "a number in (0, 1)")
-        _require(_is_number(min_lr) and min_lr >= 0, "min_lr", min_lr, "a number >= 0")
-        _require(_is_number(batch_factor) and batch_factor > 1, "batch_factor", batch_factor, "a number > 1")
+        require(isinstance(monitor, str) and monitor != "", "monitor", monitor, "a metric name")
+        require(mode in ("min", "max"), "mode", mode, "'min' or 'max'")
+        require(policy in _POLICIES, "policy", policy, f"one of {_POLICIES}")
+        require(is_int(patience) and patience >= 1, "patience", patience, "an integer >= 1")
+        require(is_number(min_delta) and min_delta >= 0, "min_delta", min_delta, "a number >= 0")
+        require(is_int(cooldown) and cooldown >= 0, "cooldown", cooldown, "an integer >= 0")
+        require(is_number(lr_factor) and 0 < lr_factor < 1, "lr_factor", lr_factor, "a number in (0, 1)")
+        require(is_number(min_lr) and min_lr >= 0, "min_lr", min_lr, "a number >= 0")
+        require(is_number(batch_factor) and batch_factor > 1, "batch_factor", batch_factor, "a number > 1")
         for name, value in (("max_batch_size", max_batch_size), ("max_effective_batch_size", max_effective_batch_size)):
-            _require(value is None or (_is_int(value) and value >= 1), name, value, "a positive integer or null")
-        _require(lr_scaling in _SCALINGS, "lr_scaling", lr_scaling, f"one of {_SCALINGS}")
-        _require(_is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", warmup_steps, "an integer >= 0")
+            require(value is None or (is_int(value) and value >= 1), name, value, "a positive integer or null")
+        require(lr_scaling in _SCALINGS, "lr_scaling", lr_scaling, f"one of {_SCALINGS}")
+        require(is_int(warmup_steps) and warmup_steps >= 0, "warmup_steps", warmup_steps, "an integer >= 0")
         batch_policy = policy in ("batch", "batch_then_lr")
         if batch_policy and max_batch_size is None and max_effective_batch_size is None:
             raise ValueError(
@@ -249,9 +251,9 @@ class DynamicBatchLR(Callback):
         self._wait = 0
         self._cooldown_left = 0
         # The multiplier last written into the optimizers (their param groups hold the live value,
-        # _SCALE_KEY); saved so that a checkpoint from before _SCALE_KEY existed still resumes.
+        # DYNAMIC_LR_SCALE_KEY); saved so that a checkpoint from before DYNAMIC_LR_SCALE_KEY existed still resumes.
         self._applied_lr_scale = 1.0
-        self._unmarked_scale = 1.0  # the multiplier in a param group without _SCALE_KEY
+        self._unmarked_scale = 1.0  # the multiplier in a param group without DYNAMIC_LR_SCALE_KEY
 
         # per fit
         self._holder: str | None = None  # "datamodule" | "module" | None (fixed DataLoader batch)
@@ -264,14 +266,19 @@ class DynamicBatchLR(Callback):
 
     # ------------------------------------------------------------------------------------- state
     @property
+    @override
     def state_key(self) -> str:
         # Identity, as Lightning's EarlyStopping: what it watches; not the policy or its settings,
         # so a run resumed with another policy keeps the batch size and LR scale it reached.
         return identity_state_key(type(self).__qualname__, monitor=self.monitor, mode=self.mode)
 
-    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+    @override
+    def on_load_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         adopt_older_state(checkpoint, self.state_key, type(self).__qualname__, monitor=self.monitor, mode=self.mode)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "batch_size": self._batch_size,
@@ -284,6 +291,7 @@ class DynamicBatchLR(Callback):
             "applied_lr_scale": self._applied_lr_scale,
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batch_size = state_dict.get("batch_size")
         self._accumulate = int(state_dict.get("accumulate_grad_batches", 1))
@@ -293,12 +301,13 @@ class DynamicBatchLR(Callback):
         self._wait = int(state_dict.get("wait", 0))
         self._cooldown_left = int(state_dict.get("cooldown_left", 0))
         self._applied_lr_scale = float(state_dict.get("applied_lr_scale", 1.0))
-        self._unmarked_scale = self._applied_lr_scale  # optimizer states saved without _SCALE_KEY have it baked in
+        self._unmarked_scale = self._applied_lr_scale  # states saved without the key have it baked in
         # Most strategies restore callbacks before on_fit_start; FSDP/ModelParallel/DeepSpeed after it
         # (strategy.restore_checkpoint_after_setup), then on_train_start applies the state.
         self._pending_apply = True
 
     # ------------------------------------------------------------------------------------- hooks
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned = set()
         if not self._pending_apply:
@@ -315,6 +324,7 @@ class DynamicBatchLR(Callback):
         self._write_batch(trainer, pl_module)
         self._pending_apply = False
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._holder is None:
             loader_batch = _loader_batch_size(trainer)
@@ -338,27 +348,31 @@ class DynamicBatchLR(Callback):
         _mark_param_groups(trainer, self._unmarked_scale)  # optimizers restored from older checkpoints
         self._sync_lr(trainer)
 
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._val_ran = False
         self._sync_lr(trainer)
         if self._batch_size is not None and self._batch_size != self._notified_batch:
             self._notified_batch = self._batch_size
             self._check_loader_batch(trainer)
-            _notify_batch_size_changed(trainer, pl_module, self._batch_size, exclude=self)
+            notify_batch_size_changed(trainer, pl_module, self._batch_size, exclude=self)
         self._log(trainer)
 
+    @override
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         # Every batch, not only during warm-up: another callback may have restored older param
         # groups (a rollback) since the last batch. A no-op costs one lookup per optimizer.
-        if self._sync_lr(trainer) and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+        if self._sync_lr(trainer) and trainer.global_step % max(1, trainer.log_every_n_steps) == 0:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             self._log(trainer)
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking:
             self._val_ran = True
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Everything decided here takes effect from the next epoch's first batch, on every rank.
         changed = False
@@ -477,6 +491,7 @@ class DynamicBatchLR(Callback):
             if batch_changed:
                 world = trainer.world_size
                 (b0, a0), (b1, a1) = batch_before, (self._batch_size, self._accumulate)
+                assert b0 is not None and b1 is not None  # a batch change starts from a known batch size
                 parts.append(
                     f"batch {b0}×{a0} → {b1}×{a1} per device (batch × accumulation),"
                     f" effective {b0 * a0 * world} → {b1 * a1 * world} from the next epoch"
@@ -494,7 +509,7 @@ class DynamicBatchLR(Callback):
         return schedule * _batch_lr_factor(batch_ratio, self.lr_scaling) * self._lr_decay
 
     def _sync_lr(self, trainer: pl.Trainer) -> bool:
-        """Bring the multiplier baked into each optimizer (its _SCALE_KEY) to the target; True if any changed."""
+        """Bring the multiplier baked into each optimizer (DYNAMIC_LR_SCALE_KEY) to the target; True if changed."""
         target = self._lr_scale_without_warmup(trainer) * _warmup_factor(trainer.global_step, self.warmup_steps)
         self._applied_lr_scale = target
         return _sync_optimizers(trainer, target, self._unmarked_scale)
@@ -648,13 +663,14 @@ def _find_batch_size_holder(trainer: pl.Trainer, pl_module: pl.LightningModule) 
 
 def _read_batch_size(trainer: pl.Trainer, pl_module: pl.LightningModule, holder: str) -> int:
     if holder == "datamodule":
-        return int(trainer.datamodule.batch_size)
-    return int(lightning_getattr(pl_module, "batch_size"))
+        return int(trainer.datamodule.batch_size)  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
+    # Typed Optional[Any]: the holder was chosen because this is an int (_find_batch_size_holder).
+    return int(cast("int", lightning_getattr(pl_module, "batch_size")))
 
 
 def _write_batch_size(trainer: pl.Trainer, pl_module: pl.LightningModule, holder: str, value: int) -> None:
     if holder == "datamodule":
-        trainer.datamodule.batch_size = value
+        trainer.datamodule.batch_size = value  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
     else:
         lightning_setattr(pl_module, "batch_size", value)
 
@@ -686,7 +702,7 @@ def _reduced_metric(trainer: pl.Trainer, name: str) -> float | None:
     value = trainer.callback_metrics.get(name)
     present = value is not None
     pair = torch.tensor(
-        [float(value) if present else 0.0, 1.0 if present else 0.0],
+        [float(value) if value is not None else 0.0, 1.0 if present else 0.0],
         dtype=torch.float64,
         device=trainer.strategy.root_device,
     )
@@ -701,19 +717,19 @@ def _largest_lr(trainer: pl.Trainer) -> float:
 
 
 def _mark_param_groups(trainer: pl.Trainer, scale: float) -> None:
-    """Give every param group without _SCALE_KEY the multiplier its LRs hold (``scale``)."""
+    """Give every param group without DYNAMIC_LR_SCALE_KEY the multiplier its LRs hold (``scale``)."""
     for optimizer in trainer.optimizers:
         for group in optimizer.param_groups:
-            group.setdefault(_SCALE_KEY, scale)
+            group.setdefault(DYNAMIC_LR_SCALE_KEY, scale)
 
 
 def _applied_scale(optimizer: torch.optim.Optimizer, unmarked: float) -> float:
     groups = optimizer.param_groups
-    return float(groups[0].get(_SCALE_KEY, unmarked)) if groups else 1.0
+    return float(groups[0].get(DYNAMIC_LR_SCALE_KEY, unmarked)) if groups else 1.0
 
 
 def _sync_optimizers(trainer: pl.Trainer, target: float, unmarked: float) -> bool:
-    """Rescale each optimizer (and its schedulers) whose _SCALE_KEY differs from ``target``."""
+    """Rescale each optimizer (and its schedulers) whose DYNAMIC_LR_SCALE_KEY differs from ``target``."""
     ratios: dict[int, float] = {}
     for optimizer in trainer.optimizers:
         applied = _applied_scale(optimizer, unmarked)
@@ -721,65 +737,24 @@ def _sync_optimizers(trainer: pl.Trainer, target: float, unmarked: float) -> boo
             ratios[id(optimizer)] = target / applied
     if not ratios:
         return False
-    first = id(trainer.optimizers[0])
+    first = trainer.optimizers[0]
     for optimizer in trainer.optimizers:
         ratio = ratios.get(id(optimizer))
         if ratio is None:
             continue
+        schedulers = [
+            config.scheduler
+            for config in trainer.lr_scheduler_configs
+            if (getattr(config.scheduler, "optimizer", None) or first) is optimizer
+        ]
+        # The whole schedule, floors included, moves with the batch-size rule's LR.
+        scale_learning_rates(optimizer, schedulers, ratio, floors=True)
         for group in optimizer.param_groups:
-            for key in _GROUP_LR_KEYS:
-                if key in group:
-                    group[key] = _scaled(group[key], ratio)
-            group[_SCALE_KEY] = target
-    for config in trainer.lr_scheduler_configs:
-        owner = getattr(config.scheduler, "optimizer", None)
-        ratio = ratios.get(id(owner) if owner is not None else first)
-        if ratio is not None:
-            _scale_scheduler(config.scheduler, ratio)
+            group[DYNAMIC_LR_SCALE_KEY] = target
     return True
 
 
-def _scale_scheduler(scheduler: Any, ratio: float) -> None:
-    for attr in _SCHED_LR_LISTS:
-        values = getattr(scheduler, attr, None)
-        if isinstance(values, list):
-            setattr(scheduler, attr, [_scaled(v, ratio) for v in values])
-    for attr in _SCHED_LR_SCALARS:
-        value = getattr(scheduler, attr, None)
-        if isinstance(value, (float, int, torch.Tensor)) and not isinstance(value, bool):
-            setattr(scheduler, attr, _scaled(value, ratio))
-    for child in getattr(scheduler, "_schedulers", None) or ():
-        _scale_scheduler(child, ratio)
-
-
-def _scaled(value: Any, ratio: float) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.mul_(ratio)  # in place: fused/capturable optimizers hold the LR as a tensor
-    return value * ratio
-
-
-def _notify_batch_size_changed(
-    trainer: pl.Trainer, pl_module: pl.LightningModule, batch_size: int, exclude: Callback
-) -> None:
-    for callback in trainer.callbacks:
-        hook = getattr(callback, "on_batch_size_changed", None)
-        if callback is not exclude and callable(hook):
-            hook(trainer, pl_module, batch_size)
-
-
 # -------------------------------------------------------------------------------------- validation
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name}={value!r} is not allowed: use {allowed}")
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: object) -> bool:
-    """A finite int or float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_table(name: str, table: dict[int, Any] | None, integer: bool) -> dict[int, Any]:
@@ -790,11 +765,11 @@ def _check_table(name: str, table: dict[int, Any] | None, integer: bool) -> dict
     checked: dict[int, Any] = {}
     for key, value in table.items():
         epoch = int(key) if isinstance(key, str) and key.isdigit() else key
-        _require(_is_int(epoch) and epoch >= 0, name, table, "epochs (integers >= 0) as keys")
+        require(is_int(epoch) and epoch >= 0, name, table, "epochs (integers >= 0) as keys")
         if integer:
-            _require(_is_int(value) and value >= 1, name, table, "positive integer batch sizes as values")
+            require(is_int(value) and value >= 1, name, table, "positive integer batch sizes as values")
         else:
-            ok = _is_number(value) and value > 0
-            _require(ok, name, table, "positive factors as values")
+            ok = is_number(value) and value > 0
+            require(ok, name, table, "positive factors as values")
         checked[epoch] = value if integer else float(value)
     return checked

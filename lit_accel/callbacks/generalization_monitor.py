@@ -2,9 +2,9 @@
 stalls or the gap grows too wide, and end training with the weights of the best validation (what
 Keras calls ``restore_best_weights``; Lightning's ``EarlyStopping`` stops but keeps the last weights).
 
-Imports only ``lightning``, ``torch``, the standard library and the private ``_state_keys.py``
-(standard library only), so the two files can be copied into
-another project.
+Imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
+``@override``; torch and lightning require it) and the private ``_state_keys.py`` (standard library
+only), so the two files can be copied into another project.
 
 Cost: one all-reduce of a few numbers per validation and per validated epoch (none on one device),
 and at each validation that improves the monitored metric a host copy of the parameters and
@@ -27,7 +27,9 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
+from lit_accel.callbacks._shared import check_int, fmt, is_number, local_tensor
 from lit_accel.callbacks._state_keys import identity_state_key
 
 __all__ = ["GeneralizationMonitor"]
@@ -142,6 +144,12 @@ class GeneralizationMonitor(EarlyStopping):
                 restore_best_weights: true
     """
 
+    # Progress saved in checkpoints: set by _reset_progress and load_state_dict.
+    best_score: float | None  # type: ignore[assignment]  # a float, None before a score: EarlyStopping's is a tensor
+    best_epoch: int | None
+    best_step: int | None
+    _best_weights: dict[str, Tensor] | None
+
     def __init__(
         self,
         monitor: str = "val/acc",
@@ -161,13 +169,13 @@ class GeneralizationMonitor(EarlyStopping):
         _check_name("monitor", monitor)
         if mode not in ("min", "max"):
             raise ValueError(f"mode={mode!r} is not allowed: use 'min' or 'max'")
-        if not (_is_number(min_delta) and min_delta >= 0):
+        if not (is_number(min_delta) and min_delta >= 0):
             raise ValueError(f"min_delta={min_delta!r} is not allowed: use a finite number >= 0")
         if patience is not None:
-            _check_int("patience", patience, 1, "or None (never stop for lack of improvement)")
-        if max_gap is not None and not (_is_number(max_gap) and max_gap > 0):
+            check_int("patience", patience, 1, "or None (never stop for lack of improvement)")
+        if max_gap is not None and not (is_number(max_gap) and max_gap > 0):
             raise ValueError(f"max_gap={max_gap!r} is not allowed: use a finite number > 0, or None (off)")
-        _check_int("gap_patience", gap_patience, 1)
+        check_int("gap_patience", gap_patience, 1)
         for name, flag in (("restore_best_weights", restore_best_weights), ("strict", strict)):
             if not isinstance(flag, bool):
                 raise ValueError(f"{name}={flag!r} is not allowed: use true or false")
@@ -198,6 +206,7 @@ class GeneralizationMonitor(EarlyStopping):
     # ------------------------------------------------------------------ state
 
     @property
+    @override
     def state_key(self) -> str:
         return identity_state_key(type(self).__qualname__, monitor=self.monitor, mode=self.mode)
 
@@ -206,6 +215,7 @@ class GeneralizationMonitor(EarlyStopping):
         """Host copy of the parameters and buffers at the best validation (None before one)."""
         return self._best_weights
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         # Plain types and tensors only: checkpoints must load with torch.load(weights_only=True).
         state: dict[str, Any] = {
@@ -220,6 +230,7 @@ class GeneralizationMonitor(EarlyStopping):
             state["best_weights"] = self._best_weights
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best_score = _optional(float, state_dict.get("best_score"))
         self.best_epoch = _optional(int, state_dict.get("best_epoch"))
@@ -232,14 +243,14 @@ class GeneralizationMonitor(EarlyStopping):
 
     def _reset_progress(self) -> None:
         # Progress (saved in checkpoints).
-        self.best_score: float | None = None
-        self.best_epoch: int | None = None
-        self.best_step: int | None = None
+        self.best_score = None
+        self.best_epoch = None
+        self.best_step = None
         self.wait_count = 0
         self.gap_count = 0
         self.stopped_epoch = 0
         self.stopping_reason_message: str | None = None
-        self._best_weights: dict[str, Tensor] | None = None
+        self._best_weights = None
 
     def _reset_run_state(self) -> None:
         # One fit only.
@@ -250,6 +261,7 @@ class GeneralizationMonitor(EarlyStopping):
 
     # ------------------------------------------------------------------ hooks
 
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
@@ -258,6 +270,7 @@ class GeneralizationMonitor(EarlyStopping):
         self._reset_run_state()
         self._sharded = isinstance(trainer.strategy, (FSDPStrategy, ModelParallelStrategy))
 
+    @override
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if _not_training(trainer):
             return
@@ -275,6 +288,7 @@ class GeneralizationMonitor(EarlyStopping):
         else:
             self.wait_count += 1
 
+    @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Runs after LightningModule.on_train_epoch_end and before ModelCheckpoint (see the class doc).
         if _not_training(trainer):
@@ -293,8 +307,9 @@ class GeneralizationMonitor(EarlyStopping):
         ):
             self._restore(trainer, pl_module)
 
+    @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.restore_best_weights and not trainer.fast_dev_run:
+        if self.restore_best_weights and not trainer.fast_dev_run:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             self._restore(trainer, pl_module)  # a no-op if on_train_epoch_end already did it at this step
 
     # ------------------------------------------------------------------ actions
@@ -335,7 +350,7 @@ class GeneralizationMonitor(EarlyStopping):
         if self._restored_at == trainer.global_step or self.best_epoch is None:
             return
         self._restored_at = trainer.global_step
-        where = f"epoch {self.best_epoch} (step {self.best_step}, {self.monitor}={_fmt(self.best_score)})"
+        where = f"epoch {self.best_epoch} (step {self.best_step}, {self.monitor}={fmt(self.best_score)})"
         if self._best_weights is None:
             rank_zero_warn(
                 f"GeneralizationMonitor: the best weights, from {where}, predate the checkpoint this run "
@@ -349,7 +364,7 @@ class GeneralizationMonitor(EarlyStopping):
                 f"GeneralizationMonitor: cannot restore the weights of {where}: {problem}; keeping the final weights"
             )
             return
-        last = "" if self._last_score is None else f"; the last validation had {self.monitor}={_fmt(self._last_score)}"
+        last = "" if self._last_score is None else f"; the last validation had {self.monitor}={fmt(self._last_score)}"
         rank_zero_info(f"GeneralizationMonitor: restored the weights of {where}, the best of this run{last}")
 
     def _missing(self, trainer: pl.Trainer, what: str, names: list[str]) -> None:
@@ -416,11 +431,11 @@ def _stop_decision(
     if patience is not None and wait_count >= patience:
         return True, (
             f"{monitor} did not improve at the last {wait_count} validations (patience={patience}; best "
-            f"{_fmt(best_score)} at epoch {best_epoch})"
+            f"{fmt(best_score)} at epoch {best_epoch})"
         )
     if max_gap is not None and gap_count >= gap_patience:
         return True, (
-            f"gap/loss={_fmt(gap)} was above max_gap={max_gap:g} at the last {gap_count} validated epochs "
+            f"gap/loss={fmt(gap)} was above max_gap={max_gap:g} at the last {gap_count} validated epochs "
             f"(gap_patience={gap_patience})"
         )
     return False, ""
@@ -453,7 +468,7 @@ def _training_ends_after_epoch(
 
 
 def _not_training(trainer: pl.Trainer) -> bool:
-    return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)
+    return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking or bool(trainer.fast_dev_run)  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
 
 
 def _reduced_metrics(trainer: pl.Trainer, names: Iterable[str]) -> dict[str, float]:
@@ -475,21 +490,16 @@ def _named_tensors(module: torch.nn.Module) -> Iterable[tuple[str, Tensor]]:
     return chain(module.named_parameters(), module.named_buffers())
 
 
-def _local(tensor: Tensor) -> Tensor:
-    """The local shard of a DTensor (FSDP2, tensor parallel), the tensor itself otherwise."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 @torch.no_grad()
 def _host_copy(module: torch.nn.Module) -> dict[str, Tensor]:
     # New tensors every time: a checkpoint being written (possibly asynchronously) may hold the old ones.
-    return {name: _local(t).detach().to("cpu", copy=True) for name, t in _named_tensors(module)}
+    return {name: local_tensor(t).detach().to("cpu", copy=True) for name, t in _named_tensors(module)}
 
 
 @torch.no_grad()
 def _load_host_copy(module: torch.nn.Module, weights: Mapping[str, Tensor]) -> str:
     """Copy ``weights`` into the module in place; returns what does not fit (nothing copied then)."""
-    live = {name: _local(t) for name, t in _named_tensors(module)}
+    live = {name: local_tensor(t) for name, t in _named_tensors(module)}
     missing, unexpected = sorted(live.keys() - weights.keys()), sorted(weights.keys() - live.keys())
     if missing or unexpected:
         return f"names differ (missing {missing[:5]}, unexpected {unexpected[:5]})"
@@ -504,16 +514,6 @@ def _load_host_copy(module: torch.nn.Module, weights: Mapping[str, Tensor]) -> s
 # ---------------------------------------------------------------------- arguments
 
 
-def _is_number(value: Any) -> bool:
-    """A finite int or float, not a bool (``True`` is an int to Python, never a setting here)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _check_int(name: str, value: Any, minimum: int, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} is not allowed: use an integer >= {minimum}{' ' + extra if extra else ''}")
-
-
 def _check_name(name: str, value: Any) -> None:
     if not isinstance(value, str) or not value:
         raise ValueError(f"{name}={value!r} is not allowed: use a metric name (a non-empty string)")
@@ -521,7 +521,3 @@ def _check_name(name: str, value: Any) -> None:
 
 def _optional(kind: type, value: Any) -> Any:
     return None if value is None else kind(value)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4g}"

@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_warn
+from typing_extensions import override
 
 __all__ = ["HParamsSummary"]
 
@@ -76,13 +77,16 @@ class HParamsSummary(Callback):
         self._written: set[str] = set()
         self._warned = False
 
+    @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, pl_module)
 
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "validate":
             self._write(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, pl_module)
 
@@ -110,18 +114,20 @@ class HParamsSummary(Callback):
 
 
 # ----------------------------------------------------------------------------- pure functions
-def collect_hparams(trainer: pl.Trainer, pl_module: pl.LightningModule, include_trainer: bool = True) -> dict[str, HParamValue]:
+def collect_hparams(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, include_trainer: bool = True
+) -> dict[str, HParamValue]:
     """The flat ``{name: value}`` table of a run: model, data and (optionally) trainer settings."""
     params: dict[str, HParamValue] = {}
     params.update(flatten_hparams(_plain(pl_module.hparams_initial), prefix="model"))
-    if trainer.datamodule is not None:
-        params.update(flatten_hparams(_plain(trainer.datamodule.hparams_initial), prefix="data"))
+    if trainer.datamodule is not None:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
+        params.update(flatten_hparams(_plain(trainer.datamodule.hparams_initial), prefix="data"))  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
     if include_trainer:
         params.update(flatten_hparams(trainer_settings(trainer), prefix="trainer"))
     return params
 
 
-def checkpoint_hparams(path: str) -> dict[str, HParamValue]:
+def checkpoint_hparams(path: str | os.PathLike[str]) -> dict[str, HParamValue]:
     """The ``model/…`` and ``data/…`` hyperparameters a checkpoint was trained with, and ``checkpoint``.
 
     A ``validate``/``test`` run builds its model from the command line's config and then loads the
@@ -152,7 +158,7 @@ def trainer_settings(trainer: pl.Trainer) -> dict[str, Any]:
         "world_size": trainer.world_size,
         "max_epochs": trainer.max_epochs if trainer.max_epochs is not None else -1,
         "accumulate_grad_batches": trainer.accumulate_grad_batches,
-        "callbacks": ",".join(sorted(type(cb).__name__ for cb in trainer.callbacks)),
+        "callbacks": ",".join(sorted(type(cb).__name__ for cb in trainer.callbacks)),  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
     }
 
 

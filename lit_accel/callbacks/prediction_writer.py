@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = ["PredictionCSVWriter"]
 
@@ -77,7 +78,9 @@ class PredictionCSVWriter(BasePredictionWriter):
             raise ValueError(f"output_path={output_path!r} is not allowed: use a file path such as 'predictions.csv'")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
             raise ValueError(f"top_k={top_k!r} is not allowed: use 1 or more classes (an integer)")
-        if class_names is not None and (not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)):
+        if class_names is not None and (
+            not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)
+        ):
             raise ValueError(f"class_names={class_names!r} is not allowed: use a list of names, one per class")
         if not isinstance(softmax, bool):
             raise ValueError(f"softmax={softmax!r} is not allowed: use true or false")
@@ -93,15 +96,18 @@ class PredictionCSVWriter(BasePredictionWriter):
         self.predictions_written: int | None = None  # rows of the last merged file (rank 0); None before
 
     # ------------------------------------------------------------------------------------ hooks
+    @override
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         folder = os.path.dirname(os.path.abspath(self.output_path))
         os.makedirs(folder, exist_ok=True)
         self._names, self._names_checked = None, False
         self._rows_written = 0
         self.predictions_written = None
-        self._part = open(_part_path(self.output_path, trainer.global_rank), "w", newline="", encoding="utf-8")
+        # Open across hooks: closed in on_predict_end or on_exception (_close_part), so no `with` block.
+        self._part = open(_part_path(self.output_path, trainer.global_rank), "w", newline="", encoding="utf-8")  # noqa: SIM115
         self._csv = csv.writer(self._part)
 
+    @override
     def write_on_batch_end(
         self,
         trainer: pl.Trainer,
@@ -128,6 +134,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         self._csv.writerows(format_rows(ids, probabilities.cpu(), names, self.top_k, labels))
         self._rows_written += count
 
+    @override
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._close_part()
         # Every rank reaches this hook once, so the barrier cannot leave one rank waiting.
@@ -139,8 +146,11 @@ class PredictionCSVWriter(BasePredictionWriter):
             if self.predictions_written:
                 rank_zero_info(f"PredictionCSVWriter: wrote {self.predictions_written} predictions to {where}")
             else:
-                rank_zero_warn(f"PredictionCSVWriter: nothing was predicted, so {where} was not written (an existing file is kept)")
+                rank_zero_warn(
+                    f"PredictionCSVWriter: nothing was predicted, so {where} was not written (an existing file is kept)"
+                )
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._close_part()  # the part files stay, for a look at what was written before the error
 
@@ -155,7 +165,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         candidate = self.class_names
         source = "class_names"
         if candidate is None:
-            candidate = getattr(trainer.datamodule, "classes", None)
+            candidate = getattr(trainer.datamodule, "classes", None)  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             source = "the datamodule's classes"
         names = [str(i) for i in range(num_classes)]
         if candidate is not None:

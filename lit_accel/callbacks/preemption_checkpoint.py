@@ -1,4 +1,4 @@
-"""Checkpoint on SIGTERM (a scheduler's preemption notice) and Ctrl-C, then stop."""
+"""Checkpoint on SIGTERM (preemption) and Ctrl-C, then stop; answer SLURM's requeue signal at a batch's end."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ from types import FrameType
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 __all__ = ["PreemptionCheckpoint"]
 
@@ -45,6 +47,18 @@ class PreemptionCheckpoint(Callback):
     when ``fit`` ends with an exception, in ``on_exception`` too. Installing it after Lightning
     has saved the process's handlers (just before the training loop) also lets Lightning's own
     clean-up restore the original one.
+
+    SLURM auto-requeue: Lightning answers SLURM's requeue signal (``SIGUSR1`` unless the
+    ``SLURMEnvironment`` names another) from inside the signal handler: it closes the loggers,
+    saves ``hpc_ckpt_<n>.ckpt`` and runs ``scontrol requeue``. A handler runs between any two
+    bytecodes of the main thread, so when the signal lands while a logger holds its lock (a
+    TensorBoard write), closing that logger waits for the lock forever and the job hangs until
+    SLURM kills it, without the checkpoint (Lightning issue #21406). From ``on_train_start`` of
+    ``fit`` on, this callback puts its own handler in front of Lightning's: the signal only sets
+    a flag, and Lightning's handler runs at the end of the current training or validation batch,
+    where no lock is held and the state is consistent; under DDP the ranks agree on that batch
+    (any rank's flag), since saving is collective. A signal that comes after the last batch asks
+    for nothing: the run is over.
 
     Limitation (distributed): Lightning broadcasts rank 0's SIGTERM flag at the start of every
     training batch, but at the end of a batch each rank raises ``SIGTERMException`` from its own
@@ -88,7 +102,11 @@ class PreemptionCheckpoint(Callback):
         self.saved_path: str | None = None
         self._installed = False  # our SIGINT handler is in place and _previous_sigint is to be restored
         self._previous_sigint: Any = None
+        self._requeue_signal: int | None = None  # set while our requeue handler is in place
+        self._requeue_handler: Any = None  # Lightning's, run at the end of a batch
+        self._requeue_requested = False
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in setup(): Lightning saves every signal handler after setup and puts them back when
         # fit ends, also after an exception, when no teardown hook runs; ours would come back.
@@ -97,12 +115,36 @@ class PreemptionCheckpoint(Callback):
         if not self._installed:
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
             self._installed = True
+        self._defer_requeue_signal(trainer)
 
+    @override
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._answer_requeue_signal(trainer)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._answer_requeue_signal(trainer)
+
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._restore_sigint()
+        self._restore_requeue_handler()
 
+    @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._restore_sigint()  # no teardown hook follows an exception
+        self._restore_requeue_handler()
         if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
             return
         # Every rank gets here at the same batch when the signal reached all ranks together (see
@@ -125,6 +167,49 @@ class PreemptionCheckpoint(Callback):
         callback = trainer.checkpoint_callback
         folder = getattr(callback, "dirpath", None) or os.path.join(trainer.default_root_dir, "checkpoints")
         return os.path.join(folder, f"{self.filename}.ckpt")
+
+    def _defer_requeue_signal(self, trainer: pl.Trainer) -> None:
+        """Put ``_on_requeue_signal`` in front of the handler Lightning installed for SLURM's requeue signal."""
+        if self._requeue_signal is not None or threading.current_thread() is not threading.main_thread():
+            return
+        environment = trainer._accelerator_connector.cluster_environment  # listed in lit_accel/_lightning_compat.py
+        if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
+            return
+        signum = environment.requeue_signal or signal.SIGUSR1
+        handler = signal.getsignal(signum)
+        if not callable(handler):  # SIG_DFL/SIG_IGN: Lightning installed nothing (another handler was there)
+            return
+        self._requeue_handler = handler
+        self._requeue_requested = False
+        signal.signal(signum, self._on_requeue_signal)
+        self._requeue_signal = signum
+
+    def _on_requeue_signal(self, signum: int, frame: FrameType | None) -> None:
+        # Only a flag: anything more (I/O, locks) is unsafe between two arbitrary bytecodes.
+        self._requeue_requested = True
+
+    def _answer_requeue_signal(self, trainer: pl.Trainer) -> None:
+        if self._requeue_signal is None:
+            return
+        requested = self._requeue_requested
+        if trainer.world_size > 1:  # all ranks save together (a collective), at the same batch
+            requested = trainer.strategy.reduce_boolean_decision(requested, all=False)
+        if not requested:
+            return
+        self._requeue_requested = False
+        log.info("SLURM requeue signal: saving the hpc checkpoint and requeueing at the end of this batch")
+        self._requeue_handler(self._requeue_signal, None)
+
+    def _restore_requeue_handler(self) -> None:
+        signum = self._requeue_signal
+        if signum is None:
+            return
+        # Only our own: Lightning's teardown may already have put the process's original back.
+        if signal.getsignal(signum) == self._on_requeue_signal:
+            signal.signal(signum, self._requeue_handler)
+        self._requeue_signal = None
+        self._requeue_handler = None
+        self._requeue_requested = False
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
         # The next Ctrl-C gets the previous handler (Python's: KeyboardInterrupt, which Lightning

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import Any, cast
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
 
 __all__ = ["RNGStateCheckpoint"]
 
@@ -52,6 +53,7 @@ class RNGStateCheckpoint(Callback):
         super().__init__()
         self._pending: dict[str, Any] | None = None
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         version, internal, gauss_next = random.getstate()
         state: dict[str, Any] = {
@@ -66,16 +68,19 @@ class RNGStateCheckpoint(Callback):
             state["numpy"] = numpy_state
         return state
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # Applied at on_train_start: the checkpoint is loaded before Lightning's own set-up draws.
         self._pending = dict(state_dict)
 
+    @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self._pending is None:
             return
         state, self._pending = self._pending, None
         _apply(state)
 
+    @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._pending = None  # a state loaded for a run that never trained must not reach a later fit
 
@@ -85,7 +90,9 @@ def _numpy_state() -> dict[str, Any] | None:
         import numpy  # optional for torch, so not a hard dependency of this file
     except ImportError:
         return None
-    kind, keys, position, has_gauss, cached_gaussian = numpy.random.get_state()
+    # legacy=True (the default, spelled out for the stubs): the global RandomState's MT19937 tuple.
+    state = cast("tuple[str, Any, int, int, float]", numpy.random.get_state(legacy=True))
+    kind, keys, position, has_gauss, cached_gaussian = state
     return {
         "kind": str(kind),
         "keys": torch.from_numpy(keys.astype("int64")),

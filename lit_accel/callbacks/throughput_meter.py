@@ -1,6 +1,7 @@
 """Training throughput, data wait, FLOPs/MFU and peak memory for any Lightning run.
 
-This module imports only ``lightning``, ``torch``, the standard library and the private
+This module imports only ``lightning``, ``torch``, the standard library, ``typing_extensions``
+(for ``@override``; torch and lightning require it) and the private
 ``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
 another project as they are.
 """
@@ -12,8 +13,9 @@ import math
 import re
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -21,7 +23,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.flop_counter import FlopCounterMode
+from typing_extensions import override
 
+from lit_accel.callbacks._shared import is_int
 from lit_accel.callbacks._state_keys import adopt_older_state, check_name, identity_state_key
 
 __all__ = ["ThroughputMeter"]
@@ -214,7 +218,7 @@ def _rank_contribution(tally: _Tally, peak: float | None, memory_mb: float) -> t
         tally.samples / seconds if sized else 0.0,
         tally.batches / seconds,
         tally.flops / seconds if has_flops else 0.0,
-        float(peak) if has_peak else 0.0,
+        float(peak) if has_peak and peak is not None else 0.0,
         1.0,
         float(sized),
         float(has_flops),
@@ -282,8 +286,7 @@ def _format_summary(
     return "\n".join(
         [
             f"ThroughputMeter summary ({world_size} rank(s), {batches:,} timed batches on rank 0)",
-            f"  samples/s      {num('global_samples_per_sec', ',.1f')} global, "
-            f"{num('samples_per_sec', ',.1f')} rank 0",
+            f"  samples/s      {num('global_samples_per_sec', ',.1f')} global, {num('samples_per_sec', ',.1f')} rank 0",
             f"  MFU            {num('mfu', '.1%')} ({peak_note})",
             f"  data wait      {num('data_wait_fraction', '.1%')} rank 0, {num('data_wait_fraction_max', '.1%')} max",
             f"  peak memory    {num('peak_memory_mb_max', ',.0f')} MiB (max over ranks)",
@@ -365,12 +368,12 @@ class _CudaTimer:
 
     def stop(self) -> bool:
         end = self._record()
-        started = self._start is not None
-        if started:
-            self._pending.append((self._ready, self._start, end))
+        start = self._start
+        if start is not None:
+            self._pending.append((self._ready, start, end))
         self._ready = end
         self._start = None
-        return started
+        return start is not None
 
     def drain(self) -> tuple[float, float]:
         if not self._pending:
@@ -497,12 +500,12 @@ class ThroughputMeter(Callback):
         super().__init__()
         check_name(name)
         self.name = name
-        if log_every_n_steps is not None and not (_is_int(log_every_n_steps) and log_every_n_steps >= 1):
+        if log_every_n_steps is not None and not (is_int(log_every_n_steps) and log_every_n_steps >= 1):
             raise ValueError(
                 f"log_every_n_steps={log_every_n_steps!r} is not allowed: use an integer >= 1, "
                 "or None for the trainer's"
             )
-        if not (_is_int(warmup_steps) and warmup_steps >= 0):
+        if not (is_int(warmup_steps) and warmup_steps >= 0):
             raise ValueError(f"warmup_steps={warmup_steps!r} is not allowed: use an integer >= 0")
         if peak_flops_per_sec is not None and (
             isinstance(peak_flops_per_sec, bool)
@@ -516,8 +519,7 @@ class ThroughputMeter(Callback):
             )
         if batch_size_fn is not None and not callable(batch_size_fn):
             raise ValueError(
-                f"batch_size_fn={batch_size_fn!r} is not allowed: use a callable (batch -> number of samples), "
-                "or None"
+                f"batch_size_fn={batch_size_fn!r} is not allowed: use a callable (batch -> number of samples), or None"
             )
         if not isinstance(measure_flops, bool):
             raise ValueError(f"measure_flops={measure_flops!r} is not allowed: use true or false")
@@ -552,19 +554,22 @@ class ThroughputMeter(Callback):
         self._warned: set[str] = set()
 
     @property
+    @override
     def state_key(self) -> str:
         return identity_state_key(type(self).__qualname__, name=self.name)
 
+    @override
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         adopt_older_state(checkpoint, self.state_key, type(self).__qualname__, name=self.name)
 
     # ----------------------------------------------------------------- setup
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._device = trainer.strategy.root_device
-        self._every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))
+        self._every = self.log_every_n_steps or max(1, int(trainer.log_every_n_steps))  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
         self._peak, self._peak_note = self._resolve_peak(trainer, pl_module)
 
     def _resolve_peak(self, trainer: Trainer, pl_module: LightningModule) -> tuple[float | None, str]:
@@ -600,6 +605,7 @@ class ThroughputMeter(Callback):
         )
         return None, "unknown device"
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._timer = _CudaTimer(self._device) if self._device.type == "cuda" else _HostTimer()
         self._pending, self._interval, self._epoch = _Tally(), _Tally(), _Tally()
@@ -611,6 +617,7 @@ class ThroughputMeter(Callback):
 
     # ---------------------------------------------------------- per batch
 
+    @override
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._timer is None:
             return
@@ -618,6 +625,7 @@ class ThroughputMeter(Callback):
         self._epoch = _Tally()
         self._timer.anchor()
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self._timer is None:
             return
@@ -632,6 +640,7 @@ class ThroughputMeter(Callback):
             self._step = (size, None if flops is None else float(flops))
             self._timer.start()
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -652,11 +661,13 @@ class ThroughputMeter(Callback):
         if self._batches_seen % self._every == 0:
             self._log_interval(trainer, pl_module)
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # validation inside fit is not training time: the next batch's data wait counts from here
         if self._timer is not None and not trainer.sanity_checking:
             self._timer.anchor()
 
+    @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._timer is None:
             return
@@ -665,6 +676,7 @@ class ThroughputMeter(Callback):
         metrics = self._reduce_metrics(trainer, self._epoch, with_memory=False)
         self._log(trainer, {f"epoch_{k}": v for k, v in metrics.items()})
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._timer is None:
             return
@@ -677,9 +689,11 @@ class ThroughputMeter(Callback):
             text = _format_summary(metrics, trainer.world_size, total.batches, total.seconds, wall, self._peak_note)
             rank_zero_info(text)
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._abandon_counting()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._abandon_counting()
         if stage == "fit":
@@ -693,7 +707,7 @@ class ThroughputMeter(Callback):
         Forgets the FLOPs counts, drops the current interval from interval metrics (its batches stay
         in epoch and total figures) and warms up again for ``warmup_steps`` batches.
         """
-        if not (_is_int(batch_size) and batch_size >= 1):
+        if not (is_int(batch_size) and batch_size >= 1):
             raise ValueError(f"batch_size={batch_size!r} is not allowed: use the new batch size, an integer >= 1")
         log.debug("ThroughputMeter: batch size changed to %d; fresh rate window", batch_size)
         self._flops_cache.clear()
@@ -704,11 +718,13 @@ class ThroughputMeter(Callback):
 
     # ------------------------------------------------------------ state
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self._timer is not None:
             self._drain()
         return {f.name: getattr(self._total, f.name) for f in fields(_Tally)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         # keys missing from older checkpoints load as zero
         default = _Tally()
@@ -737,6 +753,7 @@ class ThroughputMeter(Callback):
 
     def _stop_counting(self, skipped: bool) -> None:
         counter, self._counter = self._counter, None
+        assert counter is not None  # the caller checks that a count runs
         counter.__exit__(None, None, None)
         if skipped:  # training_step returned None: no backward ran, count again on the next batch
             return
@@ -761,6 +778,7 @@ class ThroughputMeter(Callback):
             self._flops_cache.clear()
 
     def _drain(self) -> None:
+        assert self._timer is not None  # every caller returns early while no timer runs (not fitting)
         wait, compute = self._timer.drain()
         self._pending.wait += wait
         self._pending.compute += compute
@@ -804,10 +822,6 @@ class ThroughputMeter(Callback):
         if key not in self._warned:
             self._warned.add(key)
             rank_zero_warn(message)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _signature(module: torch.nn.Module) -> tuple[int, int, int, int]:

@@ -14,6 +14,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = ["ValidationFigures"]
 
@@ -39,8 +40,9 @@ class ValidationFigures(Callback):
     normalization for display, else each image is stretched to its own min–max range.
 
     Cost: nothing on epochs that are not drawn. On a drawing epoch: a ``C×C`` count per batch, two
-    small all-reduces (the matrix size, then ``C×C`` counts), and on rank 0 the images kept on the CPU (``misclassified`` ×
-    3×32×32 floats) and about a second of matplotlib drawing. Sanity-check validation is skipped.
+    small all-reduces (the matrix size, then ``C×C`` counts), and on rank 0 the images kept on the
+    CPU (``misclassified`` × 3×32×32 floats) and about a second of matplotlib drawing.
+    Sanity-check validation is skipped.
 
     Needs a ``TensorBoardLogger`` and matplotlib (``pip install matplotlib``); without either it
     warns once and does nothing.
@@ -90,10 +92,18 @@ class ValidationFigures(Callback):
             raise ValueError(f"every_n_epochs={every_n_epochs!r} is not allowed: use 1 or more (an integer)")
         if not isinstance(confusion_matrix, bool):
             raise ValueError(f"confusion_matrix={confusion_matrix!r} is not allowed: use true or false")
-        if class_names is not None and (not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)):
+        if class_names is not None and (
+            not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)
+        ):
             raise ValueError(f"class_names={class_names!r} is not allowed: use a list of names, one per class")
-        if isinstance(misclassified, bool) or not isinstance(misclassified, int) or not 0 <= misclassified <= _MAX_MISCLASSIFIED:
-            raise ValueError(f"misclassified={misclassified!r} is not allowed: use 0 (off) to {_MAX_MISCLASSIFIED} images")
+        if (
+            isinstance(misclassified, bool)
+            or not isinstance(misclassified, int)
+            or not 0 <= misclassified <= _MAX_MISCLASSIFIED
+        ):
+            raise ValueError(
+                f"misclassified={misclassified!r} is not allowed: use 0 (off) to {_MAX_MISCLASSIFIED} images"
+            )
         if (mean is None) != (std is None):
             raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: give both or neither")
         if mean is not None and std is not None:
@@ -117,10 +127,12 @@ class ValidationFigures(Callback):
         self._warned_batch = False
 
     @property
+    @override
     def state_key(self) -> str:
         return self._generate_state_key(every_n_epochs=self.every_n_epochs, misclassified=self.misclassified)
 
     # ------------------------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
             return
@@ -129,19 +141,28 @@ class ValidationFigures(Callback):
         wanted = self.confusion_matrix or self.misclassified > 0
         # Same on every rank in any sane setup; reduced anyway, because a rank that skipped the
         # all-reduce in on_validation_epoch_end would hang the others.
-        self._active = bool(trainer.strategy.reduce_boolean_decision(wanted and has_logger and has_matplotlib, all=True))
+        self._active = bool(
+            trainer.strategy.reduce_boolean_decision(wanted and has_logger and has_matplotlib, all=True)
+        )
         if wanted and not has_logger:
-            rank_zero_warn("ValidationFigures draws into TensorBoard only: no TensorBoardLogger in trainer.loggers, so it is off.")
+            rank_zero_warn(
+                "ValidationFigures draws into TensorBoard only: no TensorBoardLogger in trainer.loggers, so it is off."
+            )
         elif wanted and not has_matplotlib:
             rank_zero_warn("ValidationFigures needs matplotlib to draw (pip install matplotlib); it is off.")
 
+    @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._drawing = self._active and is_drawing_epoch(
-            trainer.current_epoch, self.every_n_epochs, fitting=trainer.state.fn == TrainerFn.FITTING, sanity_checking=trainer.sanity_checking
+            trainer.current_epoch,
+            self.every_n_epochs,
+            fitting=trainer.state.fn == TrainerFn.FITTING,
+            sanity_checking=trainer.sanity_checking,
         )
         self._counts = None
         self._wrong, self._wrong_count = [], 0
 
+    @override
     def on_validation_batch_end(
         self,
         trainer: pl.Trainer,
@@ -178,9 +199,10 @@ class ValidationFigures(Callback):
         wrong = (predicted != labels).nonzero().flatten()[:need]
         if wrong.numel():
             picked = (images[wrong].detach().float(), labels[wrong].long(), predicted[wrong], confidence[wrong])
-            self._wrong.append(tuple(t.cpu() for t in picked))  # type: ignore[arg-type]
+            self._wrong.append((picked[0].cpu(), picked[1].cpu(), picked[2].cpu(), picked[3].cpu()))
             self._wrong_count += wrong.numel()
 
+    @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._drawing:
             return
@@ -192,6 +214,7 @@ class ValidationFigures(Callback):
         self._wrong, self._counts = [], None
 
     def _draw(self, trainer: pl.Trainer, counts: Tensor | None) -> None:
+        # Not None: setup() turns drawing on only with a TensorBoardLogger.
         experiment = _tensorboard(trainer).experiment  # type: ignore[union-attr]
         step = trainer.global_step
         if counts is not None and counts.numel():
@@ -204,10 +227,12 @@ class ValidationFigures(Callback):
                 f"true: {_name(names, t)}\npred: {_name(names, p)} {c:.2f}"
                 for t, p, c in zip(labels.tolist(), predicted.tolist(), confidence.tolist())
             ]
-            experiment.add_image("val/misclassified", draw_image_grid(to_display(images, self.mean, self.std), titles), step)
+            experiment.add_image(
+                "val/misclassified", draw_image_grid(to_display(images, self.mean, self.std), titles), step
+            )
 
     def _names(self, trainer: pl.Trainer, num_classes: int) -> list[str]:
-        for candidate in (self.class_names, getattr(trainer.datamodule, "classes", None)):
+        for candidate in (self.class_names, getattr(trainer.datamodule, "classes", None)):  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             if candidate is not None and len(candidate) >= num_classes:
                 return [str(name) for name in candidate]
         return [str(i) for i in range(num_classes)]
@@ -267,7 +292,12 @@ def draw_confusion_matrix(counts: Tensor, class_names: Sequence[str]) -> Tensor:
         for row in range(size):
             for col in range(size):
                 axes.text(
-                    col, row, str(int(counts[row, col])), ha="center", va="center", fontsize=7,
+                    col,
+                    row,
+                    str(int(counts[row, col])),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
                     color="white" if share[row, col] > 0.5 else "black",
                 )
     figure.tight_layout()
@@ -326,8 +356,8 @@ def _logits_from(outputs: Any, batch_size: int) -> Tensor | None:
 
 def _sum_over_ranks(trainer: pl.Trainer, local: Tensor | None, device: torch.device) -> Tensor:
     """The element-wise sum of every rank's ``(C, C)`` counts; a rank that saw no batch adds zeros."""
-    size = torch.tensor(0 if local is None else local.shape[0], device=device)
-    size = int(trainer.strategy.reduce(size, reduce_op="max"))
+    local_size = torch.tensor(0 if local is None else local.shape[0], device=device)
+    size = int(trainer.strategy.reduce(local_size, reduce_op="max"))
     counts = torch.zeros(size, size, dtype=torch.long, device=device)
     if local is not None:
         counts[: local.shape[0], : local.shape[1]] = local

@@ -8,10 +8,11 @@ import pickle
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
+from typing_extensions import override
 
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD, cutout, normalize, random_crop, random_flip
 from lit_accel.data.datasets import (
@@ -138,7 +139,12 @@ class CIFAR10DataModule(LightningDataModule):
     ) -> None:
         super().__init__()
         _require(batch_size >= 1, "batch_size", batch_size, "a positive number of images")
-        _require(eval_batch_size is None or eval_batch_size >= 1, "eval_batch_size", eval_batch_size, "a positive number or null")
+        _require(
+            eval_batch_size is None or eval_batch_size >= 1,
+            "eval_batch_size",
+            eval_batch_size,
+            "a positive number or null",
+        )
         _require(val_size >= 0, "val_size", val_size, "0 or more images")
         _require(pipeline in ("preload", "dataloader"), "pipeline", pipeline, "'preload' or 'dataloader'")
         _require(synthetic_size >= 1, "synthetic_size", synthetic_size, "a positive number of images")
@@ -146,7 +152,12 @@ class CIFAR10DataModule(LightningDataModule):
         _require(0 <= crop_padding <= 16, "crop_padding", crop_padding, "0 to 16 pixels")
         _require(0 <= cutout <= 32, "cutout", cutout, "0 (off) to 32 pixels")
         _require(num_workers >= 0, "num_workers", num_workers, "0 or more")
-        _require(prefetch_factor is None or prefetch_factor >= 1, "prefetch_factor", prefetch_factor, "a positive number or null")
+        _require(
+            prefetch_factor is None or prefetch_factor >= 1,
+            "prefetch_factor",
+            prefetch_factor,
+            "a positive number or null",
+        )
         _require(
             predict_dir is None or (isinstance(predict_dir, str) and predict_dir.strip() != ""),
             "predict_dir",
@@ -189,6 +200,7 @@ class CIFAR10DataModule(LightningDataModule):
         self._train_position = EpochPosition()
 
     # ----------------------------------------------------------------------------------- loading
+    @override
     def prepare_data(self) -> None:
         """Download CIFAR-10 once per node (Lightning calls this on local rank 0 only).
 
@@ -200,6 +212,7 @@ class CIFAR10DataModule(LightningDataModule):
         # one archive holds both splits, and torchvision checks every file of both here
         self._load_cifar(train=True, download=self.download)
 
+    @override
     def setup(self, stage: str) -> None:
         """Load the splits a stage needs; every rank builds the identical split. ``"predict"`` with a
         ``predict_dir`` opens only that folder."""
@@ -246,18 +259,21 @@ class CIFAR10DataModule(LightningDataModule):
         except Exception as err:  # urllib, socket, tarfile and torchvision's own RuntimeError
             raise DataNotFoundError(_missing_data_message(self.data_dir, download, err)) from err
 
-
     # ------------------------------------------------------------------------------- dataloaders
+    @override
     def train_dataloader(self) -> DataLoader:
         """Shuffled by ``(seed, epoch)`` and resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         return self._dataloader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._dataloader("val", self.eval_batch_size or self.batch_size, shuffle=False)
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False)
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dir is None:
             return self.test_dataloader()
@@ -283,7 +299,7 @@ class CIFAR10DataModule(LightningDataModule):
             raise RuntimeError(f"the {split!r} split is not loaded: call setup() for its stage first")
         images, labels = self._splits[split]
         if self.pipeline == "preload":
-            dataset: Dataset = TensorBatchDataset(images, labels)
+            dataset: TensorBatchDataset | TransformedTensorDataset = TensorBatchDataset(images, labels)
             options: dict[str, Any] = {"collate_fn": pass_batch_through}
         else:
             dataset = TransformedTensorDataset(images, labels, self._per_sample_transform(train=split == "train"))
@@ -320,20 +336,40 @@ class CIFAR10DataModule(LightningDataModule):
         return v2.Compose(steps)
 
     # ------------------------------------------------------------------- device-side transforms
+    @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches (for mid-epoch resume); preload pipeline: normalize and augment."""
-        training = self.trainer is not None and self.trainer.training
-        if training:
-            self._count_training_batch()
+        trainer = self.trainer
+        training = trainer is not None and trainer.training
+        if trainer is not None and training:
+            self._count_training_batch(trainer)
         if self.pipeline != "preload":
             return batch
         images, labels = batch
         return self.device_transform(images, train=training), labels
 
-    def _count_training_batch(self) -> None:
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The training epoch's position (batches done), saved in every checkpoint.
+
+        The training loader saves it too, but Lightning (2.6) drops a loader's saved state when
+        ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, as ImageClassifier
+        does to size WarmupDecayLR (Lightning issue #20550): a run resumed mid-epoch would start the
+        epoch's data over. The data module's state is restored before any loader is built.
+        """
+        position = self._train_position
+        return {"batches_done": 0 if position.epoch_finished else position.done}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn == TrainerFn.FITTING:
+            self._train_position.skip = int(state_dict.get("batches_done", 0))
+
+    def _count_training_batch(self, trainer: Trainer) -> None:
         position = self._train_position
         position.done += 1
-        limit = self.trainer.num_training_batches
+        limit = trainer.num_training_batches
         position.epoch_finished = position.done >= limit
 
     def device_transform(self, images: Tensor, train: bool) -> Tensor:
@@ -400,6 +436,7 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
         f"--data.synthetic true."
     )
 
+
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 # What CIFAR-10's pickles (Python 2 cPickle, or protocol 2 from Python 3) need besides plain
@@ -416,6 +453,7 @@ _SAFE_GLOBALS = {
 class _DataOnlyUnpickler(pickle.Unpickler):
     """Unpickles containers, strings, numbers and numpy arrays; any other global is refused."""
 
+    @override
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _SAFE_GLOBALS:
             raise pickle.UnpicklingError(f"refused to load {module}.{name}: CIFAR-format files hold only data")
@@ -465,7 +503,8 @@ def read_cifar_folder(data_dir: str, train: bool) -> tuple[Tensor, Tensor, tuple
             outside = [label for label in batch_labels if not 0 <= label < len(classes)]
             if outside:
                 raise ValueError(
-                    f"{name} has label {outside[0]}, outside 0..{len(classes) - 1} (batches.meta names {len(classes)} classes)"
+                    f"{name} has label {outside[0]}, outside 0..{len(classes) - 1} "
+                    f"(batches.meta names {len(classes)} classes)"
                 )
             parts.append(data.reshape(-1, 3, 32, 32))
             labels += batch_labels

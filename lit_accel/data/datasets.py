@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
+from typing_extensions import override
 
 __all__ = [
     "EpochPosition",
@@ -39,6 +40,7 @@ class TensorBatchDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @override
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         return self.images[index], self.labels[index]
 
@@ -65,6 +67,7 @@ class TransformedTensorDataset(Dataset):
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    @override
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.images[index]
         if self.transform is not None:
@@ -81,7 +84,7 @@ class EpochSeededRandomSampler(RandomSampler):
     a ``DistributedSampler`` (it is a ``RandomSampler``, so Lightning knows to shuffle).
     """
 
-    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
+    def __init__(self, data_source: Sized, seed: int = 0) -> None:
         super().__init__(data_source)
         self.seed = seed
         self.epoch = 0
@@ -89,6 +92,7 @@ class EpochSeededRandomSampler(RandomSampler):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @override
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         yield from torch.randperm(len(self.data_source), generator=generator).tolist()
@@ -127,8 +131,11 @@ class ResumableDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
         self.position = position
 
-    def __iter__(self) -> Iterator[Any]:
+    # A generator around DataLoader's iterator, not the _BaseDataLoaderIter torch's stub promises.
+    @override
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]  # see the line above
         skip, self.position.skip = self.position.skip, 0
+        skip = skip if 0 < skip < len(self) else 0
         self.position.done, self.position.epoch_finished = skip, False
         return self._skip_then_yield(super().__iter__(), skip)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 from torch.utils.data import Dataset
+from typing_extensions import override
 
 __all__ = ["ImageFolderDataset", "read_image_file"]
 
@@ -83,7 +84,9 @@ class ImageFolderDataset(Dataset):
         ValueError: for ``image_size`` < 1.
     """
 
-    def __init__(self, root: str, transform: Callable[[Tensor], Tensor] | None = None, image_size: int = IMAGE_SIZE) -> None:
+    def __init__(
+        self, root: str, transform: Callable[[Tensor], Tensor] | None = None, image_size: int = IMAGE_SIZE
+    ) -> None:
         if image_size < 1:
             raise ValueError(f"image_size={image_size!r} is not allowed: use a positive number of pixels")
         if not os.path.isdir(root):
@@ -96,6 +99,7 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
+    @override
     def __getitem__(self, index: int) -> tuple[Tensor, str] | None:
         name = self.files[index]
         try:

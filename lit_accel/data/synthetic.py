@@ -49,7 +49,9 @@ _CHUNK = 8192  # samples generated at a time, to bound peak memory
 _SIZE = 32
 
 
-def make_synthetic_cifar(num_samples: int, seed: int = 0, split: int = 0, num_classes: int = 10) -> tuple[Tensor, Tensor]:
+def make_synthetic_cifar(
+    num_samples: int, seed: int = 0, split: int = 0, num_classes: int = 10
+) -> tuple[Tensor, Tensor]:
     """Generate ``num_samples`` images and labels.
 
     Args:
@@ -116,7 +118,9 @@ def _render(strokes: Tensor, generator: torch.Generator) -> Tensor:
     brightness = background.mean((1, 2, 3))
     glyph_colour = uniform(n, 3)
     # keep the glyph visible: lighter than a dark background, darker than a light one
-    glyph_colour = torch.where((glyph_colour.mean(1) > brightness)[:, None], 0.5 + 0.5 * glyph_colour, 0.5 * glyph_colour)
+    glyph_colour = torch.where(
+        (glyph_colour.mean(1) > brightness)[:, None], 0.5 + 0.5 * glyph_colour, 0.5 * glyph_colour
+    )
     distractor_colour = uniform(n, 3)
     image = torch.lerp(background, distractor_colour[:, :, None, None].expand_as(background), distractor_ink)
     image = torch.lerp(image, glyph_colour[:, :, None, None].expand_as(image), glyph_ink)

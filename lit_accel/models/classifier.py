@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -13,9 +13,10 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
+from typing_extensions import override
 
-from lit_accel.models.nets import SeedCNN
 from lit_accel.errors import ConfigurationError
+from lit_accel.models.nets import SeedCNN
 from lit_accel.schedules import WarmupDecayLR, optimizer_steps_left
 
 __all__ = ["ImageClassifier", "LR_LOG_KEY", "MONITORABLE_METRICS"]
@@ -86,6 +87,10 @@ class ImageClassifier(LightningModule):
             init_args: {warmup_fraction: 0.1}
     """
 
+    if TYPE_CHECKING:  # set in __init__ by setattr (one pair per stage); no run-time class annotation
+        train_loss: MeanMetric
+        train_acc: MulticlassAccuracy
+
     def __init__(
         self,
         net: nn.Module | None = None,
@@ -107,12 +112,13 @@ class ImageClassifier(LightningModule):
             raise ValueError(f"label_smoothing={label_smoothing!r} is not allowed: use a value in [0, 1)")
         if lr_scheduler_interval not in ("epoch", "step", None):
             raise ValueError(
-                f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: use 'epoch', 'step' or null (automatic)"
+                f"lr_scheduler_interval={lr_scheduler_interval!r} is not allowed: "
+                "use 'epoch', 'step' or null (automatic)"
             )
         if lr_scheduler_monitor not in MONITORABLE_METRICS:
             raise ValueError(
-                f"lr_scheduler_monitor={lr_scheduler_monitor!r} is not allowed: use a metric ImageClassifier logs every "
-                f"epoch, one of {', '.join(MONITORABLE_METRICS)}"
+                f"lr_scheduler_monitor={lr_scheduler_monitor!r} is not allowed: use a metric ImageClassifier logs "
+                f"every epoch, one of {', '.join(MONITORABLE_METRICS)}"
             )
         try:  # a wrong key would otherwise fail only when the network is compiled, after start-up
             inspect.signature(torch.compile).bind(None, **(compile_options or {}))
@@ -145,9 +151,10 @@ class ImageClassifier(LightningModule):
                 num_classes=num_classes, average="micro", validate_args=False, ignore_index=_SKIPPED_LABEL
             )
             setattr(self, f"{stage}_acc", accuracy)
-            setattr(self, f"{stage}_loss", MeanMetric(nan_strategy="disable"))
+            setattr(self, f"{stage}_loss", _WeightedMean(nan_strategy="disable"))
         self._configured = False
 
+    @override
     def setup(self, stage: str) -> None:
         # The data module is set up before the model: a data set with more classes than the network
         # has outputs would otherwise fail deep in the loss with an index error.
@@ -158,6 +165,7 @@ class ImageClassifier(LightningModule):
                 f"--model.num_classes {len(classes)} (and the network's num_classes, e.g. --model.net.num_classes)."
             )
 
+    @override
     def configure_model(self) -> None:
         """Memory layout, FSDP2 sharding (when the strategy gives a device mesh) and compilation.
 
@@ -175,13 +183,15 @@ class ImageClassifier(LightningModule):
             from torch.distributed.fsdp import fully_shard
 
             data_parallel_mesh = mesh["data_parallel"] if mesh.mesh_dim_names else mesh
-            units = self.net.fsdp_units() if hasattr(self.net, "fsdp_units") else []
+            fsdp_units = getattr(self.net, "fsdp_units", None)
+            units = fsdp_units() if fsdp_units is not None else []
             for unit in units:
                 fully_shard(unit, mesh=data_parallel_mesh)
             fully_shard(self.net, mesh=data_parallel_mesh)
         if self.compile_net:
             self.net.compile(**self.compile_options)
 
+    @override
     def forward(self, images: Tensor) -> Tensor:
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -221,6 +231,7 @@ class ImageClassifier(LightningModule):
             self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
 
+    @override
     def on_train_epoch_end(self) -> None:
         # compute() reduces over ranks (every rank runs this hook); reset for the next epoch.
         self.log("train/loss", self.train_loss.compute(), prog_bar=False)
@@ -228,22 +239,27 @@ class ImageClassifier(LightningModule):
         self.train_loss.reset()
         self.train_acc.reset()
 
+    @override
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         return self._shared_step(batch, "train")[0]
 
+    @override
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> dict[str, Tensor]:
         """Returns the logits, so callbacks (ValidationFigures) need no second forward pass."""
         _, logits = self._shared_step(batch, "val")
         return {"logits": logits.detach()}
 
+    @override
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``(N, num_classes)`` for the batch's images."""
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return torch.softmax(self.evaluation_logits(images).float(), dim=-1)
 
+    @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
@@ -259,11 +275,13 @@ class ImageClassifier(LightningModule):
             config["monitor"] = self.lr_scheduler_monitor  # Lightning refuses a plateau scheduler without one
         return {"optimizer": optimizer, "lr_scheduler": config}
 
+    @override
     def on_train_start(self) -> None:
         for config in self.trainer.lr_scheduler_configs:
             if isinstance(config.scheduler, WarmupDecayLR):
                 scheduler_interval(config.scheduler, config.interval)
 
+    @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Keep every WarmupDecayLR ending at the run's last step. The steps left can change: the
         # batch grew (DynamicBatchLR: fewer steps per epoch), a resumed run has another length, or
@@ -297,6 +315,24 @@ def scheduler_interval(scheduler: Any, interval: str | None) -> str:
 
 # label of the samples of a skipped (non-finite loss) training step: the train accuracy ignores it
 _SKIPPED_LABEL = -100
+
+
+class _WeightedMean(MeanMetric):
+    """The mean of the values weighted by their weights (here: losses by their batch's samples).
+
+    torchmetrics 1.9's MeanMetric with ``nan_strategy="disable"`` replaces the weights by ones,
+    so its mean is per batch and a skipped step's masked loss (0 at weight 0) counted as a 0 loss;
+    its other strategies look for NaN on the host every step. This one adds on the device only.
+    """
+
+    @override
+    def update(self, value: float | Tensor, weight: float | Tensor | None = None) -> None:
+        value = torch.as_tensor(value, dtype=self.dtype, device=self.device)
+        if weight is None:
+            weight = torch.ones_like(value)
+        weight = torch.broadcast_to(torch.as_tensor(weight, dtype=self.dtype, device=self.device), value.shape)
+        self.mean_value += (value * weight).sum()
+        self.weight += weight.sum()
 
 
 def _logger_writes_this_step(trainer: Any) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = ["SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9"]
 
@@ -45,6 +46,7 @@ class SeedCNN(nn.Module):
         )
         self.classifier = _dense_head(64 * 6 * 6, num_classes, dropout)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
@@ -93,11 +95,16 @@ class _PoolThenNormCNN(nn.Module):
         ]
         channels = 2 * w
         if third_conv:
-            layers += [nn.Conv2d(2 * w, 4 * w, kernel_size=3, padding=1, bias=False), nn.BatchNorm2d(4 * w), nn.ReLU(inplace=True)]
+            layers += [
+                nn.Conv2d(2 * w, 4 * w, kernel_size=3, padding=1, bias=False),
+                nn.BatchNorm2d(4 * w),
+                nn.ReLU(inplace=True),
+            ]
             channels = 4 * w
         self.features = nn.Sequential(*layers)
         self.classifier = _dense_head(channels * 6 * 6, num_classes, dropout)
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
 
@@ -156,8 +163,8 @@ class LiteCNN(_PoolThenNormCNN):
     paid even at 3 epochs (width 32: 0.877 vs 0.854). Depth is the cheap way to add it: the third
     convolution runs on the 6×6 maps left after two poolings, so it adds 0.8 M multiply-adds but
     composes the second layer's features (parts into objects), where widening the network adds
-    its cost at full resolution (BatchNormCNN at width 24: 2.6 M, at 32: 4.2 M; LiteCNN at 24: 4.3 M). BatchNorm and ReLU of the
-    first two convolutions come after pooling (on a quarter of the values), and no convolution
+    its cost at full resolution (BatchNormCNN at width 24: 2.6 M, at 32: 4.2 M; LiteCNN at 24: 4.3 M).
+    BatchNorm and ReLU of the first two convolutions come after pooling (on a quarter of the values), and no convolution
     has a bias (BatchNorm's shift replaces it). BENCHMARKS.md has the measurements.
 
     Args:
@@ -182,6 +189,7 @@ class _Residual(nn.Module):
         super().__init__()
         self.body = nn.Sequential(_conv_bn(channels, channels), _conv_bn(channels, channels))
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         return x + self.body(x)
 
@@ -226,6 +234,7 @@ class ResNet9(nn.Module):
         )
         self.head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(8 * w, num_classes, bias=False))
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         x = self.prep(x)
         for layer in self.layers:

@@ -18,7 +18,6 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
-from helpers import quiet_cpu_trainer, same_state, through_checkpoint
 from jsonargparse import ArgumentParser
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -27,6 +26,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_accel.callbacks
+from helpers import quiet_cpu_trainer, same_state, through_checkpoint
 
 # Every Callback the package exports (it may also export helpers such as an exception class).
 NAMES = sorted(
@@ -100,10 +100,32 @@ def test_picklable(name: str) -> None:
     assert type(clone) is type(callback) and clone.state_key == callback.state_key
 
 
-@pytest.mark.parametrize("name", NAMES)
+# The callbacks that keep nothing in a checkpoint: what they need comes from their arguments. Every
+# other callback must have state (a callback whose state_dict() is empty by mistake loses its
+# progress on every resume, and {} == {} would pass any round trip). A new callback is stateful
+# unless it is added here.
+STATELESS = {"HParamsSummary", "PredictionCSVWriter", "PreemptionCheckpoint", "ValidationFigures"}
+STATEFUL = [name for name in NAMES if name not in STATELESS]
+
+
+def test_the_stateless_callbacks_are_exactly_the_listed_ones() -> None:
+    assert set(NAMES) >= STATELESS, STATELESS - set(NAMES)
+    empty = {name for name in NAMES if _cls(name)().state_dict() == {}}
+    assert empty == STATELESS
+
+
+@pytest.mark.parametrize("name", sorted(STATELESS))
+def test_a_stateless_callback_keeps_nothing_and_accepts_an_empty_state(name: str) -> None:
+    callback = _cls(name)()
+    callback.load_state_dict({})
+    assert callback.state_dict() == {}
+
+
+@pytest.mark.parametrize("name", STATEFUL)
 def test_state_round_trip_and_missing_keys(tmp_path: Path, name: str) -> None:
     callback = _cls(name)()
     state = callback.state_dict()
+    assert state, f"{name} is stateful: its state_dict() must not be empty"
     other = _cls(name)()
     other.load_state_dict(through_checkpoint(state, tmp_path / "state.ckpt"))
     assert same_state(other.state_dict(), state)
@@ -125,12 +147,14 @@ def _perturbed(state: Any) -> Any:
 
 # RNGStateCheckpoint's state_dict() reports the live generators, not stored progress
 # (tests/callbacks/test_rng_state.py covers its restore).
-PROGRESS_STATES = [name for name in NAMES if name != "RNGStateCheckpoint"]
+PROGRESS_STATES = [name for name in STATEFUL if name != "RNGStateCheckpoint"]
 
 
 @pytest.mark.parametrize("name", PROGRESS_STATES)
 def test_a_fresh_instance_restores_saved_progress(tmp_path: Path, name: str) -> None:
-    saved = _perturbed(_cls(name)().state_dict())
+    default = _cls(name)().state_dict()
+    saved = _perturbed(default)
+    assert not same_state(saved, default), "the perturbed state must differ, or the check proves nothing"
     fresh = _cls(name)()
     fresh.load_state_dict(through_checkpoint(saved, tmp_path / "state.ckpt"))
     assert same_state(fresh.state_dict(), saved)
@@ -214,7 +238,15 @@ def test_survives_two_fits_and_a_resume(tmp_path: Path, name: str) -> None:
     first.fit(TinyClassifier(), datamodule=TinyData())
     first.save_checkpoint(tmp_path / "first.ckpt")
     checkpoint = torch.load(tmp_path / "first.ckpt", weights_only=True)
-    assert same_state(checkpoint["callbacks"].get(callback.state_key, {}), callback.state_dict())
+    if name in STATELESS:
+        assert callback.state_key not in checkpoint["callbacks"]  # Lightning stores no empty state
+    else:
+        saved = checkpoint["callbacks"][callback.state_key]
+        assert saved and same_state(saved, callback.state_dict())
+        if name in PROGRESS_STATES:  # a fresh instance restores the state after a real fit exactly
+            fresh = _cls(name)()
+            fresh.load_state_dict(saved)
+            assert same_state(fresh.state_dict(), saved)
 
     # The same instance again, resuming the first fit's checkpoint through Lightning's own loading.
     second = _trainer(tmp_path, callback, max_epochs=2)

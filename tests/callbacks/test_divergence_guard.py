@@ -57,14 +57,24 @@ FAST = dict(window=5, warmup=3, snapshot_every=100)
         (1e9, [1.0] * 4, None, None, False),  # both tests off
     ],
 )
-def test_is_spike(value: float, history: list[float], factor: float | None, zscore: float | None, expected: bool) -> None:
+def test_is_spike(
+    value: float, history: list[float], factor: float | None, zscore: float | None, expected: bool
+) -> None:
     assert _is_spike(value, history, factor, zscore, warmup=3) is expected
 
 
 def _verdict(loss: float | None, grad: float, param: float | None = 1.0, scaler: bool = False) -> tuple[str, str]:
     v = _classify(
-        loss, grad, param, scaler_active=scaler, loss_hist=[1.0] * 5, grad_hist=[1.0] * 5,
-        warmup=3, loss_factor=3.0, grad_factor=10.0, zscore=None,
+        loss,
+        grad,
+        param,
+        scaler_active=scaler,
+        loss_hist=[1.0] * 5,
+        grad_hist=[1.0] * 5,
+        warmup=3,
+        loss_factor=3.0,
+        grad_factor=10.0,
+        zscore=None,
     )
     return v.kind, v.reason
 
@@ -151,10 +161,26 @@ def test_state_dict_round_trip_and_defaults() -> None:
     guard.skipped_steps, guard.rollbacks, guard.scaler_skips, guard.lr_factor = 7, 2, 3, 0.25
     other = DivergenceGuard()
     other.load_state_dict(guard.state_dict())
-    assert other.state_dict() == {"skipped_steps": 7, "rollbacks": 2, "scaler_skips": 3, "lr_factor": 0.25, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert other.state_dict() == {
+        "skipped_steps": 7,
+        "rollbacks": 2,
+        "scaler_skips": 3,
+        "lr_factor": 0.25,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
     other.load_state_dict({"skipped_steps": 1})  # an older checkpoint: missing keys get defaults
-    assert other.state_dict() == {"skipped_steps": 1, "rollbacks": 0, "scaler_skips": 0, "lr_factor": 1.0, "rewarm_done": 0, "rewarm_factor": 1.0}
-    assert DivergenceGuard(rollback_after=2).state_key == DivergenceGuard(max_rollbacks=9).state_key == "DivergenceGuard"
+    assert other.state_dict() == {
+        "skipped_steps": 1,
+        "rollbacks": 0,
+        "scaler_skips": 0,
+        "lr_factor": 1.0,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
+    assert (
+        DivergenceGuard(rollback_after=2).state_key == DivergenceGuard(max_rollbacks=9).state_key == "DivergenceGuard"
+    )
     assert DivergenceGuard(name="a").state_key != DivergenceGuard(name="b").state_key
 
 
@@ -243,7 +269,9 @@ class Recorder(Callback):
         self.grad_norms: dict[int, float] = {}
         self.sched_epochs: dict[int, int] = {}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.before.setdefault(trainer.global_step, _state(pl_module, trainer.optimizers[0]))
         self.lrs[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
 
@@ -285,7 +313,14 @@ def test_nan_step_is_skipped_without_touching_state(
     assert rec.losses[7] < rec.losses[0]
     # The step-interval scheduler is held on the skipped step: 8 steps, 7 scheduler steps.
     assert rec.sched_epochs[3] == 4 and rec.sched_epochs[4] == 4 and rec.sched_epochs[7] == 7
-    assert guard.state_dict() == {"skipped_steps": 1, "rollbacks": 0, "scaler_skips": 0, "lr_factor": 1.0, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert guard.state_dict() == {
+        "skipped_steps": 1,
+        "rollbacks": 0,
+        "scaler_skips": 0,
+        "lr_factor": 1.0,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
     assert _messages(caplog) == [
         "DivergenceGuard: step 4: skipped the update (non-finite loss: nan); 1 bad step(s) in a row"
     ]
@@ -294,9 +329,7 @@ def test_nan_step_is_skipped_without_touching_state(
 def test_nan_in_one_accumulated_micro_batch_skips_the_whole_step(tmp_path: Path) -> None:
     guard, rec = DivergenceGuard(**FAST), Recorder()
     # Steps are pairs of batches; batch 5 is the second micro-batch of step 2.
-    _trainer(tmp_path, [guard, rec], max_steps=4, accumulate_grad_batches=2).fit(
-        Scripted("adam", nan_batch_idx=(5,))
-    )
+    _trainer(tmp_path, [guard, rec], max_steps=4, accumulate_grad_batches=2).fit(Scripted("adam", nan_batch_idx=(5,)))
     assert same_state(rec.after[2], rec.after[1])
     assert not same_state(rec.after[3], rec.after[2])
     assert guard.skipped_steps == 1
@@ -365,7 +398,9 @@ def test_snapshots_are_checked_for_non_finite_parameters(tmp_path: Path, caplog:
     assert torch.equal(model.unused.detach(), torch.zeros(2))
 
 
-def test_non_finite_parameters_after_the_last_step_are_restored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_non_finite_parameters_after_the_last_step_are_restored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
     guard, rec = DivergenceGuard(**FAST), Recorder()
     model = Scripted("sgd", lr_multiplier={5: float("inf")})
@@ -389,7 +424,14 @@ def test_stops_after_max_rollbacks_with_message_and_checkpoint(
 
     # Steps 3-4 roll back, 5-6 roll back, 7 skips, 8 stops.
     assert trainer.should_stop and trainer.global_step == 9
-    assert guard.state_dict() == {"skipped_steps": 6, "rollbacks": 2, "scaler_skips": 0, "lr_factor": 0.25, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert guard.state_dict() == {
+        "skipped_steps": 6,
+        "rollbacks": 2,
+        "scaler_skips": 0,
+        "lr_factor": 0.25,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
     # The optimizer's own LR follows lr_factor: both rollbacks go to the step-0 snapshot and compound.
     assert [rec.lrs[s] for s in range(3, 9)] == pytest.approx([0.1, 0.1, 0.05, 0.05, 0.025, 0.025])
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.025)
@@ -462,7 +504,11 @@ def test_logged_metrics(tmp_path: Path) -> None:
     assert [step for step, _ in rows] == [1, 3, 5]  # every 2nd step, and the skip at step 3
     assert [m["guard/skipped_steps"] for _, m in rows] == [0.0, 1.0, 1.0]
     assert set(rows[0][1]) == {
-        "guard/skipped_steps", "guard/rollbacks", "guard/loss_baseline", "guard/grad_norm", "guard/lr_factor"
+        "guard/skipped_steps",
+        "guard/rollbacks",
+        "guard/loss_baseline",
+        "guard/grad_norm",
+        "guard/lr_factor",
     }
     assert rows[0][1]["guard/grad_norm"] == pytest.approx(rec.grad_norms[1], rel=1e-5)
     assert math.isnan(rows[1][1]["guard/grad_norm"])
@@ -487,7 +533,14 @@ def test_fp16_scaler_skips_are_counted_apart_unless_they_persist(tmp_path: Path)
     trainer = _trainer(tmp_path, [guard, rec], max_steps=8, plugins=[_fp16_plugin()])
     trainer.fit(Scripted("sgd", nan_at=(2, 4, 5, 6)))
     # Step 2: one scaler skip. Steps 4-6: scaler skip, then beyond patience: bad, bad -> rollback.
-    assert guard.state_dict() == {"skipped_steps": 2, "rollbacks": 1, "scaler_skips": 2, "lr_factor": 0.5, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert guard.state_dict() == {
+        "skipped_steps": 2,
+        "rollbacks": 1,
+        "scaler_skips": 2,
+        "lr_factor": 0.5,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
     assert same_state(rec.after[2]["params"], rec.before[2]["params"])
 
 
@@ -524,11 +577,25 @@ def test_checkpoint_resume_keeps_counters_and_backoff(tmp_path: Path) -> None:
     trainer = _trainer(tmp_path, [guard], max_steps=8)  # one epoch, so the resume is at its end
     trainer.fit(Scripted("sgd", nan_at=(2,)))
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
-    assert guard.state_dict() == {"skipped_steps": 1, "rollbacks": 1, "scaler_skips": 0, "lr_factor": 0.5, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert guard.state_dict() == {
+        "skipped_steps": 1,
+        "rollbacks": 1,
+        "scaler_skips": 0,
+        "lr_factor": 0.5,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
 
     resumed, rec = DivergenceGuard(rollback_after=1, **FAST), Recorder()
     _trainer(tmp_path, [resumed, rec], max_steps=10).fit(Scripted("sgd"), ckpt_path=tmp_path / "mid.ckpt")
-    assert resumed.state_dict() == {"skipped_steps": 1, "rollbacks": 1, "scaler_skips": 0, "lr_factor": 0.5, "rewarm_done": 0, "rewarm_factor": 1.0}
+    assert resumed.state_dict() == {
+        "skipped_steps": 1,
+        "rollbacks": 1,
+        "scaler_skips": 0,
+        "lr_factor": 0.5,
+        "rewarm_done": 0,
+        "rewarm_factor": 1.0,
+    }
     assert min(rec.lrs) == 8 and rec.lrs[8] == pytest.approx(0.05)  # from the optimizer state, not applied twice
 
 
@@ -551,7 +618,9 @@ def test_state_under_an_older_key_is_adopted(tmp_path: Path) -> None:
     trainer.fit(Scripted("sgd", nan_at=(2,)))
     trainer.save_checkpoint(tmp_path / "mid.ckpt")
     checkpoint = torch.load(tmp_path / "mid.ckpt", weights_only=True)
-    older = "DivergenceGuard{'rollback_after': 1, 'max_rollbacks': 3, 'loss_spike_factor': 3.0, 'grad_spike_factor': 10.0}"
+    older = (
+        "DivergenceGuard{'rollback_after': 1, 'max_rollbacks': 3, 'loss_spike_factor': 3.0, 'grad_spike_factor': 10.0}"
+    )
     checkpoint["callbacks"] = {older: checkpoint["callbacks"].pop("DivergenceGuard")}
     torch.save(checkpoint, tmp_path / "older.ckpt")
 
@@ -580,7 +649,9 @@ class DumpState(Callback):
         self.out = out
         self.rows: dict[str, Any] = {"before": {}, "after": {}}
 
-    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         self.rows["before"][trainer.global_step] = _state(pl_module, trainer.optimizers[0])
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -622,10 +693,18 @@ def test_rewarm_factor_and_drift_rule() -> None:
     assert _drifted(-0.9, -2.0, 1.5) and not _drifted(-1.1, -2.0, 1.5)  # margin on |best|
 
 
-def test_after_a_rollback_the_lr_climbs_back_to_the_lowered_rate(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_after_a_rollback_the_lr_climbs_back_to_the_lowered_rate(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger=GUARD_LOGGER)
     guard = DivergenceGuard(
-        rollback_after=2, max_rollbacks=None, rewarm_steps=4, rewarm_start_factor=0.25, window=5, warmup=3, snapshot_every=2
+        rollback_after=2,
+        max_rollbacks=None,
+        rewarm_steps=4,
+        rewarm_start_factor=0.25,
+        window=5,
+        warmup=3,
+        snapshot_every=2,
     )
     rec = Recorder()
     trainer = _trainer(tmp_path, [guard, rec], max_steps=14)

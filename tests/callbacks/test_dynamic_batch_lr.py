@@ -16,10 +16,10 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import MemoryLogger, quiet_cpu_trainer
+from lit_accel.callbacks._shared import DYNAMIC_LR_SCALE_KEY
 from lit_accel.callbacks.divergence_guard import DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import (
     DynamicBatchLR,
-    _SCALE_KEY,
     _batch_lr_factor,
     _decay_ratio,
     _grow_samples,
@@ -79,8 +79,15 @@ def test_grow_samples(samples, factor, cap, expected):
 
 @pytest.mark.parametrize(
     ("samples", "max_batch", "fixed", "expected"),
-    [(8, None, None, (8, 1)), (8, 8, None, (8, 1)), (16, 8, None, (8, 2)), (24, 16, None, (12, 2)),
-     (25, 16, None, (13, 2)), (16, None, 4, (4, 4)), (10, None, 4, (4, 3))],
+    [
+        (8, None, None, (8, 1)),
+        (8, 8, None, (8, 1)),
+        (16, 8, None, (8, 2)),
+        (24, 16, None, (12, 2)),
+        (25, 16, None, (13, 2)),
+        (16, None, 4, (4, 4)),
+        (10, None, 4, (4, 3)),
+    ],
 )
 def test_split_samples(samples, max_batch, fixed, expected):
     assert _split_samples(samples, max_batch, fixed) == expected
@@ -165,7 +172,10 @@ def test_state_dict_round_trip_and_defaults():
     assert old.state_dict()["lr_decay"] == 1.0 and old.state_dict()["accumulate_grad_batches"] == 1
     assert DynamicBatchLR(policy="lr").state_key != DynamicBatchLR(monitor="val/acc", mode="max").state_key
     # The policy and its settings are not identity: a resume with another policy keeps the state.
-    assert DynamicBatchLR(policy="lr").state_key == DynamicBatchLR(policy="batch", patience=5, max_batch_size=512).state_key
+    assert (
+        DynamicBatchLR(policy="lr").state_key
+        == DynamicBatchLR(policy="batch", patience=5, max_batch_size=512).state_key
+    )
 
 
 def test_tables_from_yaml_have_int_keys():
@@ -546,7 +556,7 @@ def test_divergence_guard_rollback_keeps_the_multiplier(tmp_path, guard_first, w
     trainer.fit(model)
     assert guard.rollbacks == 1 and guard.skipped_steps == 1
     assert model.lrs[0] + model.lrs[1] == pytest.approx(expected, rel=1e-12)
-    assert trainer.optimizers[0].param_groups[0][_SCALE_KEY] == 1.0
+    assert trainer.optimizers[0].param_groups[0][DYNAMIC_LR_SCALE_KEY] == 1.0
 
 
 @pytest.mark.parametrize("old_checkpoint", [False, True])
@@ -559,10 +569,10 @@ def test_resume_reads_the_multiplier_from_the_optimizer_or_an_old_checkpoint(tmp
     path = tmp_path / "ckpt" / "last.ckpt"
     checkpoint = torch.load(path, weights_only=True)
     groups = checkpoint["optimizer_states"][0]["param_groups"]
-    assert groups[0][_SCALE_KEY] == 0.5 and groups[0]["lr"] == pytest.approx(0.05)
+    assert groups[0][DYNAMIC_LR_SCALE_KEY] == 0.5 and groups[0]["lr"] == pytest.approx(0.05)
     if old_checkpoint:  # written before the scale lived in the param groups
         for group in groups:
-            del group[_SCALE_KEY]
+            del group[DYNAMIC_LR_SCALE_KEY]
         torch.save(checkpoint, path)
     resumed = ScriptedModule([1.0] * 3)
     _trainer(tmp_path / "b", [make()], max_epochs=3).fit(resumed, ckpt_path=str(path))

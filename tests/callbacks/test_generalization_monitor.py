@@ -15,6 +15,11 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import yaml
+from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
 from helpers import (
     CONFIGS,
     MemoryLogger,
@@ -22,11 +27,6 @@ from helpers import (
     same_state,
     through_checkpoint,
 )
-from lightning.pytorch.callbacks import Callback, EarlyStopping, ModelCheckpoint
-from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
 from lit_accel.callbacks import GeneralizationMonitor
 from lit_accel.callbacks.generalization_monitor import (
     _gap_streak,
@@ -157,7 +157,12 @@ def test_state_round_trip_defaults_and_key(tmp_path: Path) -> None:
     assert same_state(other.best_weights, state["best_weights"])
     other.load_state_dict({})  # an older checkpoint without any of the keys
     assert other.state_dict() == {
-        "best_score": None, "best_epoch": None, "best_step": None, "wait_count": 0, "gap_count": 0, "stopped_epoch": 0
+        "best_score": None,
+        "best_epoch": None,
+        "best_step": None,
+        "wait_count": 0,
+        "gap_count": 0,
+        "stopped_epoch": 0,
     }
     # Identity is monitor and mode; tuning settings keep the state.
     assert GeneralizationMonitor(patience=2).state_key == GeneralizationMonitor(max_gap=0.3, min_delta=0.1).state_key
@@ -316,8 +321,10 @@ def test_another_callbacks_stop_restores_before_last_ckpt(tmp_path: Path) -> Non
     rec = Recorder()
     model = Scripted({"val/acc": [0.5, 0.9, 0.7, 0.6, 0.5, 0.4]})
     trainer = _trainer(
-        tmp_path, [StopAfterEpoch2(), GeneralizationMonitor(), rec, _checkpointing(tmp_path)],
-        enable_checkpointing=True, max_epochs=6,
+        tmp_path,
+        [StopAfterEpoch2(), GeneralizationMonitor(), rec, _checkpointing(tmp_path)],
+        enable_checkpointing=True,
+        max_epochs=6,
     )
     trainer.fit(model)
     assert trainer.current_epoch == 3 and sorted(rec.at) == [0, 1, 2]
@@ -504,7 +511,10 @@ def test_resume_restores_a_best_epoch_from_before_the_interruption(tmp_path: Pat
     val = {"val/acc": [0.5, 0.9, 0.7, 0.8]}
     first_rec = Recorder()
     first = _trainer(
-        tmp_path, [GeneralizationMonitor(), first_rec, _checkpointing(tmp_path)], enable_checkpointing=True, max_epochs=2
+        tmp_path,
+        [GeneralizationMonitor(), first_rec, _checkpointing(tmp_path)],
+        enable_checkpointing=True,
+        max_epochs=2,
     )
     first.fit(Scripted(val))
     checkpoint = tmp_path / "ckpt" / "epoch=1.ckpt"
@@ -566,8 +576,12 @@ def test_ddp_ranks_agree_on_the_best_epoch_and_the_stop(tmp_path: Path) -> None:
     # patience 1 stops at epoch 3.
     val = {"val/acc": {0: [0.1, 0.9, 0.6, 0.2, 0.9, 0.9], 1: [0.1, 0.1, 0.6, 0.2, 0.9, 0.9]}}
     trainer = _trainer(
-        tmp_path, [GeneralizationMonitor(patience=1), DumpRank(tmp_path)],
-        strategy="ddp_fork", devices=2, max_epochs=6, num_sanity_val_steps=0,
+        tmp_path,
+        [GeneralizationMonitor(patience=1), DumpRank(tmp_path)],
+        strategy="ddp_fork",
+        devices=2,
+        max_epochs=6,
+        num_sanity_val_steps=0,
     )
     trainer.fit(Scripted(val))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]

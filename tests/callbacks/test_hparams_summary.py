@@ -77,9 +77,18 @@ def _value(value: Any) -> Any:
 
 def _trainer(tmp_path: Path, callbacks: list, logger: Any = None, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=tmp_path, callbacks=callbacks, max_epochs=1, log_every_n_steps=1, limit_train_batches=2, limit_val_batches=1,
-        limit_test_batches=1, logger=logger if logger is not None else TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False),
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        max_epochs=1,
+        log_every_n_steps=1,
+        limit_train_batches=2,
+        limit_val_batches=1,
+        limit_test_batches=1,
+        logger=logger if logger is not None else TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False),
         **kwargs,
     )
 
@@ -123,8 +132,18 @@ def test_warns_about_lightnings_placeholder_hp_metric(tmp_path: Path) -> None:
 
 
 def test_without_tensorboard_it_warns_and_writes_nothing(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="writes to TensorBoard only"):
-        _trainer(tmp_path, [HParamsSummary()], logger=CSVLogger(tmp_path)).fit(Model(), datamodule=Data())
+    """fit then test with a CSVLogger only: one warning, and the run folder holds the CSV logger's
+    own files and nothing else (no event file anywhere, no hyperparameter columns in its hparams)."""
+    trainer = _trainer(tmp_path, [HParamsSummary()], logger=CSVLogger(tmp_path))
+    with pytest.warns(UserWarning, match="writes to TensorBoard only") as caught:
+        trainer.fit(Model(), datamodule=Data())
+        trainer.test(Model(), datamodule=Data())
+    assert len([w for w in caught if "writes to TensorBoard only" in str(w.message)]) == 1
+    files = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    csv_logger_files = {"lightning_logs/version_0/hparams.yaml", "lightning_logs/version_0/metrics.csv"}
+    assert "lightning_logs/version_0/hparams.yaml" in files and files <= csv_logger_files, files
+    hparams = (tmp_path / "lightning_logs" / "version_0" / "hparams.yaml").read_text()
+    assert "model/" not in hparams and "trainer/" not in hparams, hparams
 
 
 def test_holds_no_state_and_pickles() -> None:

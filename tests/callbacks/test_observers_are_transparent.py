@@ -11,17 +11,18 @@ if a callback runs the model in training mode outside the real steps.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import lightning as L
 import pytest
 import torch
-from helpers import quiet_cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lit_accel.callbacks.throughput_meter as throughput_meter
+from helpers import quiet_cpu_trainer
 from lit_accel import CIFAR10DataModule, ImageClassifier, LiteCNN
 from lit_accel.callbacks import (
     HParamsSummary,

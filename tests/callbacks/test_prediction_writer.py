@@ -22,7 +22,12 @@ NAMES = ["cat", "dog", "fox"]
 def test_header() -> None:
     assert header(ids_are_files=True, with_labels=False, k=1) == ["file", "predicted", "probability"]
     assert header(ids_are_files=False, with_labels=True, k=2) == [
-        "index", "label", "predicted", "probability", "top2", "top2_probability",
+        "index",
+        "label",
+        "predicted",
+        "probability",
+        "top2",
+        "top2_probability",
     ]
 
 
@@ -146,10 +151,22 @@ class Data(pl.LightningDataModule):
         return DataLoader(Samples(self.count, self.named), batch_size=4)
 
 
-def _predict(tmp_path: Path, writer: PredictionCSVWriter, model: pl.LightningModule, data: pl.LightningDataModule, **trainer_kwargs) -> None:
+def _predict(
+    tmp_path: Path,
+    writer: PredictionCSVWriter,
+    model: pl.LightningModule,
+    data: pl.LightningDataModule,
+    **trainer_kwargs,
+) -> None:
     trainer = pl.Trainer(
-        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=tmp_path, callbacks=[writer], **trainer_kwargs,
+        accelerator="cpu",
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=[writer],
+        **trainer_kwargs,
     )
     trainer.predict(model, datamodule=data, return_predictions=False)
 
@@ -203,7 +220,14 @@ def test_a_second_predict_replaces_the_file(tmp_path: Path) -> None:
 @pytest.mark.timeout(180)
 def test_ddp_ranks_write_one_merged_sorted_file(tmp_path: Path) -> None:
     out = tmp_path / "p.csv"
-    _predict(tmp_path, PredictionCSVWriter(str(out), top_k=3), Scripted(), Data(11, classes=NAMES), strategy="ddp_fork", devices=2)
+    _predict(
+        tmp_path,
+        PredictionCSVWriter(str(out), top_k=3),
+        Scripted(),
+        Data(11, classes=NAMES),
+        strategy="ddp_fork",
+        devices=2,
+    )
     rows = _read(out)
     # 11 files over 2 ranks (6 + 5, Lightning's predict sampler repeats none): each exactly once.
     assert rows[1:] == _expected_rows([f"img_{i:02d}.png" for i in range(11)], top_k=3)

@@ -12,7 +12,6 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import quiet_cpu_trainer
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import quiet_cpu_trainer
 from lit_accel.callbacks.preemption_checkpoint import PreemptionCheckpoint
 
 BATCHES_PER_EPOCH = 4
@@ -102,7 +102,7 @@ pytestmark = [
 @pytest.fixture(autouse=True)
 def _restore_signal_handlers() -> Iterator[None]:
     """Each test starts and ends with the process's own handlers, whatever a failing test left."""
-    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
     yield
     for signum, handler in saved.items():
         signal.signal(signum, handler)
@@ -249,3 +249,73 @@ def test_ctrl_c_while_the_checkpoint_is_written_waits_for_a_complete_file(tmp_pa
     except KeyboardInterrupt:
         pytest.fail("the Ctrl-C interrupted the checkpoint being written")
     assert torch.load(callback.saved_path, weights_only=True)["global_step"] == 3
+
+
+# ------------------------------------------------------------------------------ SLURM requeue
+
+
+# A SLURM job Lightning auto-requeues (SLURMEnvironment detected from these), one task.
+SLURM_ENV = {
+    "SLURM_JOB_ID": "4242",
+    "SLURM_JOB_NAME": "train",
+    "SLURM_NTASKS": "1",
+    "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_LOCALID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_NODELIST": "localhost",
+}
+
+
+class SpyOnRequeue(SignalAt):
+    """Sends SIGUSR1 at the start of batch ``step``, then records what Lightning's handler had done by then."""
+
+    def __init__(self, step: int, root: Path) -> None:
+        super().__init__(step, signal.SIGUSR1)
+        self.root = root
+        self.saved_right_after_the_signal: list[Path] | None = None
+
+    def _send(self) -> None:
+        super()._send()  # the Python handler runs before the next line, as a real signal's would
+        self.saved_right_after_the_signal = sorted(self.root.glob("hpc_ckpt_*.ckpt"))
+
+
+def _fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A ``scontrol`` on PATH that records its arguments (a real requeue would end the job)."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "scontrol.log"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> "{calls}"\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    for key, value in SLURM_ENV.items():
+        monkeypatch.setenv(key, value)
+    return calls
+
+
+def test_slurm_requeue_signal_is_answered_at_the_end_of_the_batch_not_inside_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lightning saves and requeues inside the signal handler, which hangs when the signal lands
+    while a logger holds its lock (Lightning #21406): the callback defers that to the batch's end."""
+    calls = _fake_scontrol(tmp_path, monkeypatch)
+    spy = SpyOnRequeue(step=2, root=tmp_path)
+    callback = PreemptionCheckpoint()
+    trainer = _trainer(tmp_path, [callback, spy], max_steps=5)
+    trainer.fit(Regressor())
+    assert spy.saved_right_after_the_signal == [], "Lightning's handler ran inside the batch"
+    # Saved at the end of the batch that was running: it counts that batch; then training went on.
+    assert torch.load(tmp_path / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 3
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert trainer.global_step == 5
+    assert signal.getsignal(signal.SIGUSR1) != callback._on_requeue_signal, "our handler outlived fit"
+
+
+class RecordSigusr1(Callback):
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any) -> None:
+        self.handler_during_fit = signal.getsignal(signal.SIGUSR1)
+
+
+def test_without_slurm_the_requeue_signal_is_left_alone(tmp_path: Path) -> None:
+    probe, original = RecordSigusr1(), signal.getsignal(signal.SIGUSR1)
+    _trainer(tmp_path, [PreemptionCheckpoint(), probe], max_steps=2).fit(Regressor())
+    assert probe.handler_during_fit is original

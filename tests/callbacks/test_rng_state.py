@@ -10,13 +10,13 @@ import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
-from helpers import quiet_cpu_trainer, through_checkpoint
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.demos.boring_classes import BoringDataModule, BoringModel
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from helpers import quiet_cpu_trainer, through_checkpoint
 from lit_accel.callbacks.rng_state import RNGStateCheckpoint
 
 pytestmark = [

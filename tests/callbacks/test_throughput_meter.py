@@ -126,9 +126,7 @@ def test_exact_rates_data_wait_and_mfu_from_scripted_timings(tmp_path, clock):
     model = ScriptedModule(waits, computes, flops_per_sample=1000.0)
     meter = ThroughputMeter(log_every_n_steps=2, warmup_steps=2, peak_flops_per_sec=1e6)
     logger = MemoryLogger(prefix="throughput/")
-    trainer = _trainer(
-        tmp_path, meter, logger, num_sanity_val_steps=1, val_check_interval=3, limit_val_batches=1
-    )
+    trainer = _trainer(tmp_path, meter, logger, num_sanity_val_steps=1, val_check_interval=3, limit_val_batches=1)
     trainer.fit(model, DataLoader(_xy(24), batch_size=4), DataLoader(_xy(4), batch_size=4))
 
     assert [s for s, _ in logger.rows] == [3, 5, 5]  # batches 0-1 are warm-up: nothing at step 1
@@ -152,9 +150,16 @@ def test_exact_rates_data_wait_and_mfu_from_scripted_timings(tmp_path, clock):
     assert logger.at(5, "throughput/epoch_data_wait_fraction") == pytest.approx(0.3)
     assert logger.at(5, "throughput/epoch_step_time_max") == pytest.approx(2.5)
     assert logger.at(5, "throughput/epoch_mfu") == pytest.approx(1600.0 / 1e6)
-    assert "throughput/epoch_peak_memory_mb" not in logger.keys()
+    logged = logger.keys()  # MemoryLogger.keys(): every metric name logged so far
+    assert "throughput/epoch_peak_memory_mb" not in logged
     assert meter.state_dict() == {
-        "samples": 16, "batches": 4, "wait": 3.0, "compute": 7.0, "flops": 16000.0, "flops_missing": 0, "unsized": 0
+        "samples": 16,
+        "batches": 4,
+        "wait": 3.0,
+        "compute": 7.0,
+        "flops": 16000.0,
+        "flops_missing": 0,
+        "unsized": 0,
     }
 
 
@@ -169,8 +174,9 @@ def test_partial_last_batch_is_counted(tmp_path, clock):
         assert logger.at(step, "throughput/samples_per_sec") == pytest.approx(10 / 3)
         assert logger.at(step, "throughput/epoch_samples_per_sec") == pytest.approx(10 / 3)
         assert logger.at(step, "throughput/batches_per_sec") == pytest.approx(1.0)
-    assert "throughput/flops_per_sec" not in logger.keys()  # measure_flops=False and no module FLOPs
-    assert "throughput/mfu" not in logger.keys()
+    logged = logger.keys()  # MemoryLogger.keys(): every metric name logged so far
+    assert "throughput/flops_per_sec" not in logged  # measure_flops=False and no module FLOPs
+    assert "throughput/mfu" not in logged
     assert meter.state_dict()["samples"] == 20
 
 
@@ -205,7 +211,11 @@ def test_mid_fit_batch_size_change_recounts_flops_and_warms_up_again(tmp_path, c
     meter = ThroughputMeter(log_every_n_steps=100, warmup_steps=2, peak_flops_per_sec=1e9)
     logger = MemoryLogger(prefix="throughput/")
     trainer = _trainer(
-        tmp_path, meter, logger, max_epochs=2, reload_dataloaders_every_n_epochs=1,
+        tmp_path,
+        meter,
+        logger,
+        max_epochs=2,
+        reload_dataloaders_every_n_epochs=1,
         callbacks=[meter, BatchSizeSwitcher(3)],
     )
     trainer.fit(model, datamodule=SizeDataModule(4))
@@ -385,8 +395,14 @@ def test_gpu_peak_table(name, key, expected):
 
 @pytest.mark.parametrize(
     ("precision", "key"),
-    [("32-true", "fp32"), ("bf16-mixed", "bf16"), ("bf16-true", "bf16"), ("16-mixed", "fp16"), ("64-true", "fp64"),
-     ("transformer-engine", None)],
+    [
+        ("32-true", "fp32"),
+        ("bf16-mixed", "bf16"),
+        ("bf16-true", "bf16"),
+        ("16-mixed", "fp16"),
+        ("64-true", "fp64"),
+        ("transformer-engine", None),
+    ],
 )
 def test_precision_to_dtype_key(precision, key):
     assert tm._precision_dtype_key(precision) == key
@@ -423,9 +439,39 @@ def test_cpu_matmul_peak_is_measured_in_the_run_dtype(monkeypatch):
     assert no_flops._resolve_peak(SimpleNamespace(precision="32-true"), nn.Linear(1, 1)) == (None, "no FLOPs")
 
 
-def test_real_cpu_matmul_benchmark_is_positive_and_short():
-    peak = tm._measure_matmul_peak(torch.float32, size=128, min_seconds=0.01)
-    assert 1e6 < peak < 1e15
+def test_real_cpu_matmul_benchmark_agrees_with_an_independent_timing():
+    """The benchmark's FLOP/s is within 1.5x of the same 128x128 matmul timed here (2·n³ FLOPs over
+    the fastest of 100 runs): a wrong FLOP count (2x off) or a mean instead of the best run fails.
+    On one thread, so that a busy machine cannot stall a thread pool mid-run (with 2 threads and 2
+    busy cores one measurement in 30 came out 460x low); best of 3 tries for the same reason."""
+    import time
+
+    size = 128
+    generator = torch.Generator().manual_seed(1)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    out = torch.mm(a, b)
+
+    def timed_here() -> float:
+        best = float("inf")
+        for _ in range(100):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - start)
+        return 2 * size**3 / best
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ratios: list[float] = []
+        for _ in range(3):
+            peak = tm._measure_matmul_peak(torch.float32, size=size, min_seconds=0.01)
+            ratios.append(peak / timed_here())
+            if 1 / 1.5 < ratios[-1] < 1.5:
+                break
+    finally:
+        torch.set_num_threads(threads)
+    assert 1 / 1.5 < ratios[-1] < 1.5, ratios
+    assert peak > 1e8, peak  # any CPU torch runs on: over 0.1 GFLOP/s
 
 
 # ---------------------------------------------------------------- pure functions
@@ -482,9 +528,19 @@ def test_metrics_extrapolate_when_a_rank_timed_nothing_and_skip_unknowns():
 
 def test_summary_table_lists_rates_mfu_wait_memory_and_time():
     text = tm._format_summary(
-        {"global_samples_per_sec": 12345.6, "samples_per_sec": 6172.8, "mfu": 0.123, "data_wait_fraction": 0.041,
-         "data_wait_fraction_max": 0.05, "peak_memory_mb_max": 812.0},
-        world_size=2, batches=1234, timed_seconds=123.4, wall_seconds=130.2, peak_note="given",
+        {
+            "global_samples_per_sec": 12345.6,
+            "samples_per_sec": 6172.8,
+            "mfu": 0.123,
+            "data_wait_fraction": 0.041,
+            "data_wait_fraction_max": 0.05,
+            "peak_memory_mb_max": 812.0,
+        },
+        world_size=2,
+        batches=1234,
+        timed_seconds=123.4,
+        wall_seconds=130.2,
+        peak_note="given",
     )
     for part in ("12,345.6", "6,172.8", "12.3%", "4.1%", "5.0%", "812 MiB", "123.4 s", "130.2 s", "2 rank(s)"):
         assert part in text
@@ -578,7 +634,13 @@ def test_checkpoint_resume_restores_totals(tmp_path, clock):
     assert saved["samples"] == 8 and saved["wait"] == 1.0 and saved["compute"] == 2.0
     resumed = fit(2, str(tmp_path / "ckpt" / "last.ckpt"))
     assert resumed.state_dict() == {
-        "samples": 16, "batches": 4, "wait": 2.0, "compute": 4.0, "flops": 0.0, "flops_missing": 4, "unsized": 0
+        "samples": 16,
+        "batches": 4,
+        "wait": 2.0,
+        "compute": 4.0,
+        "flops": 0.0,
+        "flops_missing": 4,
+        "unsized": 0,
     }
 
 
@@ -634,7 +696,12 @@ def test_ddp_two_processes_global_rate_is_the_sum_and_slowest_step_is_reported(t
     meter = ThroughputMeter(log_every_n_steps=2, warmup_steps=0, peak_flops_per_sec=1e6, print_summary=False)
     logger = MemoryLogger(prefix="throughput/", path=str(tmp_path / "rank0_log.jsonl"))
     trainer = _trainer(
-        tmp_path, meter, logger, strategy="ddp_fork", devices=2, max_epochs=2,
+        tmp_path,
+        meter,
+        logger,
+        strategy="ddp_fork",
+        devices=2,
+        max_epochs=2,
         callbacks=[meter, WriteTotals(str(tmp_path))],
     )
     trainer.fit(RankScriptedModule(), DataLoader(_xy(16), batch_size=4))

@@ -157,12 +157,15 @@ class Recording(ValidationFigures):
 
     def _draw(self, trainer: pl.Trainer, counts: Tensor | None) -> None:
         wrong = [torch.cat(parts) for parts in zip(*self._wrong)] if self._wrong else None
-        self.drawn.append({
-            "step": trainer.global_step, "epoch": trainer.current_epoch,
-            "counts": None if counts is None else counts.tolist(),
-            "wrong_labels": None if wrong is None else wrong[1].tolist(),
-            "wrong_predicted": None if wrong is None else wrong[2].tolist(),
-        })
+        self.drawn.append(
+            {
+                "step": trainer.global_step,
+                "epoch": trainer.current_epoch,
+                "counts": None if counts is None else counts.tolist(),
+                "wrong_labels": None if wrong is None else wrong[1].tolist(),
+                "wrong_predicted": None if wrong is None else wrong[2].tolist(),
+            }
+        )
         super()._draw(trainer, counts)
         if self.out is not None:
             torch.save(self.drawn, self.out / f"rank{trainer.global_rank}.pt")
@@ -170,8 +173,14 @@ class Recording(ValidationFigures):
 
 def _trainer(tmp_path: Path, callbacks: list, logger: Any = None, **kwargs: Any) -> pl.Trainer:
     return pl.Trainer(
-        accelerator="cpu", enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-        default_root_dir=tmp_path, callbacks=callbacks, num_sanity_val_steps=1, log_every_n_steps=1,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+        num_sanity_val_steps=1,
+        log_every_n_steps=1,
         logger=logger if logger is not None else TensorBoardLogger(tmp_path, name="tb", default_hp_metric=False),
         **kwargs,
     )
@@ -194,7 +203,10 @@ def test_draws_every_n_epochs_with_exact_counts_and_bounded_mistakes(tmp_path: P
     for drawn in figures.drawn:
         assert drawn["counts"] == EXPECTED_COUNTS
         assert drawn["wrong_labels"] == [0, 1] and drawn["wrong_predicted"] == [1, 2]  # the first 2 of 3
-    assert _images_in_tensorboard(trainer.logger.log_dir) == {"val/confusion_matrix": [4, 8], "val/misclassified": [4, 8]}
+    assert _images_in_tensorboard(trainer.logger.log_dir) == {
+        "val/confusion_matrix": [4, 8],
+        "val/misclassified": [4, 8],
+    }
 
 
 def test_without_logits_from_validation_step_the_model_runs_again_only_on_drawing_epochs(tmp_path: Path) -> None:
@@ -233,7 +245,9 @@ def test_without_tensorboard_it_warns_once_and_stays_off(tmp_path: Path) -> None
 
 def test_without_matplotlib_it_warns_and_stays_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = module.importlib.util.find_spec
-    monkeypatch.setattr(module.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real_find_spec(name))
+    monkeypatch.setattr(
+        module.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real_find_spec(name)
+    )
     figures = Recording()
     with pytest.warns(UserWarning, match="needs matplotlib"):
         _trainer(tmp_path, [figures], max_epochs=1, limit_train_batches=1).fit(Scripted(), datamodule=Data())

@@ -64,7 +64,13 @@ def test_preload_and_dataloader_pipelines_agree_without_augmentation(split):
     batches = {}
     for pipeline in ("preload", "dataloader"):
         dm = CIFAR10DataModule(
-            synthetic=True, synthetic_size=300, val_size=60, batch_size=32, pipeline=pipeline, augment=False, num_workers=0
+            synthetic=True,
+            synthetic_size=300,
+            val_size=60,
+            batch_size=32,
+            pipeline=pipeline,
+            augment=False,
+            num_workers=0,
         )
         dm.setup("fit")
         loader = dm.train_dataloader() if split == "train" else dm.val_dataloader()
@@ -107,6 +113,57 @@ def test_batch_size_change_takes_effect_on_the_next_train_dataloader():
     assert next(iter(dm.train_dataloader()))[0].shape[0] == 16
     dm.batch_size = 48
     assert next(iter(dm.train_dataloader()))[0].shape[0] == 48
+
+
+def test_resume_mid_epoch_continues_the_epochs_data_with_a_sized_schedule(tmp_path):
+    """WarmupDecayLR is sized from trainer.estimated_stepping_batches in configure_optimizers, which
+    makes Lightning 2.6 drop the training loader's saved state on resume (Lightning issue #20550):
+    the data module's own state carries the position. Resumed from step 3 of 8, the run trains on
+    batches 3..7 of the epoch, as the uninterrupted run did, and ends with the same weights."""
+    from functools import partial
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lit_accel.callbacks import RNGStateCheckpoint
+    from lit_accel.models import ImageClassifier
+    from lit_accel.schedules import WarmupDecayLR
+
+    class Batches(Callback):
+        def __init__(self, crash_at: int | None = None) -> None:
+            self.labels, self.crash_at = [], crash_at
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.labels.append(batch[1].clone())
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == self.crash_at:
+                raise RuntimeError("crash")
+
+    def fit(folder, batches: Batches, ckpt_path=None) -> ImageClassifier:
+        L.seed_everything(0)
+        model = ImageClassifier(lr_scheduler=partial(WarmupDecayLR, warmup_fraction=0.25))
+        data = CIFAR10DataModule(synthetic=True, synthetic_size=640, val_size=128, batch_size=64)
+        checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=3, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=folder, callbacks=[checkpoints, RNGStateCheckpoint(), batches],
+        )  # fmt: skip
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        assert trainer.global_step == 8
+        return model
+
+    whole = Batches()
+    expected = fit(tmp_path / "whole", whole)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "crashed", Batches(crash_at=4))
+    resumed = Batches()
+    model = fit(tmp_path / "crashed", resumed, ckpt_path=tmp_path / "crashed" / "step=3.ckpt")
+    assert len(whole.labels) == 8 and len(resumed.labels) == 5
+    for i, labels in enumerate(resumed.labels, start=3):
+        assert torch.equal(labels, whole.labels[i]), f"batch {i} of the epoch"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[name]), name
 
 
 def test_lightning_distributed_sampler_gives_disjoint_reshuffled_shards():
@@ -159,7 +216,9 @@ def test_val_size_larger_than_the_data_found(cifar10_root, cifar10_checksum_patc
 
 
 # ------------------------------------------------------------- own images in CIFAR-10's format
-def test_own_cifar_format_folder_loads_without_checksums_the_same_as_torchvision(cifar10_root, cifar10_checksum_patched):
+def test_own_cifar_format_folder_loads_without_checksums_the_same_as_torchvision(
+    cifar10_root, cifar10_checksum_patched
+):
     root, arrays = cifar10_root
     checked, unchecked = _datamodule(root), _datamodule(root, verify_checksums=False)
     for dm in (checked, unchecked):

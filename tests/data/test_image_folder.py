@@ -123,8 +123,13 @@ def _predict_batches(datamodule: CIFAR10DataModule) -> list[tuple[torch.Tensor, 
 @pytest.mark.parametrize("pipeline", ["preload", "dataloader"])
 def test_predict_dir_yields_normalized_images_and_file_names(folder: Path, pipeline: str) -> None:
     datamodule = CIFAR10DataModule(
-        synthetic=True, synthetic_size=64, val_size=8, predict_dir=str(folder), pipeline=pipeline,
-        eval_batch_size=2, num_workers=1 if pipeline == "dataloader" else 0,
+        synthetic=True,
+        synthetic_size=64,
+        val_size=8,
+        predict_dir=str(folder),
+        pipeline=pipeline,
+        eval_batch_size=2,
+        num_workers=1 if pipeline == "dataloader" else 0,
     )
     batches = _predict_batches(datamodule)
     names = [name for _, batch_names in batches for name in batch_names]
@@ -136,7 +141,9 @@ def test_predict_dir_yields_normalized_images_and_file_names(folder: Path, pipel
 
 
 def test_without_predict_dir_predict_is_the_test_split() -> None:
-    datamodule = CIFAR10DataModule(synthetic=True, synthetic_size=64, synthetic_test_size=24, val_size=8, eval_batch_size=8)
+    datamodule = CIFAR10DataModule(
+        synthetic=True, synthetic_size=64, synthetic_test_size=24, val_size=8, eval_batch_size=8
+    )
     batches = _predict_batches(datamodule)
     assert sum(images.shape[0] for images, _ in batches) == 24
     assert batches[0][1].dtype == torch.long  # labels

@@ -73,7 +73,11 @@ def test_channels_last_and_compile_switches(tmp_path):
 
 @pytest.mark.parametrize(
     "kwargs,name",
-    [({"num_classes": 1}, "num_classes"), ({"label_smoothing": 1.0}, "label_smoothing"), ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval")],
+    [
+        ({"num_classes": 1}, "num_classes"),
+        ({"label_smoothing": 1.0}, "label_smoothing"),
+        ({"lr_scheduler_interval": "batch"}, "lr_scheduler_interval"),
+    ],
 )
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=f"{name}=.* is not allowed"):
@@ -106,6 +110,58 @@ def test_a_skipped_non_finite_step_stays_out_of_the_epoch_training_metrics(tmp_p
     assert guard.skipped_steps == 1  # the NaN step happened and was skipped
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
     assert 0.0 <= float(trainer.callback_metrics["train/acc"]) <= 1.0
+
+
+class _RecordedNaNSteps(torch.nn.Module):
+    """SeedCNN whose training calls ``nan_calls`` (1-based) return NaN logits; keeps every training call's logits."""
+
+    def __init__(self, nan_calls: tuple[int, ...]) -> None:
+        super().__init__()
+        self.net, self.nan_calls, self.logits = SeedCNN(), nan_calls, []
+
+    def forward(self, images):
+        logits = self.net(images)
+        if self.training:
+            if len(self.logits) + 1 in self.nan_calls:
+                logits = logits * float("nan")
+            self.logits.append(logits.detach().clone())
+        return logits
+
+
+class _RecordLabels(L.Callback):
+    def __init__(self) -> None:
+        self.labels = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.labels.append(batch[1].clone())
+
+
+def test_train_acc_and_loss_are_exactly_those_of_the_steps_that_were_not_skipped(tmp_path):
+    """Steps 2 and 5 of 6 have NaN logits; the DivergenceGuard skips them, and the epoch's train/acc
+    and train/loss are the accuracy and mean loss over the other four batches' samples only."""
+    from torch.nn import functional as F
+
+    from lit_accel.callbacks import DivergenceGuard
+
+    L.seed_everything(0)
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=320, val_size=64, batch_size=32)
+    net, labels, guard = _RecordedNaNSteps(nan_calls=(2, 5)), _RecordLabels(), DivergenceGuard()
+    trainer = _trainer(tmp_path, max_epochs=1, limit_train_batches=6, limit_val_batches=0, callbacks=[guard, labels])
+    trainer.fit(ImageClassifier(net), dm)
+    assert len(net.logits) == len(labels.labels) == 6
+    assert (guard.skipped_steps, guard.rollbacks) == (2, 0)  # the two NaN steps, and nothing else
+
+    kept = [(logits, y) for logits, y in zip(net.logits, labels.labels) if torch.isfinite(logits).all()]
+    assert len(kept) == 4
+    correct = sum(int((logits.argmax(1) == y).sum()) for logits, y in kept)
+    samples = sum(len(y) for _, y in kept)
+    loss = sum(float(F.cross_entropy(logits, y)) * len(y) for logits, y in kept) / samples
+    assert float(trainer.callback_metrics["train/acc"]) == pytest.approx(correct / samples, rel=1e-6)
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(loss, rel=1e-5)
+    # Counting the skipped batches too would give another number: the check above tells them apart.
+    all_correct = sum(int((logits.argmax(1) == y).sum()) for logits, y in zip(net.logits, labels.labels))
+    all_samples = sum(len(y) for y in labels.labels)
+    assert all_correct / all_samples != pytest.approx(correct / samples, rel=1e-3)
 
 
 def test_compile_options_are_checked_at_construction():

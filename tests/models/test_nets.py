@@ -64,8 +64,14 @@ def _val_acc_after(steps: int, make_net, lr: float, tmp_path) -> float:
     optimizer = partial(torch.optim.SGD, lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     model = ImageClassifier(net, optimizer=optimizer, label_smoothing=0.1)
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=steps, check_val_every_n_epoch=1000, num_sanity_val_steps=0,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_steps=steps,
+        check_val_every_n_epoch=1000,
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         default_root_dir=tmp_path,
     )
     trainer.fit(model, data)
@@ -96,7 +102,7 @@ def test_seed_cnn_is_the_baseline_architecture():
         (3, 32, (3, 3), (0, 0)),
         (32, 64, (3, 3), (0, 0)),
     ]
-    assert [(l.in_features, l.out_features) for l in linears] == [(2304, 128), (128, 10)]
+    assert [(lin.in_features, lin.out_features) for lin in linears] == [(2304, 128), (128, 10)]
     dropout = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
     assert len(dropout) == 1 and dropout[0].p == 0.2
 
