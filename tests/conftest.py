@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -97,3 +98,11 @@ def _plain_argv(monkeypatch):
 # "ddp_spawn" a rank aborted in about half of the runs here (SIGABRT, "terminate called without an
 # active exception", right after DDP set-up; torch 2.14.1, Lightning 2.6.6), and fork starts in a
 # quarter of the time. Runs through the real CLI use "ddp" (subprocesses).
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _ctrl_c_not_ignored() -> None:
+    """A shell starts a background job (``cmd &``) with SIGINT ignored, and children inherit that:
+    the Ctrl-C tests need Python's own handler, in this process and in the runs it starts."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import config, read_scalars, run_cli
 from lit_accel.cli import LitAccelCLI, main
@@ -199,3 +200,33 @@ def test_own_cifar_format_files_through_the_cli(in_tmp_dir, cifar10_root, no_net
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
+
+
+def test_print_config_prints_the_whole_recipe_and_reads_back_the_same(in_tmp_dir, capsys):
+    def printed(args: list[str]) -> str:
+        with pytest.raises(SystemExit) as stop:
+            LitAccelCLI(args=args)
+        assert stop.value.code in (0, None)
+        return capsys.readouterr().out
+
+    first = printed(["fit", *config("cifar10.yaml"), "--model.net.width", "24", "--print_config"])
+    resolved = yaml.safe_load(first)
+    net = resolved["model"]["net"]
+    assert net["class_path"] == "lit_accel.models.LiteCNN" and net["init_args"]["width"] == 24
+    assert resolved["model"]["optimizer"]["class_path"] == "torch.optim.AdamW"
+    callbacks = [c["class_path"] for c in resolved["trainer"]["callbacks"]]
+    assert "lit_accel.callbacks.DivergenceGuard" in callbacks and "lit_accel.callbacks.ThroughputMeter" in callbacks
+    assert not (in_tmp_dir / "runs").exists(), "printing trains nothing and makes no run folder"
+    saved = in_tmp_dir / "printed.yaml"
+    saved.write_text(first)
+    assert printed(["fit", "--config", str(saved), "--print_config"]) == first
+
+
+def test_a_plain_callbacks_list_replaces_the_recipes(in_tmp_dir, capsys):
+    """YAML lists replace (jsonargparse); `callbacks+=` on the command line appends."""
+    mine = in_tmp_dir / "mine.yaml"
+    mine.write_text("trainer:\n  callbacks:\n    - class_path: lit_accel.callbacks.ThroughputMeter\n")
+    with pytest.raises(SystemExit):
+        LitAccelCLI(args=["fit", *config("cifar10.yaml"), "--config", str(mine), "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    assert [c["class_path"] for c in callbacks] == ["lit_accel.callbacks.ThroughputMeter"]

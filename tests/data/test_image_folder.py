@@ -79,6 +79,23 @@ def test_any_format_becomes_rgb_uint8(tmp_path: Path, name: str, array: np.ndarr
     assert out[:, 5, 5].tolist() == expected_pixel
 
 
+@pytest.mark.parametrize(
+    ("name", "save_args"),
+    [("palette.gif", {}), ("lossless.webp", {"lossless": True}), ("scan.tiff", {}), ("scan.tif", {})],
+)
+def test_gif_webp_and_tiff_files_are_read(tmp_path: Path, name: str, save_args: dict) -> None:
+    out = read_image_file(str(_save(tmp_path / name, _solid(40, 64, (200, 100, 50)), **save_args)))
+    assert out.shape == (3, 32, 32) and out.dtype == torch.uint8
+    assert out[:, 16, 16].tolist() == [200, 100, 50]
+
+
+def test_an_animated_gif_is_read_as_its_first_frame(tmp_path: Path) -> None:
+    frames = [Image.fromarray(_solid(32, 32, colour)) for colour in (RED, GREEN)]
+    path = tmp_path / "anim.gif"
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert read_image_file(str(path))[:, 5, 5].tolist() == list(RED)
+
+
 # ---------------------------------------------------------------------------- the data set
 def test_lists_files_sorted_with_subfolders_without_hidden_ones(folder: Path) -> None:
     assert list_files(str(folder)) == ["broken.png", "notes.txt", "sub/gray.png", "tall.jpg", "wide.png"]
