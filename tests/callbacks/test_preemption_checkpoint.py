@@ -316,6 +316,12 @@ class RecordSigusr1(Callback):
 
 
 def test_without_slurm_the_requeue_signal_is_left_alone(tmp_path: Path) -> None:
-    probe, original = RecordSigusr1(), signal.getsignal(signal.SIGUSR1)
+    """A user's own SIGUSR1 handler (outside SLURM, SIGUSR1 means whatever the user says) stays in place."""
+
+    def mine(signum: int, frame: Any) -> None:
+        pass
+
+    signal.signal(signal.SIGUSR1, mine)
+    probe = RecordSigusr1()
     _trainer(tmp_path, [PreemptionCheckpoint(), probe], max_steps=2).fit(Regressor())
-    assert probe.handler_during_fit is original
+    assert probe.handler_during_fit is mine and signal.getsignal(signal.SIGUSR1) is mine
