@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks import Callback
+
+from lit_accel.callbacks._shared import local_tensor
 
 
 class CrashAtStep(Callback):
@@ -28,3 +33,54 @@ class SleepEachStep(Callback):
 
     def on_train_batch_end(self, *args, **kwargs) -> None:
         time.sleep(self.seconds)
+
+
+class PoisonParameters(Callback):
+    """From optimizer step ``from_step`` on, fill one parameter with NaN before every batch, on the
+    given rank (-1: all). Under FSDP2 only that rank's shard is poisoned. A divergence no rollback
+    can cure: the DivergenceGuard rolls back and, after ``max_rollbacks``, stops the run."""
+
+    def __init__(self, from_step: int, rank: int = -1) -> None:
+        self.from_step = from_step
+        self.rank = rank
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args, **kwargs) -> None:
+        if trainer.global_step >= self.from_step and self.rank in (-1, trainer.global_rank):
+            weight = next(p for p in pl_module.parameters() if p.dim() > 1)
+            with torch.no_grad():
+                local_tensor(weight).fill_(float("nan"))
+
+
+class DumpLocalState(Callback):
+    """Each rank saves its own parameters (its shards under FSDP2), its optimizer state and the
+    global step, when training starts and when it ends, normally or by an exception, to
+    ``<out>/<label>-rank<R>.pt`` as ``{"start": ..., "end": ...}``."""
+
+    def __init__(self, out: str, label: str) -> None:
+        self.out = Path(out)
+        self.label = label
+        self.rows: dict[str, Any] = {}
+
+    def _record(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+        optimizer = trainer.optimizers[0]
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        return {
+            "global_step": trainer.global_step,
+            "params": {n: local_tensor(p).detach().clone() for n, p in pl_module.named_parameters()},
+            "optimizer": [
+                {k: local_tensor(v).detach().clone() for k, v in optimizer.state.get(p, {}).items()} for p in params
+            ],
+        }
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows["start"] = self._record(trainer, pl_module)
+
+    def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rows["end"] = self._record(trainer, pl_module)
+        torch.save(self.rows, self.out / f"{self.label}-rank{trainer.global_rank}.pt")
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._save(trainer, pl_module)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._save(trainer, pl_module)

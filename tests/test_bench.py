@@ -270,3 +270,19 @@ def test_stability_harness_runs_the_recipe_with_and_without_the_guard(tmp_path):
     assert len([line for line in result.stdout.splitlines() if line.startswith("| x1 (0.004) |")]) == 2
     # No folder given: the synthetic set (the path bench_recipe.data_arguments shares with the recipe case).
     assert "# stability on the synthetic set: recipe LR 0.004 x 1, guard on/off, 1 epoch(s)" in result.stdout
+
+
+def test_state_copies_bench_times_each_copy(capsys):
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import bench_state_copies
+
+    bench_state_copies.main(["--net", "SeedCNN", "--copies", "3"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == [
+        "GeneralizationMonitor best-weights copy",
+        "DivergenceGuard snapshot (buffers reused)",
+        "DivergenceGuard restore",
+    ]
+    for row in rows[1:]:
+        low, median = (float(cell) for cell in row.strip("|").split("|")[1:])
+        assert 0 < low <= median

@@ -1,11 +1,15 @@
 """Every YAML file in configs/ runs through the real CLI with a tiny budget."""
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
 from helpers import CONFIGS, config, run_cli
 from lit_accel.cli import LitAccelCLI, main
 
+TESTS_DIR = Path(__file__).resolve().parent  # faults.py, loaded by class path in the CLI runs
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 SMOKE = ["cifar10.yaml", "smoke.yaml"]
 
@@ -73,18 +77,81 @@ def test_default_recipe_on_the_real_cifar10_code_path(names, in_tmp_dir, cifar10
     assert torch.isfinite(cli.trainer.callback_metrics["val/acc"])
 
 
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("names", TWO_PROCESSES, ids=lambda names: "+".join(names))
-def test_two_process_strategies_on_cpu(names, tmp_path):
-    result = run_cli(["fit", *config(*names), *QUIET, "--trainer.devices", "2"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in result.stderr + result.stdout
-    last = tmp_path / "runs" / "cifar10" / "version_0" / "checkpoints" / "last.ckpt"
-    if "strategy/fsdp.yaml" in names:
+def test_two_process_strategies_resume_and_stop_a_divergence(names, tmp_path):
+    """Two processes, through the real CLI: a healthy epoch, then a run resumed with
+    ``--ckpt_path last`` in which one rank's weights turn NaN for good. The resumed run starts
+    from each rank's own saved state (its shards under FSDP2), the DivergenceGuard rolls back on
+    both ranks together and then stops: exit status 3, one message, ``divergence.ckpt`` saved, and
+    every rank left at its snapshot, which is where the resumed run started."""
+    env = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
+    run = ["fit", *config(*names), *QUIET, "--trainer.devices", "2"]
+    dump = ["--trainer.callbacks+=faults.DumpLocalState", "--trainer.callbacks.out", str(tmp_path)]
+    first = run_cli([*run, *dump, "--trainer.callbacks.label", "first"], cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in first.stderr + first.stdout
+    run_dir = tmp_path / "runs" / "cifar10"
+    last = run_dir / "version_0" / "checkpoints" / "last.ckpt"
+    sharded = "strategy/fsdp.yaml" in names
+    if sharded:
         # FSDP2 saves one shard per process: proof that the model was sharded, not replicated.
         assert last.is_dir() and sorted(p.name for p in last.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     else:
         assert last.is_file()
+
+    poison = ["--trainer.callbacks+=faults.PoisonParameters", "--trainer.callbacks.from_step", "8"]
+    resumed = run_cli(
+        [
+            *run,
+            "--trainer.max_epochs",
+            "3",
+            "--ckpt_path",
+            "last",
+            *dump,
+            "--trainer.callbacks.label",
+            "resumed",
+            *poison,
+            "--trainer.callbacks.rank",
+            "1",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
+    assert resumed.returncode == 3, resumed.stderr[-3000:]
+    assert "lit-accel: training diverged: DivergenceGuard stopped training at step" in resumed.stderr
+    assert "after 3 rollback(s)" in resumed.stderr and "Traceback" not in resumed.stderr
+    divergence = run_dir / "version_1" / "divergence.ckpt"
+    if sharded:
+        assert sorted(p.name for p in divergence.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    else:
+        assert divergence.is_file()
+
+    ranks = [(torch.load(tmp_path / f"first-rank{r}.pt"), torch.load(tmp_path / f"resumed-rank{r}.pt")) for r in (0, 1)]
+    for first_rank, resumed_rank in ranks:
+        # One epoch: 768 training images in batches of 64 shared by 2 ranks.
+        assert first_rank["end"]["global_step"] == resumed_rank["start"]["global_step"] == 6
+        # The resumed run starts from exactly the state the first run ended in, optimizer included.
+        assert _same(resumed_rank["start"]["params"], first_rank["end"]["params"])
+        assert all(
+            _same(a, b) for a, b in zip(resumed_rank["start"]["optimizer"], first_rank["end"]["optimizer"], strict=True)
+        )
+        assert not _same(first_rank["start"]["params"], first_rank["end"]["params"])
+        # Rolled back to the snapshot taken when the resumed run started, weights and optimizer.
+        assert resumed_rank["end"]["global_step"] > 8
+        assert _same(resumed_rank["end"]["params"], resumed_rank["start"]["params"])
+        assert all(
+            _same(a, b)
+            for a, b in zip(resumed_rank["end"]["optimizer"], resumed_rank["start"]["optimizer"], strict=True)
+        )
+    final = [resumed["end"]["params"] for _, resumed in ranks]
+    # FSDP2: each rank holds (and restored) its own half of every weight; DDP: identical replicas.
+    assert _same(final[0], final[1]) is not sharded
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")

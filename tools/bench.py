@@ -90,6 +90,8 @@ class Settings:
     network_seconds: float
     network_reps: int = 1
     network_val_every: int = 50
+    network_train_images: int = 20_000  # networks case: synthetic training images
+    network_val_images: int = 2_000  # and held-out images validated every network_val_every steps
     networks: str = NETWORKS
     net: str = "SeedCNN"
     resnet_width: int = 64
@@ -297,7 +299,12 @@ def build_case(name: str, s: Settings) -> list[Variant]:
         variants = []
         for net, width, lr in parse_networks(s.networks):
             args = [
-                *_lit_args(s, net=net, data_images=20_000 + 2_000, val_images=2_000),
+                *_lit_args(
+                    s,
+                    net=net,
+                    data_images=s.network_train_images + s.network_val_images,
+                    val_images=s.network_val_images,
+                ),
                 "--model.optimizer.lr",
                 str(lr),
                 "--trainer.max_epochs",
@@ -485,7 +492,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         parser.error("--device cuda: no CUDA GPU on this machine")
     gpu = args.device == "cuda"
     if args.smoke:
-        s = Settings(args.device, 32, 1, 3, 1, 1.0, resnet_width=8, network_val_every=10)
+        s = Settings(
+            args.device,
+            32,
+            1,
+            3,
+            1,
+            1.0,
+            resnet_width=8,
+            network_val_every=10,
+            network_train_images=1_024,
+            network_val_images=128,
+        )
     elif args.full:
         s = Settings(
             args.device, 512 if gpu else 128, 10, 300 if gpu else 150, 5, 30.0 if gpu else 45.0, network_reps=3

@@ -6,12 +6,9 @@ Imports only ``lightning``, ``torch``, the standard library, ``typing_extensions
 ``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
 another project.
 
-Cost, measured on a shared 2-core CPU (torch 2.14.1): the guard's hooks took about 0.2 ms per step
-for SeedCNN (0.32 M parameters) and 0.5 ms for ResNet9 width 16 (min of 7×50 calls; two fused norms,
-one all-reduce of three numbers, one device-to-host read), against about 25 ms for a SeedCNN fp32
-step at batch 128, i.e. under 1%. That was with a parameter norm at every step; it is now taken
-only on bad steps and before snapshots, so a good step costs one fused norm less. A snapshot of
-SeedCNN + SGD momentum takes about 0.1 ms.
+Cost per good step: one fused gradient norm, one all-reduce of three numbers and one
+device-to-host read (a parameter norm only on bad steps and before snapshots); a snapshot is a host
+copy of parameters, buffers and optimizer state. Measured figures: BENCHMARKS.md, "Callback costs".
 """
 
 from __future__ import annotations
@@ -24,6 +21,7 @@ import statistics
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from itertools import chain
 from typing import Any, Literal, NamedTuple
 
@@ -402,7 +400,7 @@ class DivergenceGuard(Callback):
             max_rollbacks=self.max_rollbacks,
             scaler_patience=self.scaler_patience,
         )
-        if action == "ok":
+        if action is _Action.OK:
             drift = self._accept(trainer, pl_module, optimizer, loss, grad_norm)
             if drift is not None:
                 # The update runs; the rollback in on_train_batch_end replaces it with the snapshot.
@@ -416,7 +414,7 @@ class DivergenceGuard(Callback):
                     scaler_patience=self.scaler_patience,
                 )
                 self._pending = drift._replace(action=action, step=trainer.global_step, loss=loss, grad_norm=grad_norm)
-        elif action == "scaler_skip":
+        elif action is _Action.SCALER_SKIP:
             self.scaler_skips += 1
         else:
             verdict = verdict._replace(action=action, step=trainer.global_step, loss=loss, grad_norm=grad_norm)
@@ -456,7 +454,7 @@ class DivergenceGuard(Callback):
                 self._drift_ratio = median / self._best_median if self._best_median > 0 else float("nan")
                 if _drifted(median, self._best_median, self.drift_factor):
                     return _Verdict(
-                        "drift",
+                        _Kind.DRIFT,
                         f"slow divergence: median loss of the last {self.window} steps over the best "
                         f"median of this fit, {fmt(self._best_median)}",
                         median,
@@ -480,7 +478,7 @@ class DivergenceGuard(Callback):
         self, trainer: pl.Trainer, optimizer: torch.optim.Optimizer, verdict: _Verdict, scaler_owns_step: bool
     ) -> None:
         """Make this step's update a no-op; a rollback or stop follows in on_train_batch_end."""
-        if verdict.kind == "scaler":
+        if verdict.kind is _Kind.SCALER:
             verdict = verdict._replace(
                 reason=f"GradScaler skipped {self._scaler_streak} steps in a row (non-finite gradients)"
             )
@@ -489,7 +487,7 @@ class DivergenceGuard(Callback):
         self.skipped_steps += 1
         self._pending = verdict
         step, action = verdict.step, verdict.action
-        if action == "skip" and trainer.is_global_zero:
+        if action is _Action.SKIP and trainer.is_global_zero:
             log.warning(
                 "DivergenceGuard: step %d: skipped the update (%s: %s); %d bad step(s) in a row",
                 step,
@@ -508,11 +506,11 @@ class DivergenceGuard(Callback):
         self._decided = False
         self._release_schedulers()
         pending, self._pending = self._pending, None
-        if pending is not None and pending.action == "stop":
+        if pending is not None and pending.action is _Action.STOP:
             self._log_metrics(trainer, force=True)
             self._stop(trainer, pl_module, pending, batch_idx)
             return
-        if pending is not None and pending.action == "rollback":
+        if pending is not None and pending.action is _Action.ROLLBACK:
             self._roll_back(trainer, pl_module, pending)
         elif self.rewarm_factor < 1.0:
             self._advance_rewarm(trainer)
@@ -613,7 +611,7 @@ class DivergenceGuard(Callback):
         if self.rewarm_steps > 0:
             self.rewarm_factor = self.rewarm_start_factor
             scale_learning_rates(optimizer, schedulers, self.rewarm_factor, floors=False)
-        if verdict.kind == "drift":
+        if verdict.kind is _Kind.DRIFT:
             # The recent losses were the drift's; the next window is the restored state's.
             self._loss_hist.clear()
             self._grad_hist.clear()
@@ -622,7 +620,7 @@ class DivergenceGuard(Callback):
                 "DivergenceGuard: step %d: %s to the snapshot from step %d "
                 "(%s: %s; loss %s, grad norm %s); learning rate x%g, now x%g of the original (rollback %d%s)",
                 verdict.step,
-                "rolled back" if verdict.kind == "drift" else "skipped the update and rolled back",
+                "rolled back" if verdict.kind is _Kind.DRIFT else "skipped the update and rolled back",
                 self._snapshot.step,
                 verdict.reason,
                 fmt(verdict.value),
@@ -683,11 +681,34 @@ class DivergenceGuard(Callback):
 # ---------------------------------------------------------------------- decisions (pure)
 
 
+class _Kind(str, Enum):
+    """What a step's numbers say (str values, so they read and compare as the plain words)."""
+
+    OK = "ok"
+    SCALER = "scaler"  # non-finite gradients under a GradScaler, which skips the step itself
+    BAD = "bad"  # non-finite loss or gradient norm, or a spike
+    BROKEN = "broken"  # non-finite parameters: no later step can recover, roll back at once
+    DRIFT = "drift"  # the loss crept up over a window: roll back at once
+
+
+class _Action(str, Enum):
+    """What the guard does about a verdict (see ``_escalate``)."""
+
+    OK = "ok"
+    SCALER_SKIP = "scaler_skip"
+    SKIP = "skip"
+    ROLLBACK = "rollback"
+    STOP = "stop"
+
+
 class _Verdict(NamedTuple):
-    kind: str  # "ok" | "scaler" | "bad" | "broken" | "drift"
+    """One step's verdict, an immutable record: its kind, why, the offending value, and once
+    decided the action, step and the step's loss and gradient norm for the messages."""
+
+    kind: _Kind
     reason: str = ""
     value: float = 0.0
-    action: str = ""
+    action: _Action | None = None
     step: int = -1
     loss: float | None = None
     grad_norm: float = float("nan")
@@ -720,13 +741,13 @@ def _rewarm_factor(done: int, steps: int, start: float) -> float:
     return 1.0 if done >= steps else start + (1.0 - start) * done / steps
 
 
-def _needs_param_check(kind: str, good_since_snapshot: int, snapshot_every: int) -> bool:
+def _needs_param_check(kind: _Kind, good_since_snapshot: int, snapshot_every: int) -> bool:
     """Whether to measure the parameter norm: on a step that is not plainly good, or before a snapshot.
 
     ``kind`` is the verdict without the parameter norm. Non-finite weights used in the forward make
     the loss and gradients non-finite, so a good step needs no check unless a snapshot follows.
     """
-    return kind != "ok" or good_since_snapshot + 1 >= snapshot_every
+    return kind is not _Kind.OK or good_since_snapshot + 1 >= snapshot_every
 
 
 def _classify(
@@ -745,26 +766,26 @@ def _classify(
 ) -> _Verdict:
     """What is wrong with this step, if anything (numbers in, verdict out); ``param_norm`` None: not measured."""
     if param_norm is not None and not math.isfinite(param_norm):
-        return _Verdict("broken", "non-finite parameters after the previous update", param_norm)
+        return _Verdict(_Kind.BROKEN, "non-finite parameters after the previous update", param_norm)
     if scaler_active and not math.isfinite(grad_norm):
-        return _Verdict("scaler", "non-finite gradients (GradScaler skips the step)", grad_norm)
+        return _Verdict(_Kind.SCALER, "non-finite gradients (GradScaler skips the step)", grad_norm)
     if loss is not None and not math.isfinite(loss):
-        return _Verdict("bad", "non-finite loss", loss)
+        return _Verdict(_Kind.BAD, "non-finite loss", loss)
     if not math.isfinite(grad_norm):
-        return _Verdict("bad", "non-finite gradient norm", grad_norm)
+        return _Verdict(_Kind.BAD, "non-finite gradient norm", grad_norm)
     if loss is not None and early_loss_factor is not None and 0 < len(loss_hist) < warmup:
         largest = max(loss_hist)
         if loss > largest + (early_loss_factor - 1.0) * abs(largest):
-            return _Verdict("bad", f"loss spike in the first steps (largest so far {fmt(largest)})", loss)
+            return _Verdict(_Kind.BAD, f"loss spike in the first steps (largest so far {fmt(largest)})", loss)
     if loss is not None and _is_spike(loss, loss_hist, loss_factor, zscore, warmup):
-        return _Verdict("bad", f"loss spike (baseline {fmt(statistics.median(loss_hist))})", loss)
+        return _Verdict(_Kind.BAD, f"loss spike (baseline {fmt(statistics.median(loss_hist))})", loss)
     if _is_spike(grad_norm, grad_hist, grad_factor, zscore, warmup):
-        return _Verdict("bad", f"gradient-norm spike (baseline {fmt(statistics.median(grad_hist))})", grad_norm)
-    return _Verdict("ok")
+        return _Verdict(_Kind.BAD, f"gradient-norm spike (baseline {fmt(statistics.median(grad_hist))})", grad_norm)
+    return _Verdict(_Kind.OK)
 
 
 def _escalate(
-    kind: str,
+    kind: _Kind,
     bad_streak: int,
     scaler_streak: int,
     rollbacks: int,
@@ -772,21 +793,21 @@ def _escalate(
     rollback_after: int,
     max_rollbacks: int | None,
     scaler_patience: int,
-) -> tuple[str, int, int]:
+) -> tuple[_Action, int, int]:
     """Action for a verdict: ``(action, bad_streak, scaler_streak)`` with action one of
     ``ok``, ``scaler_skip``, ``skip``, ``rollback``, ``stop``."""
-    if kind == "ok":
-        return "ok", 0, 0
-    if kind == "scaler":
+    if kind is _Kind.OK:
+        return _Action.OK, 0, 0
+    if kind is _Kind.SCALER:
         scaler_streak += 1
         if scaler_streak <= scaler_patience:
-            return "scaler_skip", bad_streak, scaler_streak
+            return _Action.SCALER_SKIP, bad_streak, scaler_streak
     bad_streak += 1
-    if kind in ("broken", "drift") or bad_streak >= rollback_after:
+    if kind in (_Kind.BROKEN, _Kind.DRIFT) or bad_streak >= rollback_after:
         if max_rollbacks is not None and rollbacks >= max_rollbacks:
-            return "stop", bad_streak, scaler_streak
-        return "rollback", 0, 0
-    return "skip", bad_streak, scaler_streak
+            return _Action.STOP, bad_streak, scaler_streak
+        return _Action.ROLLBACK, 0, 0
+    return _Action.SKIP, bad_streak, scaler_streak
 
 
 def _stop_message(

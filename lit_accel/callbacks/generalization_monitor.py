@@ -8,9 +8,9 @@ only), so the two files can be copied into another project.
 
 Cost: one all-reduce of a few numbers per validation and per validated epoch (none on one device),
 and at each validation that improves the monitored metric a host copy of the parameters and
-buffers: for LiteCNN width 16 (0.32 M numbers) 7 ms min, 12 ms median of 50 copies on a shared
-2-core CPU (torch 2.14.1), the same again for the restore at the end. Checkpoints carry the copy,
-i.e. one more set of weights (1.3 MB for LiteCNN) next to the model's and the optimizer's state.
+buffers, the same again for the restore at the end (timed in BENCHMARKS.md, "Callback costs").
+Checkpoints carry the copy, i.e. one more set of weights next to the model's and the optimizer's
+state.
 """
 
 from __future__ import annotations

@@ -220,10 +220,10 @@ class ImageClassifier(LightningModule):
         mean_loss.update(loss_value, weight=weight)
         accuracy.update(logits.detach(), labels)
         if stage == "train":
-            # Training logs only on the steps the loggers write: each self.log call costs about
-            # 0.8 ms of Lightning bookkeeping (measured: 2.4 ms of a 36 ms SeedCNN step on 2 CPU
-            # cores for three calls), and the epoch values are logged once, at epoch end. Not in
-            # the progress bar, whose refresh would read the loss back to the host every step.
+            # Training logs only on the steps the loggers write: each self.log call costs Lightning
+            # bookkeeping (BENCHMARKS.md, "Trainer overhead and callbacks"), and the epoch values
+            # are logged once, at epoch end. Not in the progress bar, whose refresh would read the
+            # loss back to the host every step.
             if _logger_writes_this_step(self.trainer):
                 self.log("train/loss_step", loss.detach())
         else:

@@ -24,10 +24,12 @@ from helpers import MemoryLogger, quiet_cpu_trainer, same_state
 from lit_accel.callbacks.divergence_guard import (
     DivergenceError,
     DivergenceGuard,
+    _Action,
     _classify,
     _drifted,
     _escalate,
     _is_spike,
+    _Kind,
     _needs_param_check,
     _rewarm_factor,
 )
@@ -92,10 +94,10 @@ def test_classify_order() -> None:
 
 
 def test_needs_param_check_on_bad_steps_and_before_snapshots() -> None:
-    assert not _needs_param_check("ok", good_since_snapshot=0, snapshot_every=3)
-    assert not _needs_param_check("ok", good_since_snapshot=1, snapshot_every=3)
-    assert _needs_param_check("ok", good_since_snapshot=2, snapshot_every=3)  # this good step takes a snapshot
-    for kind in ("bad", "scaler"):
+    assert not _needs_param_check(_Kind.OK, good_since_snapshot=0, snapshot_every=3)
+    assert not _needs_param_check(_Kind.OK, good_since_snapshot=1, snapshot_every=3)
+    assert _needs_param_check(_Kind.OK, good_since_snapshot=2, snapshot_every=3)  # this good step takes a snapshot
+    for kind in (_Kind.BAD, _Kind.SCALER):
         assert _needs_param_check(kind, good_since_snapshot=0, snapshot_every=3)
 
 
@@ -104,9 +106,9 @@ def _actions(kinds: list[str], **config: Any) -> list[str]:
     bad = scaler = rollbacks = 0
     out = []
     for kind in kinds:
-        action, bad, scaler = _escalate(kind, bad, scaler, rollbacks, **config)
-        rollbacks += action == "rollback"
-        out.append(action)
+        action, bad, scaler = _escalate(_Kind(kind), bad, scaler, rollbacks, **config)
+        rollbacks += action is _Action.ROLLBACK
+        out.append(action.value)
     return out
 
 
@@ -661,24 +663,38 @@ class DumpState(Callback):
         guard = next(c for c in trainer.callbacks if isinstance(c, DivergenceGuard))
         self.rows["final"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
         self.rows["guard"] = guard.state_dict()
+        self.rows["global_step"] = trainer.global_step
         torch.save(self.rows, self.out / f"rank{trainer.global_rank}.pt")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(180)
-def test_ddp_nan_on_one_rank_skips_on_both(tmp_path: Path) -> None:
-    trainer = _trainer(
-        tmp_path, [DivergenceGuard(**FAST), DumpState(tmp_path)], strategy="ddp_fork", devices=2, max_steps=7
-    )
+def test_ddp_bad_steps_on_one_rank_skip_roll_back_and_stop_on_both(tmp_path: Path) -> None:
+    guard = DivergenceGuard(rollback_after=2, max_rollbacks=1, on_stop="stop", **FAST)
+    trainer = _trainer(tmp_path, [guard, DumpState(tmp_path)], strategy="ddp_fork", devices=2, max_steps=20)
     # Rank 1 only: NaN loss at step 2; at step 5 a loss offset of +1000, which leaves the gradients
     # (all-reduced by DDP, so equal on both ranks) unchanged: only rank 1 sees the spike locally.
-    trainer.fit(Scripted("adam", nan_at=(2,), loss_offset={5: 1000.0}, nan_rank=1))
+    # From step 7 on NaN for good: steps 7-8 roll back, 9 skips, 10 stops.
+    trainer.fit(Scripted("adam", nan_at=(2, *range(7, 20)), loss_offset={5: 1000.0}, nan_rank=1))
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     for rows in ranks:
-        assert rows["guard"]["skipped_steps"] == 2
+        assert rows["guard"] == {
+            "skipped_steps": 6,
+            "rollbacks": 1,
+            "scaler_skips": 0,
+            "lr_factor": 0.5,
+            "rewarm_done": 0,
+            "rewarm_factor": 1.0,
+        }
+        assert rows["global_step"] == 11  # stopped after step 10, on both ranks
         for step in range(7):
             assert same_state(rows["after"][step], rows["before"][step]) is (step in (2, 5))
+        assert same_state(rows["after"][8]["params"], rows["before"][0]["params"])  # the snapshot at train start
+        assert same_state(rows["final"], rows["before"][0]["params"])  # the stop puts it back there too
     assert same_state(ranks[0]["final"], ranks[1]["final"])
+    assert same_state(ranks[0]["after"], ranks[1]["after"])  # replicas identical at every step
+    saved = torch.load(tmp_path / "divergence.ckpt", weights_only=False)
+    assert saved["global_step"] == 11 and saved["callbacks"][guard.state_key]["rollbacks"] == 1
 
 
 # ---------------------------------------------------------------------- recovery: climb back, slow divergence
