@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import CONFIGS, config, run_cli
+from helpers import CONFIGS, config, run_cli, same_state
 from lit_accel.cli import LitAccelCLI, main
 
 TESTS_DIR = Path(__file__).resolve().parent  # faults.py, loaded by class path in the CLI runs
@@ -77,10 +77,6 @@ def test_default_recipe_on_the_real_cifar10_code_path(names, in_tmp_dir, cifar10
     assert torch.isfinite(cli.trainer.callback_metrics["val/acc"])
 
 
-def _same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("names", TWO_PROCESSES, ids=lambda names: "+".join(names))
@@ -137,21 +133,16 @@ def test_two_process_strategies_resume_and_stop_a_divergence(names, tmp_path):
         # One epoch: 768 training images in batches of 64 shared by 2 ranks.
         assert first_rank["end"]["global_step"] == resumed_rank["start"]["global_step"] == 6
         # The resumed run starts from exactly the state the first run ended in, optimizer included.
-        assert _same(resumed_rank["start"]["params"], first_rank["end"]["params"])
-        assert all(
-            _same(a, b) for a, b in zip(resumed_rank["start"]["optimizer"], first_rank["end"]["optimizer"], strict=True)
-        )
-        assert not _same(first_rank["start"]["params"], first_rank["end"]["params"])
+        assert same_state(resumed_rank["start"]["params"], first_rank["end"]["params"])
+        assert same_state(resumed_rank["start"]["optimizer"], first_rank["end"]["optimizer"])
+        assert not same_state(first_rank["start"]["params"], first_rank["end"]["params"])
         # Rolled back to the snapshot taken when the resumed run started, weights and optimizer.
         assert resumed_rank["end"]["global_step"] > 8
-        assert _same(resumed_rank["end"]["params"], resumed_rank["start"]["params"])
-        assert all(
-            _same(a, b)
-            for a, b in zip(resumed_rank["end"]["optimizer"], resumed_rank["start"]["optimizer"], strict=True)
-        )
+        assert same_state(resumed_rank["end"]["params"], resumed_rank["start"]["params"])
+        assert same_state(resumed_rank["end"]["optimizer"], resumed_rank["start"]["optimizer"])
     final = [resumed["end"]["params"] for _, resumed in ranks]
     # FSDP2: each rank holds (and restored) its own half of every weight; DDP: identical replicas.
-    assert _same(final[0], final[1]) is not sharded
+    assert same_state(final[0], final[1]) is not sharded
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
