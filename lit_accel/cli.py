@@ -208,25 +208,32 @@ class LitAccelCLI(LightningCLI):
 
     def before_validate(self) -> None:
         self._check_before_run("validate")
+        self._keep_checkpoint_folders("validate")
 
     def before_test(self) -> None:
         self._check_before_run("test")
+        self._keep_checkpoint_folders("test")
 
     def before_predict(self) -> None:
         self._check_before_run("predict")
-        ckpt_path = self.config_init["predict"].get("ckpt_path")
-        if ckpt_path is not None and os.path.isfile(ckpt_path):
-            # The checkpoint callbacks do nothing in predict; restored with another folder than the
-            # one they saved in, they would warn that it changed. Give them back their folder.
-            states = read_checkpoint(ckpt_path).get("callbacks") or {}
-            for callback in self.trainer.checkpoint_callbacks:
-                saved = states.get(callback.state_key)
-                if (
-                    isinstance(callback, ModelCheckpoint)
-                    and isinstance(saved, dict)
-                    and isinstance(saved.get("dirpath"), str)
-                ):
-                    callback.dirpath = saved["dirpath"]
+        self._keep_checkpoint_folders("predict")
+
+    def _keep_checkpoint_folders(self, subcommand: str) -> None:
+        """The checkpoint callbacks save nothing outside fit; restored with another folder than
+        the one they saved in, they would warn that it changed (and that their best-k records
+        will not be reloaded). Give them back their folder."""
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        if ckpt_path is None or not os.path.isfile(ckpt_path):
+            return
+        states = read_checkpoint(ckpt_path).get("callbacks") or {}
+        for callback in self.trainer.checkpoint_callbacks:
+            saved = states.get(callback.state_key)
+            if (
+                isinstance(callback, ModelCheckpoint)
+                and isinstance(saved, dict)
+                and isinstance(saved.get("dirpath"), str)
+            ):
+                callback.dirpath = saved["dirpath"]
 
     def after_predict(self) -> None:
         """Nothing predicted (every file unreadable) is an error, as an empty folder is; the CSV

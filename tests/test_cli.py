@@ -1,5 +1,6 @@
 """The ``lit-accel`` command: defaults, checkpoints by alias, and user errors."""
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,14 @@ def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
     assert len(checkpoints) == 2 and checkpoints[1] == "last.ckpt" and checkpoints[0].startswith("best-epoch")
 
     # A fresh CLI (as in a new process) finds the best checkpoint and reproduces its val/acc.
-    validate = LitAccelCLI(args=["validate", *SMOKE, "--ckpt_path", "best"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        validate = LitAccelCLI(args=["validate", *SMOKE, "--ckpt_path", "best"])
+        test_last = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", "last"])
+        test_path = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
     assert float(validate.trainer.callback_metrics["val/acc"]) == pytest.approx(best_score, abs=1e-6)
-
-    test_last = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", "last"])
-    test_path = LitAccelCLI(args=["test", *SMOKE, "--ckpt_path", str(run_dir / "checkpoints" / "last.ckpt")])
+    # Evaluating is not resuming: no warning that the checkpoint folder changed.
+    assert not [w for w in caught if "dirpath has changed" in str(w.message)]
     assert "test/acc" in test_last.trainer.callback_metrics
     assert torch.equal(test_last.trainer.callback_metrics["test/acc"], test_path.trainer.callback_metrics["test/acc"])
     for cli in (validate, test_last, test_path):
@@ -101,6 +105,15 @@ def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(
     assert len(val_losses) == 2
     assert config.scheduler.best == pytest.approx(min(val_losses), rel=1e-6), "stepped with val/loss"
     assert [value for _, value in scalars["train/lr"]][0] == pytest.approx(0.004)
+
+
+def test_without_a_scheduler_the_constant_lr_is_logged_under_the_same_key(in_tmp_dir):
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--model.lr_scheduler", "null", "--trainer.max_epochs", "2"])
+    scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
+    assert not [key for key in scalars if key.startswith("lr-")]
+    lrs = [value for _, value in scalars["train/lr"]]
+    assert len(lrs) >= 2 and all(lr == pytest.approx(0.004) for lr in lrs)
+    assert fit.trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.004)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torch.optim.lr_scheduler import ReduceLROnPlateau
+from torch.optim.lr_scheduler import ConstantLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -64,8 +64,9 @@ class ImageClassifier(LightningModule):
     Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,
     ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (per epoch, over all
     ranks; ``train/loss`` and ``train/acc`` leave out steps whose loss is not finite, the steps
-    DivergenceGuard skips). With a scheduler, a LearningRateMonitor logs its learning rate as
-    ``train/lr`` (the scheduler config's ``name``).
+    DivergenceGuard skips). A LearningRateMonitor logs the learning rate as ``train/lr`` (the
+    scheduler config's ``name``), also with ``lr_scheduler: null``, which runs a ``ConstantLR``
+    with factor 1 for that reason.
 
     Raises:
         ValueError: for ``num_classes`` < 2, ``label_smoothing`` outside [0, 1), an unknown
@@ -263,7 +264,11 @@ class ImageClassifier(LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameters())
         if self.lr_scheduler_factory is None:
-            return optimizer
+            # A constant learning rate still gets a scheduler, one that never changes it, so that
+            # LearningRateMonitor logs it under the same key as every other run (without one it
+            # would be "lr-<OptimizerClass>").
+            constant = ConstantLR(optimizer, factor=1.0, total_iters=0)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": constant, "name": LR_LOG_KEY}}
         scheduler = self.lr_scheduler_factory(optimizer)
         interval = scheduler_interval(scheduler, self.lr_scheduler_interval)
         if isinstance(scheduler, WarmupDecayLR):

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -341,6 +341,22 @@ def test_batch_growth_with_datamodule_accumulates_past_max_and_scales_lr(tmp_pat
     assert [m["dynamic/effective_batch_size"] for m in per_epoch] == [4, 4, 8, 16, 32, 32]
     assert [m["dynamic/batch_size"] for m in per_epoch] == [4, 4, 8, 8, 8, 8]
     assert per_epoch[-1]["dynamic/lr_scale"] == pytest.approx(8.0)
+
+
+def test_logged_on_the_step_axis_of_lightnings_own_lr_curve(tmp_path):
+    """A change shows at the same step in ``dynamic/lr_scale`` and in LearningRateMonitor's curve,
+    the index of the first optimizer step it applies to (issue #13, item 6)."""
+    logger = MemoryLogger()
+    cb = DynamicBatchLR(policy="lr", patience=1, lr_factor=0.5)
+    monitor = LearningRateMonitor(logging_interval="step")
+    _trainer(tmp_path, [cb, monitor], max_epochs=4, logger=logger).fit(ScriptedModule([1.0] * 4))
+    lr_key = "lr-SGD"
+    monitor_lr = {step: row[lr_key] for step, row in logger.rows if lr_key in row}
+    scales = [(step, row["dynamic/lr_scale"]) for step, row in logger.rows if "dynamic/lr_scale" in row]
+    assert [scale for _, scale in scales] == pytest.approx([1.0, 1.0, 0.5, 0.25])  # plateaus after epochs 1, 2
+    for step, scale in scales:
+        assert monitor_lr[step] == pytest.approx(0.1 * scale), f"step {step}"
+        assert step == 0 or monitor_lr[step - 1] == pytest.approx(0.1 * scales[scales.index((step, scale)) - 1][1])
 
 
 def test_batch_then_lr_on_a_module_attribute(tmp_path):
