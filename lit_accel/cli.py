@@ -429,8 +429,13 @@ def main(args: ArgsType = None) -> None:
     ``MisconfigurationException`` (e.g. a GPU strategy on a machine without a GPU). Configuration
     errors (unknown key, wrong type, missing file) are reported by jsonargparse, also with exit 2.
     A run the DivergenceGuard gave up on exits with 3, SIGTERM/Ctrl-C with 143, both after saving
-    a checkpoint.
+    a checkpoint. ``lit-accel tune …`` is :func:`lit_accel.tune.main` (not a Trainer subcommand).
     """
+    argv = sys.argv[1:] if args is None else args
+    if isinstance(argv, list) and argv[:1] == ["tune"]:
+        from lit_accel.tune import main as tune_main  # imported only for `tune`: it loads tqdm
+
+        sys.exit(tune_main(argv[1:]))
     try:
         LitAccelCLI(args=args)
     except (LitAccelUserError, MisconfigurationException) as err:

@@ -26,12 +26,13 @@ TWO_PROCESSES = [
     [*SMOKE, "strategy/fsdp.yaml"],
 ]
 GPU_ONLY = [[*SMOKE, "strategy/fsdp_gpu.yaml", "precision/16-mixed.yaml"]]
+PROGRESS = [*SMOKE, "dynamic_progress.yaml"]  # needs 2 epochs or more: its own test below
 REAL_CIFAR = [["cifar10.yaml"]]
 
 
 def test_every_config_file_is_run():
     all_files = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
-    covered = {name for combo in IN_PROCESS + TWO_PROCESSES + GPU_ONLY + REAL_CIFAR for name in combo}
+    covered = {name for combo in [*IN_PROCESS, *TWO_PROCESSES, *GPU_ONLY, *REAL_CIFAR, PROGRESS] for name in combo}
     assert all_files <= covered, f"config files no test runs: {sorted(all_files - covered)}"
 
 
@@ -52,6 +53,15 @@ def test_single_process_configs(names, in_tmp_dir):
         assert precision == expected, "on CPU both mixed precisions run as bf16"
     else:
         assert precision == "32-true"
+
+
+def test_dynamic_progress_config_grows_the_batch_and_the_lr(in_tmp_dir):
+    cli = LitAccelCLI(args=["fit", *config(*PROGRESS), *QUIET, "--trainer.max_epochs", "3"])
+    assert cli.trainer.state.finished and cli.trainer.current_epoch == 3
+    # smoke.yaml's batch of 64 grows to 512 from epoch 2 (0.4 of 3 epochs); AdamW: sqrt rule.
+    assert cli.datamodule.batch_size == 512
+    assert cli.trainer.optimizers[0].param_groups[0]["dynamic_lr_scale"] == pytest.approx(8**0.5)
+    assert torch.isfinite(cli.trainer.callback_metrics["val/loss"])
 
 
 @pytest.mark.parametrize("names", REAL_CIFAR, ids=lambda names: "+".join(names))

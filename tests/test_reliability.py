@@ -378,6 +378,14 @@ BAD_INPUTS = {
         ["fit", *SMOKE, "--model.lr_scheduler.warmup_fraction", ".nan"],
         "warmup_fraction=nan is not allowed",
     ),
+    "batch growth that starts after the last epoch": (
+        ["fit", *SMOKE, *config("dynamic_progress.yaml"), "--trainer.max_epochs", "1"],
+        "0.4 of a 1-epoch run starts at epoch 1, after the last epoch (0): the batch can grow only in a run of 2",
+    ),
+    "batch growth to no more than the starting batch": (
+        ["fit", *SMOKE, *config("dynamic_progress.yaml"), "--data.batch_size", "512", "--trainer.max_epochs", "5"],
+        "cannot grow the batch: the run starts at 512 samples per optimizer step",
+    ),
     "log folder inside a file": (
         ["fit", *SMOKE, "--trainer.logger.init_args.save_dir", "corrupted.ckpt/logs"],
         "corrupted.ckpt is a file",

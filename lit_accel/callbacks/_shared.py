@@ -20,12 +20,14 @@ from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 __all__ = [
     "DYNAMIC_LR_SCALE_KEY",
     "GROUP_LR_KEYS",
     "BatchSizeListener",
+    "RunSettingsError",
     "check_int",
     "fmt",
     "is_int",
@@ -35,6 +37,14 @@ __all__ = [
     "require",
     "scale_learning_rates",
 ]
+
+
+class RunSettingsError(MisconfigurationException, ValueError):
+    """A callback setting that does not fit the run, found when training starts (the run's length,
+    its batch, its strategy). A ``ValueError`` for Python callers; a ``MisconfigurationException``
+    so that ``lit-accel`` (and any LightningCLI front end that reports those) prints one message
+    and exits with status 2 instead of a traceback."""
+
 
 # Learning-rate entries of an optimizer's param groups: the LR itself, the schedulers' starting
 # value (initial_lr), OneCycleLR's peak and end (max_lr, min_lr: derived from initial_lr by its

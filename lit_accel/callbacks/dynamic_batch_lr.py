@@ -23,6 +23,7 @@ from typing_extensions import override
 
 from lit_accel.callbacks._shared import (
     DYNAMIC_LR_SCALE_KEY,
+    RunSettingsError,
     is_int,
     is_number,
     notify_batch_size_changed,
@@ -67,6 +68,15 @@ class DynamicBatchLR(Callback):
     learning rate by ``factor`` from that epoch on (not cumulative: ``{0: 1.0, 30: 0.1, 60: 0.01}``).
     ``lr_schedule`` combines with any policy; ``batch_size_schedule`` with ``"lr"`` or ``"none"``.
     Table values are applied as given (``max_effective_batch_size`` does not cap them).
+
+    **Progress mode**: ``batch_size_progress`` ``{fraction of the run: batch_size}`` grows the batch
+    at fixed points of the run, whatever its length: ``{0.4: 512}`` in a 5-epoch run is
+    ``batch_size_schedule: {2: 512}``, in a 10-epoch run ``{4: 512}`` (the first epoch that starts
+    at or after that fraction of ``trainer.max_epochs``). It grows the batch whether or not the
+    monitored metric improves, so it also acts under a learning-rate schedule that keeps the
+    metric improving (where a plateau rarely comes). It pays only where a larger batch trains more
+    images per second (README, "Dynamic batch size"). Values must grow from the configured batch;
+    ``lr_scaling`` couples the learning rate (``"sqrt"`` for Adam-type optimizers).
 
     **How the batch changes.** The per-device batch is the public ``batch_size`` attribute of the
     data module (preferred) or of the LightningModule or its ``hparams`` (found as Lightning's
@@ -151,6 +161,9 @@ class DynamicBatchLR(Callback):
         batch_size_schedule: ``{epoch: per-device samples per optimizer step}``; values above
             ``max_batch_size`` are split into batch × accumulation.
         lr_schedule: ``{epoch: learning-rate factor}`` applied from that epoch on.
+        batch_size_progress: ``{fraction of the run in (0, 1): per-device samples per optimizer
+            step}``, increasing; needs ``trainer.max_epochs``. Not with ``batch_size_schedule`` or a
+            batch policy.
 
     Logged keys (to ``trainer.loggers`` at the start of every training epoch, so right after every
     change; during warm-up also every ``log_every_n_steps`` optimizer steps). The step is
@@ -163,10 +176,13 @@ class DynamicBatchLR(Callback):
 
     Raises:
         ValueError: for an argument outside its allowed range, a batch policy without a maximum, or
-            ``batch_size_schedule`` together with a batch policy; at the start of training, if
-            the batch needs gradient accumulation (``accumulate_grad_batches`` > 1) but manual
-            optimization or the strategy (DeepSpeed) cannot accumulate; the message says which
-            limit to raise or which value to lower.
+            ``batch_size_schedule`` or ``batch_size_progress`` together with a batch policy or with
+            each other; at the start of training, if ``batch_size_progress`` cannot be met (no
+            ``max_epochs``, two fractions in one epoch, a fraction that starts after the last
+            epoch, a value not above the configured batch), or if the batch needs gradient
+            accumulation (``accumulate_grad_batches`` > 1) but manual optimization or the strategy
+            (DeepSpeed) cannot accumulate; the message says which limit to raise or which value to
+            lower.
 
     Example::
 
@@ -200,6 +216,7 @@ class DynamicBatchLR(Callback):
         warmup_steps: int = 0,
         batch_size_schedule: dict[int, int] | None = None,
         lr_schedule: dict[int, float] | None = None,
+        batch_size_progress: dict[float, int] | None = None,
     ) -> None:
         super().__init__()
         require(isinstance(monitor, str) and monitor != "", "monitor", monitor, "a metric name")
@@ -226,6 +243,12 @@ class DynamicBatchLR(Callback):
                 f"batch_size_schedule={batch_size_schedule!r} is not allowed with policy={policy!r}: both would set"
                 " the batch size; use policy 'lr' or 'none' with a batch_size_schedule"
             )
+        if batch_size_progress and (batch_policy or batch_size_schedule):
+            other = f"policy={policy!r}" if batch_policy else f"batch_size_schedule={batch_size_schedule!r}"
+            raise ValueError(
+                f"batch_size_progress={batch_size_progress!r} is not allowed with {other}: both would set the batch"
+                " size; use one of them (with policy 'lr' or 'none' for batch_size_progress)"
+            )
         self.monitor = monitor
         self.mode = mode
         self.policy = policy
@@ -241,6 +264,7 @@ class DynamicBatchLR(Callback):
         self.warmup_steps = warmup_steps
         self.batch_size_schedule = _check_table("batch_size_schedule", batch_size_schedule, integer=True)
         self.lr_schedule = _check_table("lr_schedule", lr_schedule, integer=False)
+        self.batch_size_progress = _check_progress(batch_size_progress)
 
         # progress (state_dict)
         self._batch_size: int | None = None  # per-device samples per training_step
@@ -256,6 +280,7 @@ class DynamicBatchLR(Callback):
         self._unmarked_scale = 1.0  # the multiplier in a param group without DYNAMIC_LR_SCALE_KEY
 
         # per fit
+        self._batch_table: dict[int, int] = self.batch_size_schedule  # {epoch: samples}, either kind of schedule
         self._holder: str | None = None  # "datamodule" | "module" | None (fixed DataLoader batch)
         self._pending_apply = False
         self._fixed_batch: int | None = None  # the DataLoader's batch when no batch_size attribute exists
@@ -310,6 +335,9 @@ class DynamicBatchLR(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._warned = set()
+        self._batch_table = self.batch_size_schedule
+        if self.batch_size_progress:
+            self._batch_table = _progress_epochs(self.batch_size_progress, trainer.max_epochs)
         if not self._pending_apply:
             # fit builds fresh optimizers unless a checkpoint restores them (after this hook)
             self._applied_lr_scale = self._unmarked_scale = 1.0
@@ -344,7 +372,7 @@ class DynamicBatchLR(Callback):
             _request_train_dataloader_reload(trainer)
         self._pending_apply = False
         if self._accumulate > 1 and not _can_accumulate(trainer, pl_module):
-            raise ValueError(self._accumulation_error(trainer, pl_module))
+            raise RunSettingsError(self._accumulation_error(trainer, pl_module))
         _mark_param_groups(trainer, self._unmarked_scale)  # optimizers restored from older checkpoints
         self._sync_lr(trainer)
 
@@ -378,10 +406,11 @@ class DynamicBatchLR(Callback):
         changed = False
         if self.policy != "none" and (self._val_ran or not trainer.enable_validation):
             changed = self._plateau_check(trainer)
-        next_samples = self.batch_size_schedule.get(trainer.current_epoch + 1)
+        next_samples = self._batch_table.get(trainer.current_epoch + 1)
         if next_samples is not None and self._batch_size is not None:
+            table = "batch_size_progress" if self.batch_size_progress else "batch_size_schedule"
             changed |= self._change(
-                trainer, f"epoch {trainer.current_epoch + 1}: batch_size_schedule", ("batch", float(next_samples))
+                trainer, f"epoch {trainer.current_epoch + 1}: {table}", ("batch", float(next_samples))
             )
         if changed:
             self._write_batch(trainer, pl_module)
@@ -404,7 +433,7 @@ class DynamicBatchLR(Callback):
         )
 
     def _needs_batch_growth(self) -> bool:
-        return self.policy in ("batch", "batch_then_lr") or bool(self.batch_size_schedule)
+        return self.policy in ("batch", "batch_then_lr") or bool(self._batch_table)
 
     def _init_batch(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, configured: int | None, fixed: bool
@@ -416,9 +445,11 @@ class DynamicBatchLR(Callback):
             self._batch_size = configured
             self._accumulate = int(trainer.accumulate_grad_batches)
             self._base_samples = None if configured is None else configured * self._accumulate
-            first = self.batch_size_schedule.get(0)
+            first = self._batch_table.get(0)
             if first is not None and configured is not None:
                 self._set_samples(first)
+            if self.batch_size_progress and self._base_samples is not None:
+                _check_progress_grows(self.batch_size_progress, self._base_samples)
         elif fixed:
             self._batch_size = configured  # a DataLoader's batch cannot be changed; keep the accumulation
         cap = self.max_effective_batch_size
@@ -773,3 +804,75 @@ def _check_table(name: str, table: dict[int, Any] | None, integer: bool) -> dict
             require(ok, name, table, "positive factors as values")
         checked[epoch] = value if integer else float(value)
     return checked
+
+
+def _check_progress(table: dict[float, int] | None) -> dict[float, int]:
+    """``batch_size_progress`` checked: fractions in (0, 1) as keys, increasing positive batch sizes."""
+    if table is not None and not isinstance(table, dict):
+        raise ValueError(
+            f"batch_size_progress={table!r} is not allowed: use a mapping of run fraction to batch size,"
+            " e.g. {0.4: 512, 0.7: 1024}"
+        )
+    if not table:
+        return {}
+    checked: dict[float, int] = {}
+    for key, value in table.items():
+        fraction = float(key) if isinstance(key, str) else key
+        require(
+            is_number(fraction) and 0 < fraction < 1,
+            "batch_size_progress",
+            table,
+            "fractions of the run in (0, 1) as keys (1 or more would start after the last epoch)",
+        )
+        require(is_int(value) and value >= 1, "batch_size_progress", table, "positive integer batch sizes as values")
+        checked[float(fraction)] = value
+    values = [checked[k] for k in sorted(checked)]
+    require(
+        all(a < b for a, b in zip(values, values[1:])),
+        "batch_size_progress",
+        table,
+        "batch sizes that grow with the fraction",
+    )
+    return checked
+
+
+def _progress_epochs(table: dict[float, int], max_epochs: int | None) -> dict[int, int]:
+    """``{epoch: samples}`` for a ``batch_size_progress`` table in a run of ``max_epochs``: each value
+    applies from the first epoch that starts at or after its fraction of the run."""
+    if max_epochs is None or max_epochs < 1:
+        raise RunSettingsError(
+            f"batch_size_progress={table!r} needs the run's length in epochs, but trainer.max_epochs={max_epochs}:"
+            " set trainer.max_epochs, or use batch_size_schedule ({epoch: batch_size}) instead"
+        )
+    epochs: dict[int, int] = {}
+    for fraction in sorted(table):
+        # The tolerance keeps 0.4 of 5 epochs at epoch 2 despite 0.4 * 5 = 2.0000000000000004.
+        epoch = math.ceil(fraction * max_epochs - 1e-9)
+        if epoch >= max_epochs:
+            raise RunSettingsError(
+                f"batch_size_progress={table!r}: {fraction} of a {max_epochs}-epoch run starts at epoch {epoch}, after"
+                f" the last epoch ({max_epochs - 1}): "
+                + (
+                    f"use fractions at most {(max_epochs - 1) / max_epochs:.3g}, or more epochs"
+                    if max_epochs > 1
+                    else "the batch can grow only in a run of 2 epochs or more"
+                )
+            )
+        if epoch in epochs:
+            raise RunSettingsError(
+                f"batch_size_progress={table!r}: two fractions fall on epoch {epoch} of a {max_epochs}-epoch run:"
+                " space them at least 1/max_epochs apart, or use more epochs"
+            )
+        epochs[epoch] = table[fraction]
+    return epochs
+
+
+def _check_progress_grows(table: dict[float, int], start: int) -> None:
+    """Every value of ``batch_size_progress`` must exceed the batch the run starts with."""
+    first = table[min(table)]
+    if first <= start:
+        raise RunSettingsError(
+            f"batch_size_progress={table!r} cannot grow the batch: the run starts at {start} samples per optimizer"
+            f" step on each device and the first value is {first}. Use values above {start}, or a smaller"
+            " data.batch_size"
+        )

@@ -13,10 +13,11 @@ import torch
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import MemoryLogger, quiet_cpu_trainer
-from lit_accel.callbacks._shared import DYNAMIC_LR_SCALE_KEY
+from lit_accel.callbacks._shared import DYNAMIC_LR_SCALE_KEY, RunSettingsError
 from lit_accel.callbacks.divergence_guard import DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import (
     DynamicBatchLR,
@@ -25,6 +26,7 @@ from lit_accel.callbacks.dynamic_batch_lr import (
     _grow_samples,
     _plan_action,
     _plateau_step,
+    _progress_epochs,
     _samples_cap,
     _split_samples,
     _table_value,
@@ -153,6 +155,16 @@ def test_small_helpers():
         ({"batch_factor": float("inf")}, "batch_factor=inf"),
         ({"min_delta": "0.1"}, "min_delta='0.1'"),
         ({"lr_factor": True}, "lr_factor=True"),
+        ({"batch_size_progress": {1.0: 512}}, r"batch_size_progress=\{1.0: 512\} is not allowed: use fractions"),
+        ({"batch_size_progress": {0: 512}}, "batch_size_progress.*fractions of the run in \\(0, 1\\)"),
+        ({"batch_size_progress": {0.5: 0}}, "batch_size_progress.*positive integer batch sizes"),
+        ({"batch_size_progress": {0.3: 1024, 0.6: 512}}, "batch_size_progress.*batch sizes that grow"),
+        ({"batch_size_progress": [512]}, "batch_size_progress=\\[512\\] is not allowed: use a mapping"),
+        (
+            {"policy": "batch", "max_batch_size": 8, "batch_size_progress": {0.5: 8}},
+            "batch_size_progress.*policy='batch'",
+        ),
+        ({"batch_size_schedule": {2: 8}, "batch_size_progress": {0.5: 8}}, "batch_size_progress.*batch_size_schedule"),
     ],
 )
 def test_bad_arguments_raise(kwargs, name):
@@ -187,6 +199,36 @@ def test_tables_from_yaml_have_int_keys():
     cb = DynamicBatchLR(**cfg.cb.as_dict())
     assert cb.batch_size_schedule == {0: 64, 5: 128}
     assert cb.lr_schedule == {10: 0.1}
+    cfg = parser.parse_string("cb:\n  batch_size_progress: {0.4: 512, 0.7: 1024}\n")
+    assert DynamicBatchLR(**cfg.cb.as_dict()).batch_size_progress == {0.4: 512, 0.7: 1024}
+
+
+def test_progress_table_in_epochs_follows_the_run_length():
+    assert _progress_epochs({0.4: 512}, 5) == {2: 512}
+    assert _progress_epochs({0.4: 512}, 10) == {4: 512}
+    assert _progress_epochs({0.4: 512}, 3) == {2: 512}  # epoch 1 starts at 1/3 < 0.4 of the run
+    assert _progress_epochs({0.2: 512, 0.6: 1024}, 5) == {1: 512, 3: 1024}
+    assert _progress_epochs({0.3: 512, 0.7: 1024}, 20) == {6: 512, 14: 1024}
+
+
+@pytest.mark.parametrize(
+    ("table", "max_epochs", "message"),
+    [
+        ({0.5: 512}, None, r"needs the run's length in epochs, but trainer.max_epochs=None"),
+        ({0.5: 512}, -1, r"trainer.max_epochs=-1"),
+        (
+            {0.9: 512},
+            5,
+            r"0.9 of a 5-epoch run starts at epoch 5, after the last epoch \(4\): use fractions at most 0.8",
+        ),
+        ({0.5: 512}, 1, r"0.5 of a 1-epoch run starts at epoch 1"),
+        ({0.3: 512, 0.35: 1024}, 5, r"two fractions fall on epoch 2 of a 5-epoch run"),
+    ],
+)
+def test_progress_table_that_cannot_be_met_is_one_error(table, max_epochs, message):
+    with pytest.raises(RunSettingsError, match=message):
+        _progress_epochs(table, max_epochs)
+    assert issubclass(RunSettingsError, ValueError) and issubclass(RunSettingsError, MisconfigurationException)
 
 
 # ----------------------------------------------------------------------------- Trainer fixtures
@@ -513,6 +555,89 @@ def test_ddp_two_processes_decide_together(tmp_path):
         # 32 samples split over 2 ranks: 16 per rank, 4 batches of 4 then 2 batches of 8
         assert [record["seen"][str(e)] for e in range(5)] == [[4] * 4] * 4 + [[8, 8]]
         assert [record["lrs"][str(e)][0] for e in range(5)] == pytest.approx([BASE_LR] * 5)
+    assert records[0] == records[1]
+
+
+def test_progress_mode_grows_the_batch_at_its_fraction_of_the_run_and_couples_the_lr(tmp_path, caplog):
+    cb = DynamicBatchLR(policy="none", batch_size_progress={0.4: 8, 0.8: 16}, lr_scaling="sqrt")
+    model = ScriptedModule([1.0] * 5, holder="datamodule")
+    with caplog.at_level(logging.INFO, logger="lit_accel.callbacks.dynamic_batch_lr"):
+        _trainer(tmp_path, [cb], max_epochs=5).fit(model, datamodule=ScriptedDataModule(batch_size=4))
+    # A flat val/loss and policy none: only the table acts, at epochs 2 and 4 of 5.
+    assert _batch_sizes(model) == [4, 4, 8, 8, 16]
+    assert _first_lr(model) == pytest.approx([0.1, 0.1, 0.1 * 2**0.5, 0.1 * 2**0.5, 0.2])
+    changes = [r.getMessage() for r in caplog.records if "batch_size_progress" in r.getMessage()]
+    assert len(changes) == 2 and changes[0].startswith("DynamicBatchLR: epoch 2: batch_size_progress; batch 4×1 → 8×1")
+
+
+@pytest.mark.parametrize(
+    ("max_epochs", "batch_size", "message"),
+    [
+        (1, 4, "0.4 of a 1-epoch run starts at epoch 1, after the last epoch"),
+        (5, 8, "cannot grow the batch: the run starts at 8 samples per optimizer step on each device"),
+    ],
+)
+def test_progress_mode_that_cannot_be_met_stops_before_training(tmp_path, max_epochs, batch_size, message):
+    cb = DynamicBatchLR(policy="none", batch_size_progress={0.4: 8})
+    model = ScriptedModule([1.0] * 5, holder="datamodule")
+    with pytest.raises(RunSettingsError, match=message):
+        _trainer(tmp_path, [cb], max_epochs=max_epochs).fit(model, datamodule=ScriptedDataModule(batch_size=batch_size))
+    assert model.seen == {}
+
+
+def test_progress_mode_resumes_where_it_was(tmp_path):
+    def make():
+        return DynamicBatchLR(policy="none", batch_size_progress={0.4: 8, 0.8: 16}, lr_scaling="sqrt")
+
+    full = ScriptedModule([1.0] * 5, holder="datamodule")
+    _trainer(tmp_path / "full", [make()], max_epochs=5).fit(full, datamodule=ScriptedDataModule(batch_size=4))
+    # The data module has no validation data: save at each training epoch's end.
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1, save_on_train_epoch_end=True)
+    first = ScriptedModule([1.0] * 5, holder="datamodule")
+    crash = CrashAtEpochStart(3)
+    with pytest.raises(RuntimeError, match="crash at the start of epoch 3"):
+        _trainer(tmp_path / "a", [make(), ckpt, crash], max_epochs=5, enable_checkpointing=True).fit(
+            first, datamodule=ScriptedDataModule(batch_size=4)
+        )
+    resumed = ScriptedModule([1.0] * 5, holder="datamodule")
+    dm = ScriptedDataModule(batch_size=4)  # the configured batch: the checkpoint's grown one replaces it
+    _trainer(tmp_path / "b", [make()], max_epochs=5).fit(
+        resumed, datamodule=dm, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt")
+    )
+    assert sorted(resumed.seen) == [3, 4]
+    for epoch in (3, 4):
+        assert resumed.seen[epoch] == full.seen[epoch]
+        assert resumed.lrs[epoch] == pytest.approx(full.lrs[epoch])
+    assert dm.batch_size == 16
+
+
+class CrashAtEpochStart(Callback):
+    """Raise when the given epoch starts: the previous epoch's checkpoint is written."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            raise RuntimeError(f"crash at the start of epoch {self.epoch}")
+
+
+def _ddp_progress_fit(tmp_path: Path) -> None:
+    cb = DynamicBatchLR(policy="none", batch_size_progress={0.5: 8}, lr_scaling="linear")
+    model = ScriptedModule([[1.0] * 4, [0.5] * 4], holder="datamodule", out_dir=str(tmp_path))
+    trainer = _trainer(tmp_path, [cb], max_epochs=4, strategy="ddp_fork", devices=2)
+    trainer.fit(model, datamodule=ScriptedDataModule(batch_size=4))
+
+
+@pytest.mark.slow
+def test_ddp_progress_mode_grows_on_both_ranks_at_the_same_step(tmp_path):
+    torch.set_num_threads(1)
+    _ddp_progress_fit(tmp_path)
+    records = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
+    for record in records:
+        # 16 samples per rank: 4 batches of 4, from epoch 2 (half of 4 epochs) 2 batches of 8
+        assert [record["seen"][str(e)] for e in range(4)] == [[4] * 4] * 2 + [[8, 8]] * 2
+        assert [record["lrs"][str(e)][0] for e in range(4)] == pytest.approx([BASE_LR] * 2 + [2 * BASE_LR] * 2)
     assert records[0] == records[1]
 
 
