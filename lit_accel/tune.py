@@ -77,8 +77,12 @@ _TRIAL_ARGS = [
     "false",
     "--trainer.enable_model_summary",
     "false",
+    # A logger is needed (the CLI's LearningRateMonitor refuses to run without one): a CSV one in
+    # the trial's temporary folder, whatever the recipe logs to.
     "--trainer.logger",
-    "false",
+    "lightning.pytorch.loggers.CSVLogger",
+    "--trainer.logger.init_args.save_dir",
+    ".",
     "--checkpoint.monitor",
     "null",
     "--checkpoint.save_top_k",
@@ -90,7 +94,7 @@ _TRIAL_ARGS = [
 ]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # compared and hashed by identity: the yaml dict is not hashable
 class Setting:
     """One alternative to the recipe: its command-line overrides, its YAML and what it changes.
 
@@ -371,7 +375,9 @@ def _quiet() -> Iterator[None]:
 
 def _run_trial(fit_args: list[str], setting: Setting | None, warmup: int, timed: int) -> dict[str, Any]:
     """One timed trial; ``{"error": ...}`` when it fails (out of memory included)."""
-    args = [*fit_args, *(setting.args if setting else ()), *_TRIAL_ARGS]
+    # Epochs unbounded, so the trial runs its steps whatever the recipe's epochs and batch limits.
+    length = ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(warmup + timed)]
+    args = [*fit_args, *(setting.args if setting else ()), *_TRIAL_ARGS, *length]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lit-accel-tune-") as folder:
         try:

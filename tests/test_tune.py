@@ -1,0 +1,138 @@
+"""``lit-accel tune``: it measures through the real fit code, picks the faster setting, writes a YAML
+that ``lit-accel fit`` accepts, and bad input is one message with no YAML left behind."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import config
+from lit_accel.cli import LitAccelCLI
+from lit_accel.cli import main as cli_main
+from lit_accel.tune import Lever, Measured, Setting, main, plan_levers, tune, tuned_yaml
+
+TESTS_DIR = Path(__file__).resolve().parent
+SMOKE = config("cifar10.yaml", "smoke.yaml")
+QUICK = ["--warmup_steps", "2", "--timed_steps", "4", "--no_progress"]
+
+
+def _parsed(*extra: str):
+    return LitAccelCLI(args=[*SMOKE, *extra], run=False).config
+
+
+def test_it_picks_the_faster_of_two_settings_whose_speeds_are_known(in_tmp_dir, monkeypatch):
+    """The recipe sleeps 30 ms per step; one setting sleeps 80 ms, the other not at all."""
+    monkeypatch.syspath_prepend(str(TESTS_DIR))  # faults.SleepEachStep by class path
+    recipe = [*SMOKE, "--trainer.callbacks+=faults.SleepEachStep", "--trainer.callbacks.seconds", "0.03"]
+    slower = Setting("sleep", "80 ms", ("--trainer.callbacks.seconds", "0.08"), {"model.channels_last": False}, False)
+    faster = Setting("sleep", "0 ms", ("--trainer.callbacks.seconds", "0.0"), {"model.channels_last": True}, False)
+    report = tune(
+        recipe,
+        [Lever("sleep", (slower, faster))],
+        budget_s=120,
+        warmup_steps=2,
+        timed_steps=4,
+        rounds=2,
+        progress=False,
+    )
+    measured = dict(report["settings"])
+    assert len(measured[slower].ratios) == len(measured[faster].ratios) == 2  # every round, alternating
+    assert statistics.median(measured[slower].ratios) < 1.0 < statistics.median(measured[faster].ratios)
+    assert report["chosen"] == [faster]
+    assert list(report["baseline"].images_per_sec) and not report["not_measured"]
+
+
+def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # through the lit-accel entry point
+        cli_main(["tune", *SMOKE, "--levers", "channels_last", "--budget_s", "120", "--rounds", "1", *QUICK])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "| recipe | as configured |" in out and "| channels_last | NCHW |" in out
+    written = (in_tmp_dir / "tuned.yaml").read_text()
+    assert written.startswith("# Written by `lit-accel tune`")
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--config", "tuned.yaml", "--trainer.max_steps", "1"])
+    assert fit.trainer.state.finished
+    assert not list(in_tmp_dir.glob(".tuned.yaml.*")), "no temporary file left"
+
+
+def test_a_tuned_yaml_composes_after_the_recipe_and_says_what_it_changes(in_tmp_dir):
+    levers, _ = plan_levers(_parsed(), ["channels_last", "pipeline", "precision", "batch_size"], unchanged_only=False)
+    by_lever = {lever.name: lever.settings for lever in levers}
+    chosen = [
+        by_lever["channels_last"][0],
+        next(s for s in by_lever["pipeline"] if s.name == "dataloader, 1 workers"),
+        by_lever["precision"][0],
+        next(s for s in by_lever["batch_size"] if s.yaml["data.batch_size"] == 128),
+    ]
+    report = {"settings": [(s, Measured(ratios=[1.1])) for s in chosen], "chosen": chosen, "combined": None}
+    text = tuned_yaml(report, "lit-accel tune …")
+    (in_tmp_dir / "tuned.yaml").write_text(text)
+    assert "CHANGES WHAT IS LEARNED" in text and "training unchanged" in text
+    values = yaml.safe_load(text)
+    # smoke.yaml: batch 64 -> 128, AdamW's LR 0.004 by the square-root rule
+    assert values["data"] == {"pipeline": "dataloader", "num_workers": 1, "batch_size": 128}
+    assert values["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(0.004 * 2**0.5, rel=1e-5)
+    tuned = LitAccelCLI(args=[*SMOKE, "--config", "tuned.yaml"], run=False)
+    assert tuned.model.channels_last is False and tuned.trainer.precision == "bf16-mixed"
+    assert (tuned.datamodule.pipeline, tuned.datamodule.num_workers, tuned.datamodule.batch_size) == (
+        "dataloader",
+        1,
+        128,
+    )
+    assert tuned.model.optimizer_factory.keywords["lr"] == pytest.approx(0.004 * 2**0.5, rel=1e-5)
+
+
+def test_unchanged_training_only_leaves_out_precision_batch_and_processes():
+    levers, skipped = plan_levers(_parsed(), None, unchanged_only=True)
+    assert {lever.name for lever in levers} == {"channels_last", "pipeline"}
+    assert all(not s.changes_training for lever in levers for s in lever.settings)
+    assert any(line.startswith("precision: changes what is learned") for line in skipped)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--output", "missing/tuned.yaml"], "--output missing/tuned.yaml: the folder missing does not exist"),
+        (["--output", "."], "--output . is a folder"),
+        (["--levers", "warp_drive"], "--levers warp_drive is not allowed: use some of channels_last"),
+        (["--levers", "ddp", "--trainer.strategy", "ddp"], "--levers: ddp: the recipe already sets strategy=ddp"),
+        (["--budget_s", "0"], "--budget_s=0.0 is not allowed"),
+        (["--budget_s", "0.5"], "budget_s=0.5 is too small: one trial of the recipe took"),
+    ],
+)
+def test_bad_input_is_one_message_and_no_yaml(in_tmp_dir, capsys, extra, message):
+    (in_tmp_dir / "tuned.yaml").write_text("# the user's own\n")
+    assert main([*SMOKE, *QUICK, "--levers", "channels_last", *extra]) == 2  # a later --levers wins
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert (in_tmp_dir / "tuned.yaml").read_text() == "# the user's own\n"
+    assert sorted(p.name for p in in_tmp_dir.iterdir()) == ["tuned.yaml"]
+
+
+def test_a_bad_recipe_is_the_cli_message(in_tmp_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([*SMOKE, "--trainer.max_epochz", "3", *QUICK])
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --trainer.max_epochz" in capsys.readouterr().err
+    assert not (in_tmp_dir / "tuned.yaml").exists()
+
+
+def test_progress_bar_counts_the_trials(in_tmp_dir, capsys):
+    args = [
+        "--levers",
+        "channels_last",
+        "--budget_s",
+        "120",
+        "--rounds",
+        "1",
+        "--warmup_steps",
+        "1",
+        "--timed_steps",
+        "2",
+    ]
+    assert main([*SMOKE, *args]) == 0
+    err = capsys.readouterr().err
+    assert "lit-accel tune" in err and "2/2" in err  # the recipe and one setting
