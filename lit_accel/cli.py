@@ -96,6 +96,13 @@ class LitAccelCLI(LightningCLI):
         )
 
     @override
+    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+        parser = super().init_parser(**kwargs)
+        # `tune` is not a Trainer subcommand (lit_accel.tune), so LightningCLI does not list it.
+        parser.epilog = "Also: lit-accel tune --config … finds the fastest settings for this machine (--help)."
+        return parser
+
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(LastAfterEveryValidation, "checkpoint")
         parser.set_defaults(
@@ -125,6 +132,12 @@ class LitAccelCLI(LightningCLI):
         parser.add_lightning_class_args(RNGStateCheckpoint, "rng_state")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.add_lightning_class_args(PredictionCSVWriter, "predict_writer")
+        parser.add_argument(
+            "--num_threads",
+            type=int | None,
+            default=None,
+            help="intra-op CPU threads (torch.set_num_threads) in each process; null: torch's default",
+        )
         parser.set_defaults(
             {
                 "trainer.logger": lazy_instance(
@@ -166,7 +179,13 @@ class LitAccelCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         # TF32 matmuls on Ampere+ GPUs: faster fp32 GEMMs at a precision loss CNN training does not feel.
         torch.set_float32_matmul_precision("high")
-        trainer_config = self.config[self.subcommand]["trainer"] if self.subcommand else self.config["trainer"]
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer_config = config["trainer"]
+        threads = config.get("num_threads")
+        if threads is not None:
+            if not (isinstance(threads, int) and threads >= 1):
+                raise ConfigurationError(f"num_threads={threads} is not allowed: use a positive integer or null")
+            torch.set_num_threads(threads)
         _check_gpu_available(str(trainer_config.get("accelerator")))
         _check_cpu_devices(trainer_config.get("accelerator"), trainer_config.get("devices"))
         if self.subcommand == "predict":

@@ -11,6 +11,8 @@ checkpoints and logging off, in a temporary folder; only the timed steps count.
 Levers (``--levers``, default: all that apply here, cheapest first):
 
 * ``channels_last``: the other memory layout (training unchanged);
+* ``threads``: intra-op CPU threads (``num_threads``: 1, half and all of the cores), on a CPU
+  (training unchanged up to the order of floating-point sums);
 * ``pipeline``: the other input pipeline, the DataLoader one with 0 to 4 workers (same data,
   other random streams for augmentation: training unchanged in distribution);
 * ``precision``: ``bf16-mixed`` against ``32-true`` (and ``16-mixed`` on a CUDA GPU): **changes
@@ -35,17 +37,14 @@ Usage::
 
 Prints a table (lever, setting, images/s, ratio to the baseline, data wait, peak memory, whether
 training changes) and writes a YAML that composes after the user's configs; each entry carries a
-comment saying what it changes. Not measured: intra-op threads (no config key sets them: use
-``OMP_NUM_THREADS``).
+comment saying what it changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import logging
 import math
 import os
 import statistics
@@ -53,7 +52,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,9 +62,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lit_accel._measure import peak_rss_mb, quiet, reset_peak_rss
+
 __all__ = ["Lever", "Setting", "TrialTimer", "main", "plan_levers", "tune"]
 
-LEVERS = ("channels_last", "pipeline", "precision", "batch_size", "compile", "ddp")
+LEVERS = ("channels_last", "threads", "pipeline", "precision", "batch_size", "compile", "ddp")
 # Settings that keep a trial from writing anything but its own timing (the lit-accel CLI's keys).
 _TRIAL_ARGS = [
     "--trainer.limit_val_batches",
@@ -162,7 +162,7 @@ class TrialTimer(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.strategy.root_device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        _reset_peak_rss()
+        reset_peak_rss()
 
     @override
     def on_train_batch_start(
@@ -192,7 +192,7 @@ class TrialTimer(Callback):
         if trainer.strategy.root_device.type == "cuda":
             memory = torch.cuda.max_memory_allocated() / 2**20
         else:
-            memory = _peak_rss_mb()
+            memory = peak_rss_mb()
         self.result = {
             "images_per_sec": self._samples / self._seconds,
             "data_wait": self._wait / self._seconds,
@@ -235,6 +235,20 @@ def _lever(name: str, config: Any, cuda: bool, devices_here: int) -> Lever | str
         value = str(other).lower()
         return Lever(
             name, (Setting(name, layout, ("--model.channels_last", value), {"model.channels_last": other}, False),)
+        )
+    if name == "threads":
+        if cuda:
+            return "training runs on a GPU: CPU threads only feed it"
+        cores = os.cpu_count() or 1
+        current = config.get("num_threads") or torch.get_num_threads()
+        counts = sorted({1, max(1, cores // 2), cores} - {current})
+        if not counts:
+            return f"this machine has {cores} CPU core(s) and the recipe uses them"
+        return Lever(
+            name,
+            tuple(
+                Setting(name, f"{n} thread(s)", ("--num_threads", str(n)), {"num_threads": n}, False) for n in counts
+            ),
         )
     if name == "pipeline":
         settings = []
@@ -331,22 +345,6 @@ def _batch_samples(batch: Any) -> int:
     return int(first.shape[0]) if hasattr(first, "shape") else 1
 
 
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-def _reset_peak_rss() -> None:
-    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as refs:
-        refs.write("5")  # Linux: resets VmHWM to the current resident size
-
-
 @contextlib.contextmanager
 def _working_directory(folder: str) -> Iterator[None]:
     """``contextlib.chdir`` for Python 3.10."""
@@ -356,21 +354,6 @@ def _working_directory(folder: str) -> Iterator[None]:
         yield
     finally:
         os.chdir(before)
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lit_accel")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
 
 
 def _run_trial(fit_args: list[str], setting: Setting | None, warmup: int, timed: int) -> dict[str, Any]:
@@ -407,7 +390,7 @@ def _in_process_trial(args: list[str], folder: str, warmup: int, timed: int) -> 
 
     threads = torch.get_num_threads()
     try:
-        with _quiet(), _working_directory(folder):
+        with quiet(), _working_directory(folder):
             _TrialCLI(args=["fit", *args])
     finally:
         torch.set_num_threads(threads)
@@ -731,6 +714,6 @@ def _parse_recipe(fit_args: list[str]) -> Any:
     """The recipe's ``fit`` config, parsed as ``lit-accel fit`` parses it (bad arguments: exit 2)."""
     from lit_accel.cli import LitAccelCLI
 
-    with _quiet():
+    with quiet():
         cli = LitAccelCLI(args=fit_args, run=False)  # run=False: no subcommand, the fit arguments alone
     return cli.config

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 # cifar-10-batches-py as the official archive unpacks: five training batches, one test batch and
 # the label names, each a protocol-2 pickle of a dict (written by Python 2, so its str keys load
@@ -92,6 +93,16 @@ def in_tmp_dir(tmp_path, monkeypatch) -> Path:
 def _plain_argv(monkeypatch):
     """LightningCLI(args=…) warns when sys.argv also holds arguments (pytest's own)."""
     monkeypatch.setattr("sys.argv", ["lit-accel"])
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """Some tests (ddp_fork runs, a CPU timing) set torch's thread count; without this the rest of
+    the suite would run on one thread of the machine's cores."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 # Multi-process tests inside pytest use Lightning's "ddp_fork" (2 CPU processes, gloo). With

@@ -386,6 +386,7 @@ BAD_INPUTS = {
         ["fit", *SMOKE, *config("dynamic_progress.yaml"), "--data.batch_size", "512", "--trainer.max_epochs", "5"],
         "cannot grow the batch: the run starts at 512 samples per optimizer step",
     ),
+    "zero CPU threads": (["fit", *SMOKE, "--num_threads", "0"], "num_threads=0 is not allowed"),
     "log folder inside a file": (
         ["fit", *SMOKE, "--trainer.logger.init_args.save_dir", "corrupted.ckpt/logs"],
         "corrupted.ckpt is a file",

@@ -7,6 +7,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import config
@@ -59,10 +60,12 @@ def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
 
 
 def test_a_tuned_yaml_composes_after_the_recipe_and_says_what_it_changes(in_tmp_dir):
-    levers, _ = plan_levers(_parsed(), ["channels_last", "pipeline", "precision", "batch_size"], unchanged_only=False)
+    wanted = ["channels_last", "threads", "pipeline", "precision", "batch_size"]
+    levers, _ = plan_levers(_parsed(), wanted, unchanged_only=False)
     by_lever = {lever.name: lever.settings for lever in levers}
     chosen = [
         by_lever["channels_last"][0],
+        by_lever["threads"][0],  # 1 thread, or 2 when this process already runs on 1
         next(s for s in by_lever["pipeline"] if s.name == "dataloader, 1 workers"),
         by_lever["precision"][0],
         next(s for s in by_lever["batch_size"] if s.yaml["data.batch_size"] == 128),
@@ -75,7 +78,14 @@ def test_a_tuned_yaml_composes_after_the_recipe_and_says_what_it_changes(in_tmp_
     # smoke.yaml: batch 64 -> 128, AdamW's LR 0.004 by the square-root rule
     assert values["data"] == {"pipeline": "dataloader", "num_workers": 1, "batch_size": 128}
     assert values["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(0.004 * 2**0.5, rel=1e-5)
-    tuned = LitAccelCLI(args=[*SMOKE, "--config", "tuned.yaml"], run=False)
+    wanted_threads = by_lever["threads"][0].yaml["num_threads"]
+    assert values["num_threads"] == wanted_threads
+    threads = torch.get_num_threads()
+    try:
+        tuned = LitAccelCLI(args=[*SMOKE, "--config", "tuned.yaml"], run=False)
+        assert torch.get_num_threads() == wanted_threads  # applied before anything is built
+    finally:
+        torch.set_num_threads(threads)
     assert tuned.model.channels_last is False and tuned.trainer.precision == "bf16-mixed"
     assert (tuned.datamodule.pipeline, tuned.datamodule.num_workers, tuned.datamodule.batch_size) == (
         "dataloader",
@@ -87,7 +97,7 @@ def test_a_tuned_yaml_composes_after_the_recipe_and_says_what_it_changes(in_tmp_
 
 def test_unchanged_training_only_leaves_out_precision_batch_and_processes():
     levers, skipped = plan_levers(_parsed(), None, unchanged_only=True)
-    assert {lever.name for lever in levers} == {"channels_last", "pipeline"}
+    assert {lever.name for lever in levers} == {"channels_last", "threads", "pipeline"}
     assert all(not s.changes_training for lever in levers for s in lever.settings)
     assert any(line.startswith("precision: changes what is learned") for line in skipped)
 

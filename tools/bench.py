@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import logging
 import os
 import platform
 import statistics
@@ -53,7 +51,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -69,6 +66,8 @@ import bench_recipe  # noqa: E402
 import bench_stability  # noqa: E402
 import plain_loop  # noqa: E402
 from bench_timer import StepTimer, reset_peak_rss  # noqa: E402
+
+from lit_accel._measure import quiet  # noqa: E402
 
 CASES = ("overhead", "callbacks", "pipeline", "precision", "ddp", "networks")
 # networks case, NET[@WIDTH]:LR each (--networks): SeedCNN at the recipe's former LR and at its best,
@@ -178,7 +177,7 @@ def _timed_fit(
             super().instantiate_classes()
             self.trainer.callbacks.extend([timer, *(callbacks or [])])
 
-    with tempfile.TemporaryDirectory() as folder, _quiet(), contextlib.chdir(folder):
+    with tempfile.TemporaryDirectory() as folder, quiet(), contextlib.chdir(folder):
         reset_peak_rss()
         cli = _BenchCLI(args=extra)
         result = dict(timer.result)
@@ -438,22 +437,6 @@ def machine() -> str:
         f"{os.cpu_count()} CPU cores, {device}, torch {torch.__version__}, lightning {lightning.__version__}, "
         f"{torch.get_num_threads()} torch threads"
     )
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Keep Lightning's per-run banners out of the bench's output."""
-    loggers = [logging.getLogger(n) for n in ("lightning", "lightning.pytorch", "lightning.fabric", "lit_accel")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        try:
-            yield
-        finally:
-            for lg, level in zip(loggers, levels):
-                lg.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

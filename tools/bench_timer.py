@@ -11,28 +11,9 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
+from lit_accel._measure import peak_rss_mb, reset_peak_rss
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory since the last :func:`reset_peak_rss` (Linux)."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def reset_peak_rss() -> None:
-    """Linux ≥ 4.0: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS."""
-    try:
-        with open("/proc/self/clear_refs", "w") as refs:
-            refs.write("5")
-    except OSError:
-        pass
+__all__ = ["MetricsWriter", "StepTimer", "peak_rss_mb", "reset_peak_rss"]  # the memory helpers: re-exported
 
 
 def _scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:

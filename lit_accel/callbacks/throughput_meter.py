@@ -18,6 +18,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -89,12 +90,30 @@ def _gpu_row(device_name: str) -> str | None:
     return None
 
 
-def _gpu_peak_flops(device_name: str, dtype_key: str) -> float | None:
-    """Dense peak FLOP/s of one GPU for a compute dtype key (``"bf16"``, ``"tf32"``...), or None."""
+# The dtype argument Lightning's get_available_flops takes for each of our dtype keys.
+_LIGHTNING_DTYPES: dict[str, torch.dtype | str] = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "tf32": "tf32",
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
+
+
+def _gpu_peak_flops(device_name: str, dtype_key: str, device: torch.device | None = None) -> float | None:
+    """Dense peak FLOP/s of one GPU for a compute dtype key (``"bf16"``, ``"tf32"``...), or None.
+
+    A GPU missing from the table above falls back, when ``device`` is given, to Lightning's own
+    table (``get_available_flops``, which warns when it does not know the device either). Its
+    figures for some chips include structured sparsity, which is why the table above comes first.
+    """
     row = _gpu_row(device_name)
-    if row is None:
+    if row is not None:
+        return _GPU_PEAK_FLOPS[row].get(dtype_key)
+    if device is None or dtype_key not in _LIGHTNING_DTYPES:
         return None
-    return _GPU_PEAK_FLOPS[row].get(dtype_key)
+    flops = get_available_flops(device, _LIGHTNING_DTYPES[dtype_key])
+    return float(flops) if flops else None
 
 
 def _cuda_fp32_uses_tf32() -> bool:
@@ -583,7 +602,7 @@ class ThroughputMeter(Callback):
             name = torch.cuda.get_device_name(device)
             if key == "fp32" and torch.cuda.get_device_capability(device) >= (8, 0) and _cuda_fp32_uses_tf32():
                 key = "tf32"
-            peak = None if key is None else _gpu_peak_flops(name, key)
+            peak = None if key is None else _gpu_peak_flops(name, key, device)
             if peak is None:
                 self._warn_once(
                     "peak",

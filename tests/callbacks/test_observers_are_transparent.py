@@ -18,13 +18,15 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 import lit_accel.callbacks.throughput_meter as throughput_meter
-from helpers import quiet_cpu_trainer
+from helpers import CONFIGS, quiet_cpu_trainer
 from lit_accel import CIFAR10DataModule, ImageClassifier, LiteCNN
 from lit_accel.callbacks import (
+    DivergenceGuard,
     HParamsSummary,
     PredictionCSVWriter,
     RNGStateCheckpoint,
@@ -94,6 +96,14 @@ def _throughput_meter(root: Path) -> tuple[list[Callback], dict[str, Any]]:
     return [ThroughputMeter(warmup_steps=1)], {}
 
 
+def _divergence_guard(root: Path) -> tuple[list[Callback], dict[str, Any]]:
+    # Not an observer, but on a healthy run it must take no action: the recipe's settings, a
+    # snapshot every 5 steps (the run has 38), drift and early-spike detection on.
+    recipe = yaml.safe_load((CONFIGS / "cifar10.yaml").read_text())["trainer"]["callbacks"]
+    (entry,) = [c for c in recipe if c["class_path"].endswith("DivergenceGuard")]
+    return [DivergenceGuard(**{**entry["init_args"], "snapshot_every": 5})], {}
+
+
 def _validation_figures(root: Path) -> tuple[list[Callback], dict[str, Any]]:
     return [ValidationFigures(every_n_epochs=1, confusion_matrix=True, misclassified=8)], {}
 
@@ -148,6 +158,7 @@ def _rng_state_in_step_checkpoints(root: Path) -> tuple[list[Callback], dict[str
 CASES = [
     pytest.param(_nothing, id="no-callback-control"),
     pytest.param(_throughput_meter, id="ThroughputMeter"),
+    pytest.param(_divergence_guard, id="DivergenceGuard-on-a-healthy-run"),
     pytest.param(_validation_figures, id="ValidationFigures"),
     pytest.param(_hparams_summary, id="HParamsSummary"),
     pytest.param(_prediction_writer, id="PredictionCSVWriter"),

@@ -393,6 +393,22 @@ def test_gpu_peak_table(name, key, expected):
     assert tm._gpu_peak_flops(name, key) == expected
 
 
+def test_a_gpu_missing_from_the_table_falls_back_to_lightnings(monkeypatch):
+    calls = []
+
+    def lightning_table(device, dtype):
+        calls.append((device, dtype))
+        return 91.1e12 if dtype == torch.bfloat16 else None
+
+    monkeypatch.setattr(tm, "get_available_flops", lightning_table)
+    gpu = torch.device("cuda", 0)
+    assert tm._gpu_peak_flops("NVIDIA RTX 6000 Ada Generation", "bf16", gpu) == 91.1e12
+    assert tm._gpu_peak_flops("NVIDIA RTX 6000 Ada Generation", "tf32", gpu) is None  # Lightning knows nothing
+    assert calls == [(gpu, torch.bfloat16), (gpu, "tf32")]
+    # A GPU in lit_accel's table never asks Lightning (whose H200 row counts sparsity).
+    assert tm._gpu_peak_flops("NVIDIA H200", "bf16", gpu) == 989.4e12 and len(calls) == 2
+
+
 @pytest.mark.parametrize(
     ("precision", "key"),
     [
