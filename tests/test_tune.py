@@ -13,7 +13,7 @@ import yaml
 from helpers import config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.cli import main as cli_main
-from lit_accel.tune import Lever, Measured, Setting, main, plan_levers, tune, tuned_yaml
+from lit_accel.tune import Lever, Measured, Setting, main, plan_levers, table, tune, tuned_yaml
 
 TESTS_DIR = Path(__file__).resolve().parent
 SMOKE = config("cifar10.yaml", "smoke.yaml")
@@ -44,6 +44,20 @@ def test_it_picks_the_faster_of_two_settings_whose_speeds_are_known(in_tmp_dir, 
     assert statistics.median(measured[slower].ratios) < 1.0 < statistics.median(measured[faster].ratios)
     assert report["chosen"] == [faster]
     assert list(report["baseline"].images_per_sec) and not report["not_measured"]
+
+
+def test_winners_of_two_levers_are_measured_together_and_kept_when_faster(in_tmp_dir, monkeypatch):
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    recipe = [*SMOKE, "--trainer.callbacks+=faults.SleepEachStep", "--trainer.callbacks.seconds", "0.03"]
+    no_sleep = Setting("sleep", "0 ms", ("--trainer.callbacks.seconds", "0.0"), {"a.b": 1}, False)
+    narrow = Setting("width", "4", ("--model.net.width", "4"), {"model.net.width": 4}, True)
+    levers = [Lever("sleep", (no_sleep,)), Lever("width", (narrow,))]
+    report = tune(recipe, levers, budget_s=120, warmup_steps=2, timed_steps=4, rounds=1, progress=False)
+    combined = report["combined"]
+    assert report["chosen"] == [no_sleep, narrow] and combined is not None and len(combined.ratios) == 1
+    singles = {s.lever: statistics.median(m.ratios) for s, m in report["settings"]}
+    assert combined.ratios[0] > max(singles.values()) > 1.0
+    assert "| combined | 0 ms + 4 |" in table(report)
 
 
 def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
