@@ -179,7 +179,8 @@ class DynamicBatchLR(Callback):
             ``batch_size_schedule`` or ``batch_size_progress`` together with a batch policy or with
             each other; at the start of training, if ``batch_size_progress`` cannot be met (no
             ``max_epochs``, two fractions in one epoch, a fraction that starts after the last
-            epoch, a value not above the configured batch), or if the batch needs gradient
+            epoch, a value not above the configured batch), if a batch policy's maxima are below
+            the batch the run starts with (it could never grow), or if the batch needs gradient
             accumulation (``accumulate_grad_batches`` > 1) but manual optimization or the strategy
             (DeepSpeed) cannot accumulate; the message says which limit to raise or which value to
             lower.
@@ -455,6 +456,9 @@ class DynamicBatchLR(Callback):
         cap = self.max_effective_batch_size
         per_device_cap = None if cap is None or not can_accumulate else cap // max(1, trainer.world_size)
         self._samples_cap = _samples_cap(self.max_batch_size, per_device_cap, self._fixed_batch)
+        start = None if configured is None else configured * int(trainer.accumulate_grad_batches)
+        if self.policy in ("batch", "batch_then_lr") and self._fixed_batch is None:
+            _check_cap_above_start(self.max_batch_size, self.max_effective_batch_size, start, trainer.world_size)
 
     def _set_samples(self, samples: int) -> None:
         self._batch_size, self._accumulate = _split_samples(samples, self.max_batch_size, self._fixed_batch)
@@ -875,4 +879,23 @@ def _check_progress_grows(table: dict[float, int], start: int) -> None:
             f"batch_size_progress={table!r} cannot grow the batch: the run starts at {start} samples per optimizer"
             f" step on each device and the first value is {first}. Use values above {start}, or a smaller"
             " data.batch_size"
+        )
+
+
+def _check_cap_above_start(
+    max_batch_size: int | None, max_effective_batch_size: int | None, start: int | None, world_size: int
+) -> None:
+    """A batch policy whose maxima are below the batch the run starts with could never grow it."""
+    if start is None:
+        return
+    limits = []
+    if max_batch_size is not None and max_effective_batch_size is None and max_batch_size < start:
+        limits.append(f"max_batch_size={max_batch_size} (per device)")
+    if max_effective_batch_size is not None and max_effective_batch_size < start * world_size:
+        limits.append(f"max_effective_batch_size={max_effective_batch_size} (over {world_size} device(s))")
+    if limits:
+        raise RunSettingsError(
+            f"DynamicBatchLR cannot grow the batch: {' and '.join(limits)} is below the {start} samples per"
+            f" optimizer step on each device the run starts with. Raise the maximum above it, or start from a"
+            " smaller data.batch_size"
         )

@@ -585,6 +585,26 @@ def test_progress_mode_that_cannot_be_met_stops_before_training(tmp_path, max_ep
     assert model.seen == {}
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"max_batch_size": 4}, r"max_batch_size=4 \(per device\) is below the 8 samples per optimizer step"),
+        ({"max_batch_size": 4, "max_effective_batch_size": 6}, r"max_effective_batch_size=6 \(over 1 device\(s\)\)"),
+    ],
+)
+def test_a_batch_policy_whose_maximum_is_below_the_start_stops_before_training(tmp_path, kwargs, message):
+    cb = DynamicBatchLR(policy="batch", patience=1, **kwargs)
+    model = ScriptedModule([1.0] * 3, holder="datamodule")
+    with pytest.raises(RunSettingsError, match=message):
+        _trainer(tmp_path, [cb], max_epochs=3).fit(model, datamodule=ScriptedDataModule(batch_size=8))
+    assert model.seen == {}
+    # A per-device maximum below the start is fine when accumulation can take the batch further.
+    ok = DynamicBatchLR(policy="batch", patience=1, max_batch_size=4, max_effective_batch_size=16)
+    _trainer(tmp_path, [ok], max_epochs=3).fit(
+        ScriptedModule([1.0] * 3, holder="datamodule"), datamodule=ScriptedDataModule(batch_size=8)
+    )
+
+
 def test_progress_mode_resumes_where_it_was(tmp_path):
     def make():
         return DynamicBatchLR(policy="none", batch_size_progress={0.4: 8, 0.8: 16}, lr_scaling="sqrt")
