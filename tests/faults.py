@@ -35,6 +35,17 @@ class SleepEachStep(Callback):
         time.sleep(self.seconds)
 
 
+class SleepTwice(Callback):
+    """Two sleeps after every training batch, each settable on its own (two levers of known speed)."""
+
+    def __init__(self, first: float = 0.0, second: float = 0.0) -> None:
+        self.first = first
+        self.second = second
+
+    def on_train_batch_end(self, *args, **kwargs) -> None:
+        time.sleep(self.first + self.second)
+
+
 class PoisonParameters(Callback):
     """From optimizer step ``from_step`` on, fill one parameter with NaN before every batch, on the
     given rank (-1: all). Under FSDP2 only that rank's shard is poisoned. A divergence no rollback
