@@ -24,7 +24,8 @@ Levers (``--levers``, default: all that apply here, cheapest first):
 * ``ddp``: 2 processes or more (the CPU cores / GPUs here), the same global batch: **changes what
   is learned** (BatchNorm statistics per process). Runs as a subprocess.
 
-``--unchanged_training_only`` keeps to the levers that leave training unchanged. A setting is
+Each trial's training is stopped when the budget runs out (Trainer ``max_time``; a trial cut
+short is shown as failed). ``--unchanged_training_only`` keeps to the levers that leave training unchanged. A setting is
 taken when it is at least ``--min_gain`` faster; the winners of several levers are then measured
 together once (when the budget allows), and kept together only if that is faster than the best
 single one. A trial that fails (out of memory, a setting this machine refuses) is a result, shown
@@ -187,8 +188,8 @@ class TrialTimer(Callback):
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._seconds <= 0:
-            return
+        if self._seconds <= 0 or trainer.global_step < self.warmup_steps + self.timed_steps:
+            return  # cut short (trainer.max_time, the run's own length): no figure
         if trainer.strategy.root_device.type == "cuda":
             memory = torch.cuda.max_memory_allocated() / 2**20
         else:
@@ -356,16 +357,20 @@ def _working_directory(folder: str) -> Iterator[None]:
         os.chdir(before)
 
 
-def _run_trial(fit_args: list[str], setting: Setting | None, warmup: int, timed: int) -> dict[str, Any]:
-    """One timed trial; ``{"error": ...}`` when it fails (out of memory included)."""
+def _run_trial(
+    fit_args: list[str], setting: Setting | None, warmup: int, timed: int, max_seconds: float
+) -> dict[str, Any]:
+    """One timed trial, its training stopped after ``max_seconds`` (Trainer ``max_time``);
+    ``{"error": ...}`` when it fails (out of memory and out of time included)."""
     # Epochs unbounded, so the trial runs its steps whatever the recipe's epochs and batch limits.
     length = ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(warmup + timed)]
+    length += ["--trainer.max_time", _duration(max_seconds)]
     args = [*fit_args, *(setting.args if setting else ()), *_TRIAL_ARGS, *length]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lit-accel-tune-") as folder:
         try:
             if setting is not None and setting.processes > 1:
-                result = _subprocess_trial(args, folder, warmup, timed)
+                result = _subprocess_trial(args, folder, warmup, timed, max_seconds)
             else:
                 result = _in_process_trial(args, folder, warmup, timed)
         except torch.OutOfMemoryError:
@@ -375,6 +380,14 @@ def _run_trial(fit_args: list[str], setting: Setting | None, warmup: int, timed:
             result = {"error": f"{type(error).__name__}: {message[-1] if message else ''}"[:160]}
     result["seconds"] = time.perf_counter() - started
     return result
+
+
+def _duration(seconds: float) -> str:
+    """Lightning's ``max_time`` string, ``DD:HH:MM:SS`` (two digits each), at least one second."""
+    minutes, secs = divmod(max(1, math.ceil(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    return f"{days:02d}:{hours:02d}:{minutes:02d}:{secs:02d}"
 
 
 def _in_process_trial(args: list[str], folder: str, warmup: int, timed: int) -> dict[str, Any]:
@@ -395,11 +408,13 @@ def _in_process_trial(args: list[str], folder: str, warmup: int, timed: int) -> 
     finally:
         torch.set_num_threads(threads)
     if not timer.result:
-        raise RuntimeError(f"the run ended before {warmup + timed} optimizer steps: lower --timed_steps")
+        raise RuntimeError(
+            f"stopped before {warmup + timed} optimizer steps: out of the budget's time, or the run is shorter"
+        )
     return dict(timer.result)
 
 
-def _subprocess_trial(args: list[str], folder: str, warmup: int, timed: int) -> dict[str, Any]:
+def _subprocess_trial(args: list[str], folder: str, warmup: int, timed: int, max_seconds: float) -> dict[str, Any]:
     output = Path(folder) / "timer.json"
     timer = json.dumps(
         {
@@ -408,7 +423,8 @@ def _subprocess_trial(args: list[str], folder: str, warmup: int, timed: int) -> 
         }
     )
     command = [sys.executable, "-m", "lit_accel", "fit", *args, "--trainer.callbacks+=" + timer]
-    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=900)
+    # max_time bounds the training; start-up and set-up get a minute on top
+    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=max_seconds + 60)
     if done.returncode != 0 or not output.exists():
         lines = done.stderr.strip().splitlines()
         raise RuntimeError(f"exit {done.returncode}: {lines[-1] if lines else 'no timing written'}")
@@ -447,7 +463,8 @@ def tune(
     bar = tqdm(total=planned, desc="lit-accel tune", unit="trial", disable=not progress, file=sys.stderr)
 
     def run(setting: Setting | None) -> dict[str, Any]:
-        result = _run_trial(fit_args, setting, warmup_steps, timed_steps)
+        left = budget_s - (time.perf_counter() - started)
+        result = _run_trial(fit_args, setting, warmup_steps, timed_steps, left)
         trial_seconds[setting] = result["seconds"]
         bar.update(1)
         bar.set_postfix_str(setting.name if setting else "baseline")

@@ -4,6 +4,7 @@ that ``lit-accel fit`` accepts, and bad input is one message with no YAML left b
 from __future__ import annotations
 
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 from helpers import config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.cli import main as cli_main
-from lit_accel.tune import Lever, Measured, Setting, main, plan_levers, table, tune, tuned_yaml
+from lit_accel.tune import Lever, Measured, Setting, _duration, main, plan_levers, table, tune, tuned_yaml
 
 TESTS_DIR = Path(__file__).resolve().parent
 SMOKE = config("cifar10.yaml", "smoke.yaml")
@@ -60,6 +61,27 @@ def test_winners_of_two_levers_are_measured_together_and_kept_when_faster(in_tmp
     singles = {s.lever: statistics.median(m.ratios) for s, m in report["settings"]}
     assert combined.ratios[0] > max(singles.values()) > 1.0
     assert "| combined | 0 ms + 0 ms |" in table(report)
+
+
+def test_a_trial_that_outlasts_the_budget_is_stopped_and_shown_as_failed(in_tmp_dir, monkeypatch):
+    """A setting that sleeps 3 s a step needs 18 s for its 6 steps; the budget is 10 s."""
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    recipe = [*SMOKE, "--trainer.callbacks+=faults.SleepEachStep", "--trainer.callbacks.seconds", "0.0"]
+    slow = Setting("sleep", "3 s", ("--trainer.callbacks.seconds", "3.0"), {"a": 1}, False)
+    started = time.perf_counter()
+    report = tune(
+        recipe, [Lever("sleep", (slow,))], budget_s=10, warmup_steps=2, timed_steps=4, rounds=1, progress=False
+    )
+    assert time.perf_counter() - started < 10 + 5  # the trial's training stopped at the budget (set-up on top)
+    (measured,) = [m for _, m in report["settings"]]
+    assert measured.error is not None and "stopped before 6 optimizer steps" in measured.error
+    assert report["chosen"] == [] and "failed: RuntimeError: stopped before 6" in table(report)
+    assert [_duration(x) for x in (0.2, 9.1, 130, 90061)] == [
+        "00:00:00:01",
+        "00:00:00:10",
+        "00:00:02:10",
+        "01:01:01:01",
+    ]
 
 
 def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
