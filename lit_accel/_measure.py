@@ -1,4 +1,5 @@
-"""Helpers for timing runs in-process: quiet Lightning output and this process's peak memory.
+"""Helpers for timing runs in-process: the overrides of a timed trial, quiet Lightning output and this
+process's peak memory.
 
 Shared by ``lit-accel tune`` and the benchmarks in ``tools/``.
 """
@@ -11,7 +12,34 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["peak_rss_mb", "quiet", "reset_peak_rss"]
+__all__ = ["TRIAL_FIT_ARGS", "peak_rss_mb", "quiet", "reset_peak_rss"]
+
+# `lit-accel fit` overrides for a timed trial: no validation, progress bar, summary or checkpoint, and
+# the log in the trial's own (temporary) working folder, whatever the recipe logs to.
+TRIAL_FIT_ARGS = [
+    "--trainer.limit_val_batches",
+    "0",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    # A logger is needed (the CLI's LearningRateMonitor refuses to run without one): a CSV one in
+    # the trial's temporary folder, whatever the recipe logs to.
+    "--trainer.logger",
+    "lightning.pytorch.loggers.CSVLogger",
+    "--trainer.logger.init_args.save_dir",
+    ".",
+    "--checkpoint.monitor",
+    "null",
+    "--checkpoint.save_top_k",
+    "0",
+    "--checkpoint.save_last",
+    "false",
+    "--step_checkpoint.every_n_train_steps",
+    "0",
+]
 
 
 def peak_rss_mb() -> float:

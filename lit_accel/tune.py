@@ -63,36 +63,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lit_accel._measure import peak_rss_mb, quiet, reset_peak_rss
+from lit_accel._measure import TRIAL_FIT_ARGS, peak_rss_mb, quiet, reset_peak_rss
 
 __all__ = ["Lever", "Setting", "TrialTimer", "main", "plan_levers", "tune"]
 
 LEVERS = ("channels_last", "threads", "pipeline", "precision", "batch_size", "compile", "ddp")
-# Settings that keep a trial from writing anything but its own timing (the lit-accel CLI's keys).
-_TRIAL_ARGS = [
-    "--trainer.limit_val_batches",
-    "0",
-    "--trainer.num_sanity_val_steps",
-    "0",
-    "--trainer.enable_progress_bar",
-    "false",
-    "--trainer.enable_model_summary",
-    "false",
-    # A logger is needed (the CLI's LearningRateMonitor refuses to run without one): a CSV one in
-    # the trial's temporary folder, whatever the recipe logs to.
-    "--trainer.logger",
-    "lightning.pytorch.loggers.CSVLogger",
-    "--trainer.logger.init_args.save_dir",
-    ".",
-    "--checkpoint.monitor",
-    "null",
-    "--checkpoint.save_top_k",
-    "0",
-    "--checkpoint.save_last",
-    "false",
-    "--step_checkpoint.every_n_train_steps",
-    "0",
-]
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: the yaml dict is not hashable
@@ -365,7 +340,7 @@ def _run_trial(
     # Epochs unbounded, so the trial runs its steps whatever the recipe's epochs and batch limits.
     length = ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(warmup + timed)]
     length += ["--trainer.max_time", _duration(max_seconds)]
-    args = [*fit_args, *(setting.args if setting else ()), *_TRIAL_ARGS, *length]
+    args = [*fit_args, *(setting.args if setting else ()), *TRIAL_FIT_ARGS, *length]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lit-accel-tune-") as folder:
         try:

@@ -43,6 +43,8 @@ def measure_curve(batches: list[int], reps: int, images_per_run: int) -> dict[in
     sys.path.insert(0, str(TOOLS))
     from bench import Settings, _timed_fit
 
+    from lit_accel._measure import TRIAL_FIT_ARGS
+
     results: dict[int, list[float]] = {b: [] for b in batches}
     for rep in range(reps):
         for batch in batches if rep % 2 == 0 else batches[::-1]:
@@ -65,12 +67,7 @@ def measure_curve(batches: list[int], reps: int, images_per_run: int) -> dict[in
                 "1",
                 "--trainer.max_steps",
                 str(warmup + timed),
-                "--trainer.limit_val_batches",
-                "0",
-                "--trainer.num_sanity_val_steps",
-                "0",
-                "--trainer.enable_progress_bar",
-                "false",
+                *TRIAL_FIT_ARGS,  # what lit-accel tune's trials use: nothing written but the timing
             ]
             result = _timed_fit(settings, args)
             results[batch].append(float(result["images_per_sec"]))
