@@ -11,11 +11,12 @@ import torch
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from typing_extensions import override
 
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD, cutout, normalize, random_crop, random_flip
 from lit_accel.data.datasets import (
+    DeviceBatchLoader,
     EpochPosition,
     EpochSeededRandomSampler,
     ResumableDataLoader,
@@ -55,6 +56,19 @@ class CIFAR10DataModule(LightningDataModule):
     * ``"dataloader"``: per-sample torchvision ``transforms.v2`` in DataLoader worker processes
       (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``).
 
+    Residency of the preloaded splits (``residency``):
+
+    * ``"host"`` (default): in host memory; each batch is gathered there and copied to the device.
+    * ``"device"``: each split (training, validation, test) is copied once, as uint8, to the
+      training device when its loader is first built (CIFAR-10: 150 MB); batches are cut there by
+      an index tensor (:class:`~lit_accel.data.datasets.DeviceBatchLoader`), so a step makes no
+      host-to-device copy and no host sync. The order is the host pipeline's, batch for batch: one
+      seeded permutation per epoch and, under DDP/FSDP, this rank's shard of it with
+      ``DistributedSampler``'s semantics (disjoint shards, reshuffled every epoch). Each rank holds
+      the whole split, not only its shard: the per-epoch reshuffle across ranks needs every image
+      (150 MB per GPU for CIFAR-10). Resumes mid-epoch like the host pipeline. On a CPU the device
+      is host memory: nothing changes but the code path. Prediction keeps the host path.
+
     With augmentation off both pipelines yield the same normalized tensors. Cutout differs
     slightly: the preload pipeline centres the square anywhere (it may be clipped at the border,
     as in DeVries & Taylor), the DataLoader pipeline uses ``RandomErasing`` with a square kept
@@ -71,6 +85,7 @@ class CIFAR10DataModule(LightningDataModule):
         eval_batch_size: images per batch for validation, test and predict (default: ``batch_size``).
         val_size: training images held out for validation (0 turns validation off).
         pipeline: ``"preload"`` or ``"dataloader"``.
+        residency: where the preload pipeline holds the splits: ``"host"`` or ``"device"``.
         synthetic: use the seeded synthetic data set instead of CIFAR-10 (offline use).
         synthetic_size: with ``synthetic``, images in the training set before the validation split.
         synthetic_test_size: with ``synthetic``, images in the test set.
@@ -119,6 +134,7 @@ class CIFAR10DataModule(LightningDataModule):
         eval_batch_size: int | None = None,
         val_size: int = 5000,
         pipeline: Literal["preload", "dataloader"] = "preload",
+        residency: Literal["host", "device"] = "host",
         synthetic: bool = False,
         synthetic_size: int = 50_000,
         synthetic_test_size: int = 10_000,
@@ -147,6 +163,13 @@ class CIFAR10DataModule(LightningDataModule):
         )
         _require(val_size >= 0, "val_size", val_size, "0 or more images")
         _require(pipeline in ("preload", "dataloader"), "pipeline", pipeline, "'preload' or 'dataloader'")
+        _require(residency in ("host", "device"), "residency", residency, "'host' or 'device'")
+        _require(
+            residency == "host" or pipeline == "preload",
+            "residency",
+            residency,
+            "'host' with pipeline 'dataloader' (its workers transform images on the host), or pipeline 'preload'",
+        )
         _require(synthetic_size >= 1, "synthetic_size", synthetic_size, "a positive number of images")
         _require(synthetic_test_size >= 1, "synthetic_test_size", synthetic_test_size, "a positive number of images")
         _require(0 <= crop_padding <= 16, "crop_padding", crop_padding, "0 to 16 pixels")
@@ -177,6 +200,7 @@ class CIFAR10DataModule(LightningDataModule):
         self.eval_batch_size = eval_batch_size
         self.val_size = val_size
         self.pipeline = pipeline
+        self.residency = residency
         self.synthetic = synthetic
         self.synthetic_size = synthetic_size
         self.synthetic_test_size = synthetic_test_size
@@ -197,6 +221,8 @@ class CIFAR10DataModule(LightningDataModule):
         self._predict_folder: ImageFolderDataset | None = None
         self.classes: tuple[str, ...] = CIFAR10_CLASSES
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
+        # residency "device": the splits' copies on the training device, by split name
+        self._device_splits: dict[str, tuple[Tensor, Tensor]] = {}
         self._train_position = EpochPosition()
 
     # ----------------------------------------------------------------------------------- loading
@@ -261,22 +287,22 @@ class CIFAR10DataModule(LightningDataModule):
 
     # ------------------------------------------------------------------------------- dataloaders
     @override
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
         """Shuffled by ``(seed, epoch)`` and resumable mid-epoch (see :class:`ResumableDataLoader`)."""
         return self._dataloader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
 
     @override
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatchLoader:
         return self._dataloader("val", self.eval_batch_size or self.batch_size, shuffle=False)
 
     @override
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatchLoader:
         return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False)
 
     @override
     def predict_dataloader(self) -> DataLoader:
         if self.predict_dir is None:
-            return self.test_dataloader()
+            return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False, host=True)
         if self._predict_folder is None:
             raise RuntimeError("the predict folder is not opened: call setup('predict') first")
         workers = self.num_workers
@@ -294,9 +320,13 @@ class CIFAR10DataModule(LightningDataModule):
         # Preload: uint8 to the device, normalized there by on_after_batch_transfer, like the splits.
         return None if self.pipeline == "preload" else self._per_sample_transform(train=False)
 
-    def _dataloader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
+    def _dataloader(
+        self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False, host: bool = False
+    ) -> Any:
         if split not in self._splits:
             raise RuntimeError(f"the {split!r} split is not loaded: call setup() for its stage first")
+        if self.pipeline == "preload" and self.residency == "device" and not host:
+            return self._device_loader(split, batch_size, shuffle, drop_last)
         images, labels = self._splits[split]
         if self.pipeline == "preload":
             dataset: TensorBatchDataset | TransformedTensorDataset = TensorBatchDataset(images, labels)
@@ -319,6 +349,33 @@ class CIFAR10DataModule(LightningDataModule):
         # The run's seed (seed_everything), as Lightning's DistributedSampler uses under DDP.
         sampler = EpochSeededRandomSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
         return ResumableDataLoader(dataset, sampler=sampler, position=self._train_position, **options)
+
+    def _device_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool) -> DeviceBatchLoader:
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        if split not in self._device_splits or self._device_splits[split][0].device != device:
+            images, labels = self._splits[split]
+            self._device_splits[split] = (images.to(device), labels.to(device))
+        images, labels = self._device_splits[split]
+        # The samplers the host pipeline ends up with: Lightning injects a DistributedSampler only
+        # into DataLoader objects, so a rank's shard is chosen here, with the same arguments.
+        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        shard = trainer.distributed_sampler_kwargs if trainer is not None else None
+        host_split = TensorBatchDataset(*self._splits[split])
+        sampler: Sampler[int]
+        if shard and int(shard.get("num_replicas", 1)) > 1:
+            sampler = DistributedSampler(host_split, shuffle=shuffle, seed=seed, **shard)
+        elif shuffle:
+            sampler = EpochSeededRandomSampler(host_split, seed=seed)
+        else:
+            sampler = SequentialSampler(host_split)
+        position = self._train_position if shuffle else None
+        return DeviceBatchLoader(images, labels, batch_size, sampler, drop_last=drop_last, position=position)
+
+    @override
+    def teardown(self, stage: str) -> None:
+        """Free the device copies of the splits (residency ``"device"``) when a stage ends."""
+        self._device_splits.clear()
 
     def _per_sample_transform(self, train: bool) -> Any:
         from torchvision.transforms import v2

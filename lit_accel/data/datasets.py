@@ -8,10 +8,11 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, Sampler
 from typing_extensions import override
 
 __all__ = [
+    "DeviceBatchLoader",
     "EpochPosition",
     "EpochSeededRandomSampler",
     "ResumableDataLoader",
@@ -154,3 +155,79 @@ class ResumableDataLoader(DataLoader):
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         done = int(state_dict.get("batches_done", 0))
         self.position.skip = done if 0 < done < len(self) else 0
+
+
+class DeviceBatchLoader:
+    """Batches cut from tensors held on the training device: no copy and no host sync per batch.
+
+    The split is copied to the device once (by the caller); every epoch the sampler's order is
+    turned into one index tensor, copied to the device once, and each batch is two ``index_select``
+    calls on the device. With the samplers the DataLoader pipeline gets (:class:`EpochSeededRandomSampler`
+    on one process, ``DistributedSampler`` under DDP/FSDP, built here because Lightning injects
+    samplers only into ``DataLoader`` objects), the batches are exactly those of the host-resident
+    pipeline, in the same order. Lightning calls ``sampler.set_epoch`` at each epoch (it looks for
+    a ``sampler`` attribute on any loader) and saves ``state_dict`` in checkpoints; a resumed epoch
+    skips the batches already trained on by starting at their offset (nothing is fetched).
+
+    Args:
+        images: the split's images, already on the device (uint8 ``(N, C, H, W)``).
+        labels: its labels, on the same device.
+        batch_size: images per batch.
+        sampler: gives each epoch's indices into the split (an order, or this rank's shard of one).
+        drop_last: leave out the last batch when it is smaller than ``batch_size``.
+        position: the :class:`EpochPosition` its data module counts trained batches in (training
+            loaders); ``None`` for evaluation loaders.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        batch_size: int,
+        sampler: Sampler[int],
+        drop_last: bool = False,
+        position: EpochPosition | None = None,
+    ) -> None:
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in length")
+        if images.device != labels.device:
+            raise ValueError(f"images ({images.device}) and labels ({labels.device}) are on different devices")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} is not allowed: use a positive number of images")
+        self.images = images
+        self.labels = labels
+        self.batch_size = batch_size
+        self.sampler = sampler
+        # What Lightning reads off a loader with a sampler (whether it shuffles), as from a
+        # DataLoader built with sampler= and batch_size=... minus the batch sampler it never uses.
+        self.batch_sampler = None
+        self.drop_last = drop_last
+        self.position = position
+
+    def __len__(self) -> int:
+        samples = len(self.sampler)  # type: ignore[arg-type]  # every sampler used here is Sized
+        return samples // self.batch_size if self.drop_last else -(-samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        # Everything happens at the first batch: Lightning calls iter() once on a loader that is not
+        # a DataLoader only to check that it is iterable, and creates the real iterator before it
+        # calls set_epoch.
+        skip = 0
+        if self.position is not None:
+            skip, self.position.skip = self.position.skip, 0
+            skip = skip if 0 < skip < len(self) else 0
+            self.position.done, self.position.epoch_finished = skip, False
+        order = torch.as_tensor(list(self.sampler), dtype=torch.long).to(self.images.device, non_blocking=True)
+        for batch in range(skip, len(self)):
+            index = order[batch * self.batch_size : (batch + 1) * self.batch_size]
+            yield self.images.index_select(0, index), self.labels.index_select(0, index)
+
+    def state_dict(self) -> dict[str, int]:
+        position = self.position
+        done = 0 if position is None or position.epoch_finished else position.done
+        return {"batches_done": done}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        if self.position is not None:
+            done = int(state_dict.get("batches_done", 0))
+            self.position.skip = done if 0 < done < len(self) else 0

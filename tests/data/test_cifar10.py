@@ -115,7 +115,8 @@ def test_batch_size_change_takes_effect_on_the_next_train_dataloader():
     assert next(iter(dm.train_dataloader()))[0].shape[0] == 48
 
 
-def test_resume_mid_epoch_continues_the_epochs_data_with_a_sized_schedule(tmp_path):
+@pytest.mark.parametrize("residency", ["host", "device"])
+def test_resume_mid_epoch_continues_the_epochs_data_with_a_sized_schedule(tmp_path, residency):
     """WarmupDecayLR is sized from trainer.estimated_stepping_batches in configure_optimizers, which
     makes Lightning 2.6 drop the training loader's saved state on resume (Lightning issue #20550):
     the data module's own state carries the position. Resumed from step 3 of 8, the run trains on
@@ -143,7 +144,7 @@ def test_resume_mid_epoch_continues_the_epochs_data_with_a_sized_schedule(tmp_pa
     def fit(folder, batches: Batches, ckpt_path=None) -> ImageClassifier:
         L.seed_everything(0)
         model = ImageClassifier(lr_scheduler=partial(WarmupDecayLR, warmup_fraction=0.25))
-        data = CIFAR10DataModule(synthetic=True, synthetic_size=640, val_size=128, batch_size=64)
+        data = CIFAR10DataModule(synthetic=True, synthetic_size=640, val_size=128, batch_size=64, residency=residency)
         checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=3, save_top_k=-1)
         trainer = L.Trainer(
             accelerator="cpu", max_epochs=1, limit_val_batches=0, logger=False, enable_progress_bar=False,
@@ -201,6 +202,8 @@ def test_lightning_distributed_sampler_gives_disjoint_reshuffled_shards():
         ({"cutout": 40}, "cutout"),
         ({"num_workers": -1}, "num_workers"),
         ({"eval_batch_size": 0}, "eval_batch_size"),
+        ({"residency": "gpu"}, "residency"),
+        ({"residency": "device", "pipeline": "dataloader"}, "residency"),
     ],
 )
 def test_bad_arguments_raise(kwargs, name):
