@@ -379,12 +379,18 @@ def _check_output_folder(folder: str, setting: str) -> None:
         )
 
 
+# What turns the GPU recipe into a CPU run: the CPU, and fp32 (bf16 autocast is slower than fp32 on
+# CPUs without AVX512-BF16, BENCHMARKS.md); residency "device" is then host memory.
+GPU_RECIPE_ON_CPU = "--trainer.accelerator cpu --trainer.precision 32-true"
+
+
 def _check_gpu_available(accelerator: str) -> None:
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise LitAccelUserError(
             f"trainer.accelerator is {accelerator!r} but this machine has no usable CUDA GPU. "
-            "configs/strategy/fsdp_gpu.yaml is GPU only: on a CPU use configs/strategy/fsdp.yaml "
-            "(FSDP2, CPU and GPU) or configs/strategy/ddp.yaml, or pass --trainer.accelerator cpu."
+            f"The GPU recipe (configs/gpu.yaml) runs on a CPU, slowly, with {GPU_RECIPE_ON_CPU} "
+            "(configs/cifar10.yaml alone is the recipe for a CPU). configs/strategy/fsdp_gpu.yaml is GPU "
+            "only: on a CPU use configs/strategy/fsdp.yaml (FSDP2, CPU and GPU) or configs/strategy/ddp.yaml."
         )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers import CONFIGS, config, run_cli, same_state
-from lit_accel.cli import LitAccelCLI, main
+from lit_accel.cli import GPU_RECIPE_ON_CPU, LitAccelCLI, main
 
 TESTS_DIR = Path(__file__).resolve().parent  # faults.py, loaded by class path in the CLI runs
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -25,7 +25,8 @@ TWO_PROCESSES = [
     [*SMOKE, "strategy/ddp.yaml", "precision/bf16-mixed.yaml"],
     [*SMOKE, "strategy/fsdp.yaml"],
 ]
-GPU_ONLY = [[*SMOKE, "strategy/fsdp_gpu.yaml", "precision/16-mixed.yaml"]]
+GPU_RECIPE = ["cifar10.yaml", "gpu.yaml", "smoke.yaml"]
+GPU_ONLY = [[*SMOKE, "strategy/fsdp_gpu.yaml", "precision/16-mixed.yaml"], GPU_RECIPE]
 PROGRESS = [*SMOKE, "dynamic_progress.yaml"]  # needs 2 epochs or more: its own test below
 REAL_CIFAR = [["cifar10.yaml"]]
 
@@ -156,16 +157,33 @@ def test_two_process_strategies_resume_and_stop_a_divergence(names, tmp_path):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without a GPU")
-def test_gpu_only_config_without_a_gpu_is_one_clear_error(in_tmp_dir, capsys):
+@pytest.mark.parametrize("names", GPU_ONLY, ids=lambda names: "+".join(names))
+def test_gpu_only_config_without_a_gpu_is_one_clear_error(names, in_tmp_dir, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["fit", *config(*GPU_ONLY[0]), *QUIET])
+        main(["fit", *config(*names), *QUIET])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("lit-accel: error:") and "GPU" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the GPU recipe the way its error message says")
+def test_gpu_recipe_runs_on_a_cpu_with_the_changes_its_error_names(in_tmp_dir, capsys):
+    """The message's own flags turn configs/gpu.yaml into a CPU run (a narrow ResNet9 to keep it short)."""
+    with pytest.raises(SystemExit):
+        main(["fit", *config(*GPU_RECIPE), *QUIET])
+    err = capsys.readouterr().err
+    assert GPU_RECIPE_ON_CPU in err
+    cli = LitAccelCLI(args=["fit", *config(*GPU_RECIPE), *QUIET, *GPU_RECIPE_ON_CPU.split(), "--model.net.width", "8"])
+    assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
+    assert type(cli.model.net).__name__ == "ResNet9" and cli.datamodule.residency == "device"
+    assert type(cli.trainer.train_dataloader).__name__ == "DeviceBatchLoader"
+    assert {"ThroughputMeter", "DivergenceGuard"} <= {type(c).__name__ for c in cli.trainer.callbacks}
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_only_config_on_a_gpu(tmp_path):
-    result = run_cli(["fit", *config(*GPU_ONLY[0]), *QUIET], cwd=tmp_path)
+@pytest.mark.parametrize("names", GPU_ONLY, ids=lambda names: "+".join(names))
+def test_gpu_only_config_on_a_gpu(names, tmp_path):
+    result = run_cli(["fit", *config(*names), *QUIET], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
