@@ -126,6 +126,19 @@ class StepTimer(Callback):
         if self._timing:
             self._finish(trainer)
 
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Adds ThroughputMeter's summary of the run (MFU among it), when the recipe has the meter:
+        its figures exist only after every callback's ``on_train_end``."""
+        from lit_accel.callbacks import ThroughputMeter
+
+        meters = [c for c in trainer.callbacks if isinstance(c, ThroughputMeter)]  # type: ignore[attr-defined]
+        if stage != "fit" or not self.result or not meters or not meters[0].summary:
+            return
+        self.result["throughput"] = dict(meters[0].summary)
+        if self.output and trainer.is_global_zero:
+            with open(self.output, "w") as f:
+                json.dump({k: v for k, v in self.result.items() if k != "pid"}, f)
+
     def _finish(self, trainer: pl.Trainer) -> None:
         self._sync(trainer)
         self._elapsed += time.perf_counter() - self._mark

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -67,14 +68,26 @@ def train(
     precision: str = "32-true",
     device: str = "cpu",
     seed: int = 0,
+    channels_last: bool = False,
+    data_on_device: bool = False,
+    compile: bool = False,
+    compile_options: dict[str, Any] | None = None,
 ) -> LoopResult:
     """Train ``warmup_steps + timed_steps`` steps; time the last ``timed_steps``.
 
     The device is synchronized before each clock reading, as the Lightning side's timer does.
+    ``channels_last`` keeps the network and inputs in NHWC, ``data_on_device`` copies the images
+    to the device once (batches are then cut there), ``compile`` wraps the network in
+    ``torch.compile(**compile_options)``: the hand-written counterparts of the GPU recipe's settings.
     """
     torch.manual_seed(seed)
     dev = torch.device(device)
     net = net.to(dev).train()
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
+    model = torch.compile(net, **(compile_options or {})) if compile else net
+    if data_on_device:
+        images, labels = images.to(dev), labels.to(dev)
     optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
@@ -84,7 +97,7 @@ def train(
         autocast_dtype = torch.bfloat16  # as Lightning does on a CPU
     scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16-mixed" and dev.type == "cuda")
 
-    order = torch.randperm(images.shape[0])
+    order = torch.randperm(images.shape[0]).to(images.device)
     position = 0
     started = 0.0
     loss = torch.zeros(())
@@ -94,14 +107,14 @@ def train(
                 torch.cuda.synchronize(dev)
             started = time.perf_counter()
         if position + batch_size > images.shape[0]:
-            order, position = torch.randperm(images.shape[0]), 0
+            order, position = torch.randperm(images.shape[0]).to(images.device), 0
         index = order[position : position + batch_size]
         position += batch_size
         x = images[index].to(dev, non_blocking=True)
         y = labels[index].to(dev, non_blocking=True)
-        x = (_augment(x).float().div_(255) - mean) / std
+        x = ((_augment(x).float().div_(255) - mean) / std).contiguous(memory_format=memory_format)
         with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            loss = loss_fn(net(x), y)
+            loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -493,6 +493,12 @@ class ThroughputMeter(Callback):
       for every key above except the memory ones (``throughput/epoch_samples_per_sec``,
       ``throughput/epoch_global_samples_per_sec``, ``throughput/epoch_mfu``, ...).
 
+    Attributes:
+        summary: after each ``fit``, the whole run's figures, reduced over ranks (the keys above
+            without ``throughput/``, e.g. ``global_samples_per_sec``, ``mfu``,
+            ``data_wait_fraction_max``, ``peak_memory_mb_max``): what the printed summary shows,
+            for a script to read. Empty before the first fit ends.
+
     Raises:
         ValueError: if an argument is out of range (the message names it and what is allowed).
 
@@ -559,6 +565,7 @@ class ThroughputMeter(Callback):
         self._device = torch.device("cpu")
         self._peak: float | None = None
         self._peak_note = "no peak"
+        self.summary: dict[str, float] = {}
         self._pending = _Tally()  # timed batches not yet drained from the timer
         self._interval = _Tally()
         self._epoch = _Tally()
@@ -703,6 +710,7 @@ class ThroughputMeter(Callback):
         self._drain()
         wall = time.perf_counter() - self._train_started_at
         metrics = self._reduce_metrics(trainer, self._total, with_memory=True)
+        self.summary = dict(metrics)
         if self.print_summary:
             total = self._total
             text = _format_summary(metrics, trainer.world_size, total.batches, total.seconds, wall, self._peak_note)

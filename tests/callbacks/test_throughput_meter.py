@@ -605,6 +605,9 @@ def test_works_on_a_minimal_module_and_datamodule_with_dict_batches(tmp_path, mo
     assert meter.state_dict()["samples"] == 3 + 3 + 10
     assert {"throughput/samples_per_sec", "throughput/mfu", "throughput/epoch_global_samples_per_sec"} <= logger.keys()
     assert any("ThroughputMeter summary" in s for s in summaries)
+    # the printed summary's figures, kept for scripts to read
+    assert meter.summary["mfu"] > 0 and meter.summary["peak_memory_mb_max"] > 0
+    assert meter.summary["global_samples_per_sec"] == pytest.approx(meter.summary["samples_per_sec"])
 
 
 def test_without_logger_and_with_validation_only_run(tmp_path, clock):

@@ -1,0 +1,130 @@
+"""tools/gpu_check.py works before a GPU is ever lent: its quick mode runs every section on the CPU."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from helpers import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+import gpu_check  # noqa: E402
+
+
+@pytest.mark.slow
+def test_quick_mode_runs_every_section_and_writes_the_report(tmp_path):
+    """One quick run: the gpu tests, every fit of the matrix, the whole recipe's fit and test
+    processes, and the plain-loop pairs (compiled and not), each with figures in report.json and a
+    row in report.md."""
+    out = tmp_path / "report"
+    assert gpu_check.main([str(out), "--quick"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["verdict"] == "passed" and report["section_errors"] == {}
+    sections = report["sections"]
+
+    tests = sections["gpu_tests"]
+    assert tests["files"] == ["tests/test_configs.py"] and tests["failed"] == 0
+    if not torch.cuda.is_available():
+        assert tests["passed"] == 0 and tests["skipped"] >= 2, "the gpu tests were collected and skipped here"
+
+    fits = {row["fit"]: row for row in sections["fits"]}
+    assert list(fits) == [name for name, *_ in gpu_check.FITS]
+    for name, row in fits.items():
+        if name.startswith("fsdp_gpu"):
+            assert "needs a GPU" in row["not_run"]
+            continue
+        assert row["exit_status"] == 0, row
+        assert row["images_per_sec"] > 0 and 0 <= row["data_wait"] < 1 and row["peak_memory_mb"] > 0
+        assert 0 < row["mfu"] < 1, "ThroughputMeter's MFU reaches the report"
+
+    (synthetic,) = sections["time_to_accuracy"]
+    assert synthetic["exit_status"] == 0 and synthetic["fit_seconds"] > synthetic["train_seconds"] > 0
+    assert len(synthetic["curve"]) == 2, "quick mode: 2 epochs, validated after each"
+    assert all(0 <= accuracy <= 1 for _, _, accuracy in synthetic["curve"]) and 0 <= synthetic["test_acc"] <= 1
+
+    pairs = {(row["network"], row["compile"]): row for row in sections["versus_plain_loop"]}
+    for key in [("SeedCNN", False), ("ResNet9 (GPU recipe)", False), ("SeedCNN", True)]:
+        assert pairs[key]["ratio"] > 0 and pairs[key]["plain_images_per_sec"] > 0, key
+    assert "quick mode" in pairs["ResNet9 (GPU recipe)", True]["not_run"]
+
+    text = (out / "report.md").read_text()
+    for heading in ("## gpu-marked tests", "## Short fits", "## Time to accuracy", "## lit-accel against"):
+        assert heading in text
+    assert text.count("| fsdp") == 2 and text.count("| synthetic |") == 1
+
+
+def test_a_data_dir_adds_the_recipe_on_those_images(tmp_path, cifar10_root, monkeypatch):
+    """The real-data run is the same harness (tests/test_bench.py runs it on a CIFAR-format
+    folder); here: gpu_check hands it the folder after the synthetic run."""
+    root, _ = cifar10_root
+    calls = []
+
+    def run_recipe(recipe_args, data_args, timeout):
+        calls.append(data_args)
+        return {"fit_exit_code": 0, "fit_seconds": 9.0, "images_per_sec": 100.0, "train_seconds": 2.0,
+                "curve": [(1.0, 4, 0.5), (2.0, 8, 0.95)], "test_acc": 0.9}  # fmt: skip
+
+    monkeypatch.setattr(gpu_check.bench_recipe, "run_recipe", run_recipe)
+    plan = gpu_check.Plan.for_run(True, 60.0, 0.94, str(root))
+    synthetic, real = gpu_check.time_to_accuracy(plan, gpu_check.Clock(60.0), tmp_path)
+    assert "--data.synthetic" in calls[0] and calls[0][calls[0].index("--data.synthetic") + 1] == "true"
+    assert calls[1][calls[1].index("--data.data_dir") + 1] == str(root.resolve())
+    assert real["data"] == "real CIFAR-10" and real["seconds_to_target"] == 2.0 and real["test_acc"] == 0.9
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_without_a_gpu_and_without_quick_it_says_so_in_one_line(tmp_path, capsys):
+    assert gpu_check.main([str(tmp_path / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu_check: this machine has no CUDA GPU") and "--quick" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "report").exists()
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        ("report", "already holds a report"),
+        ("file", "is a file"),
+        ("no_cifar", "no cifar-10-batches-py/"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, setup, message):
+    out = tmp_path / "report"
+    args = [str(out), "--quick"]
+    if setup == "report":
+        out.mkdir()
+        (out / "report.md").write_text("an earlier report")
+    elif setup == "file":
+        out.write_text("not a folder")
+    else:
+        args += ["--data-dir", str(tmp_path)]
+    assert gpu_check.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    if setup == "report":
+        assert (out / "report.md").read_text() == "an earlier report", "never overwritten"
+
+
+def test_the_verdict_fails_on_any_failed_test_fit_or_section():
+    passed = {
+        "sections": {
+            "gpu_tests": {"exit_status": 0, "failed": 0},
+            "fits": [{"fit": "fp32", "exit_status": 0}, {"fit": "fsdp_gpu", "not_run": "needs a GPU"}],
+            "time_to_accuracy": [{"data": "synthetic", "exit_status": 0}],
+            "versus_plain_loop": [{"network": "SeedCNN", "compile": False, "ratio": 0.98}],
+        },
+        "section_errors": {},
+    }
+    assert gpu_check._verdict(passed) == "passed"
+    broken = [
+        ("gpu_tests", {"exit_status": 1, "failed": 1}),
+        ("fits", [{"fit": "fp32", "exit_status": 1, "error": "exit 1"}]),
+        ("time_to_accuracy", [{"data": "real CIFAR-10", "error": "... exited with 2"}]),
+        ("versus_plain_loop", [{"network": "SeedCNN", "compile": True, "error": "RuntimeError: boom"}]),
+    ]
+    for section, value in broken:
+        report = json.loads(json.dumps(passed))
+        report["sections"][section] = value
+        assert gpu_check._verdict(report) == "failed", section
+    assert gpu_check._verdict({**passed, "section_errors": {"fits": "ValueError: x"}}) == "failed"
