@@ -1,9 +1,9 @@
 """The benchmark must not rot: its quickest mode runs every case and prints a well-formed table."""
 
+import importlib
 import itertools
 import json
 import re
-import subprocess
 import sys
 
 import lightning as L
@@ -16,14 +16,21 @@ from lit_accel.cli import LitAccelCLI
 from lit_accel.models import SeedCNN
 
 
+def _tool(name: str):
+    """A module of tools/, imported as the tools import each other."""
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    return importlib.import_module(name)
+
+
 @pytest.mark.slow
-def test_bench_smoke_prints_a_row_for_every_variant(tmp_path):
+def test_bench_smoke_prints_a_row_for_every_variant(tmp_path, monkeypatch, capsys):
     """Every case but ddp (a 1-process and a 2-process lit-accel job, 18 s of the suite's time, so
-    its _subprocess_run is left to the bench's own runs), and two networks."""
-    result = subprocess.run(
+    its _subprocess_run is left to the bench's own runs), and two networks. In this process: the
+    bench runs its cases in its own process anyway, and a second interpreter costs seconds."""
+    monkeypatch.chdir(tmp_path)
+    bench = _tool("bench")
+    bench.main(
         [
-            sys.executable,
-            str(REPO_ROOT / "tools" / "bench.py"),
             "--smoke",
             "--cases",
             "overhead,callbacks,pipeline,precision,networks",
@@ -33,14 +40,9 @@ def test_bench_smoke_prints_a_row_for_every_variant(tmp_path):
             "BatchNormCNN",
             "--json",
             str(tmp_path / "bench.json"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
-    main_table, network_table = result.stdout.split("\n\n")[-2:]
+    main_table, network_table = capsys.readouterr().out.split("\n\n")[-2:]
     rows = [
         line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith(("| case", "| ---"))
     ]
@@ -112,14 +114,15 @@ def test_step_timer_stops_at_its_training_time_budget_and_records_the_curve(tmp_
 
 # --------------------------------------------------------------------- the recipe harness
 @pytest.mark.slow
-def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_folder(tmp_path, cifar10_root):
+def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_folder(
+    tmp_path, cifar10_root, monkeypatch, capsys
+):
     """The maintainers' path: any CIFAR-format folder (here the fixture's, not the official files)."""
     root, _ = cifar10_root
     out = tmp_path / "recipes.json"
-    result = subprocess.run(
+    monkeypatch.chdir(tmp_path)
+    _tool("bench").main(
         [
-            sys.executable,
-            str(REPO_ROOT / "tools" / "bench.py"),
             "--cases",
             "recipe",
             "--smoke",
@@ -129,13 +132,9 @@ def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_fold
             "epochs2",  # one recipe (a fit and a test process) keeps the suite short
             "--json",
             str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
+        ]
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = capsys.readouterr().out
     rows = {row["recipe"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == ["epochs2"]
     # smoke.yaml makes the recipe 1 epoch; "epochs2" adds --trainer.max_epochs 2 after it
@@ -145,7 +144,7 @@ def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_fold
         assert row["test_seconds"] > 0 and row["reps"] == 1
         assert 0.0 <= row["test_acc"] <= 1.0 and 0.0 <= row["train_acc"] <= 1.0
         assert row["val_acc"] == pytest.approx(row["curves"][0][-1][2])
-    table_rows = [line for line in result.stdout.splitlines() if re.match(r"\| (recipe|epochs2) \| [\d.]+ \|", line)]
+    table_rows = [line for line in stdout.splitlines() if re.match(r"\| (recipe|epochs2) \| [\d.]+ \|", line)]
     assert len(table_rows) == 1 and all(re.search(r"\| 0\.\d{4} \|", line) for line in table_rows)
 
 

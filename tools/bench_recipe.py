@@ -250,7 +250,8 @@ def data_arguments(data_dir: str | None, smoke: bool) -> list[str]:
     return args
 
 
-def run(recipes: list[Recipe], data_args: list[str], reps: int, timeout: float, log: Any = sys.stderr) -> None:
+def run(recipes: list[Recipe], data_args: list[str], reps: int, timeout: float, log: Any = None) -> None:
+    log = log or sys.stderr  # at call time: a caller may have replaced sys.stderr since the import
     for rep in range(reps):
         for recipe in recipes if rep % 2 == 0 else recipes[::-1]:
             result = run_recipe(recipe.args, data_args, timeout)

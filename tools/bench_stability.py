@@ -108,8 +108,9 @@ def run(
     reps: int,
     timeout: float,
     base_lr: float,
-    log: Any = sys.stderr,
+    log: Any = None,
 ) -> None:
+    log = log or sys.stderr  # at call time: a caller may have replaced sys.stderr since the import
     with tempfile.TemporaryDirectory(prefix="lit-accel-stability-") as folder:
         unguarded = write_unguarded_recipe(Path(folder))
         for rep in range(reps):
