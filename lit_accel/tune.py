@@ -13,12 +13,15 @@ Levers (``--levers``, default: all that apply here, cheapest first):
 * ``channels_last``: the other memory layout (training unchanged);
 * ``threads``: intra-op CPU threads (``num_threads``: 1, half and all of the cores), on a CPU
   (training unchanged up to the order of floating-point sums);
-* ``pipeline``: the other input pipeline, the DataLoader one with 0 to 4 workers (same data,
-  other random streams for augmentation: training unchanged in distribution);
+* ``pipeline``: the other input pipeline: preload in host memory, preload on the GPU
+  (``data.residency: device``, where there is a GPU), the DataLoader one with 0 to 4 workers (same
+  data, other random streams for augmentation: training unchanged in distribution);
 * ``precision``: ``bf16-mixed`` against ``32-true`` (and ``16-mixed`` on a CUDA GPU): **changes
   what is learned** (rounding);
-* ``batch_size``: half and twice the per-device batch, the learning rate scaled by the rule the
-  optimizer needs (square root for Adam-type, linear otherwise): **changes what is learned**;
+* ``batch_size``: half, 2, 4 and 8 times the per-device batch (up to the training split's size),
+  the learning rate scaled by the rule the optimizer needs (square root for Adam-type, linear
+  otherwise); a batch that does not fit in memory is a failed trial, so the fastest that fits is
+  found: **changes what is learned**;
 * ``compile``: ``torch.compile`` of the network (default only on a GPU: on a CPU compiling takes
   longer than a short trial; name it to try);
 * ``ddp``: 2 processes or more (the CPU cores / GPUs here), the same global batch: **changes what
@@ -68,6 +71,9 @@ from lit_accel._measure import TRIAL_FIT_ARGS, peak_rss_mb, quiet, reset_peak_rs
 __all__ = ["Lever", "Setting", "TrialTimer", "main", "plan_levers", "tune"]
 
 LEVERS = ("channels_last", "threads", "pipeline", "precision", "batch_size", "compile", "ddp")
+# Per-device batch sizes tried, as multiples of the recipe's: the largest that fits in memory and
+# is fastest wins (a batch that does not fit is a failed trial, "out of memory", not a crash).
+BATCH_FACTORS = (0.5, 2.0, 4.0, 8.0)
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: the yaml dict is not hashable
@@ -227,24 +233,7 @@ def _lever(name: str, config: Any, cuda: bool, devices_here: int) -> Lever | str
             ),
         )
     if name == "pipeline":
-        settings = []
-        if data.pipeline != "preload":
-            settings.append(
-                Setting(name, "preload", ("--data.pipeline", "preload"), {"data.pipeline": "preload"}, False)
-            )
-        for workers in range(0, min(4, os.cpu_count() or 1) + 1):
-            if data.pipeline == "dataloader" and workers == data.num_workers:
-                continue
-            settings.append(
-                Setting(
-                    name,
-                    f"dataloader, {workers} workers",
-                    ("--data.pipeline", "dataloader", "--data.num_workers", str(workers)),
-                    {"data.pipeline": "dataloader", "data.num_workers": workers},
-                    False,
-                )
-            )
-        return Lever(name, tuple(settings))
+        return Lever(name, tuple(_pipeline_settings(data, cuda)))
     if name == "precision":
         current = str(trainer.precision)
         options = ["32-true", "bf16-mixed"] + (["16-mixed"] if cuda else [])
@@ -261,9 +250,10 @@ def _lever(name: str, config: Any, cuda: bool, devices_here: int) -> Lever | str
         lr = _learning_rate(model)
         rule = _lr_rule(model)
         settings_list = []
-        for factor in (0.5, 2.0):
+        largest = _training_images(data)
+        for factor in BATCH_FACTORS:
             new_batch = int(batch * factor)
-            if new_batch < 1:
+            if new_batch < 1 or (largest is not None and new_batch > largest):
                 continue
             args = ["--data.batch_size", str(new_batch)]
             yaml: dict[str, Any] = {"data.batch_size": new_batch}
@@ -300,6 +290,41 @@ def _lever(name: str, config: Any, cuda: bool, devices_here: int) -> Lever | str
         label = f"{processes} processes, batch {per_device} each"
         return Lever(name, (Setting(name, label, ddp_args, ddp_yaml, True, processes=processes),))
     raise ValueError(f"--levers {name!r} is not allowed: use some of {', '.join(LEVERS)}")
+
+
+def _pipeline_settings(data: Any, cuda: bool) -> list[Setting]:
+    """The other input pipelines: preload (on the GPU too, where there is one), DataLoader with 0-4 workers."""
+    residency = str(getattr(data, "residency", "host"))
+    preloads = [("host", "preload")] + ([("device", "preload, on the GPU")] if cuda else [])
+    settings = []
+    for where, label in preloads:
+        if data.pipeline == "preload" and residency == where:
+            continue
+        args = ("--data.pipeline", "preload", "--data.residency", where)
+        settings.append(Setting("pipeline", label, args, {"data.pipeline": "preload", "data.residency": where}, False))
+    for workers in range(0, min(4, os.cpu_count() or 1) + 1):
+        if data.pipeline == "dataloader" and workers == data.num_workers:
+            continue
+        # residency "device" belongs to the preload pipeline: the DataLoader one needs "host"
+        settings.append(
+            Setting(
+                "pipeline",
+                f"dataloader, {workers} workers",
+                ("--data.pipeline", "dataloader", "--data.num_workers", str(workers), "--data.residency", "host"),
+                {"data.pipeline": "dataloader", "data.num_workers": workers, "data.residency": "host"},
+                False,
+            )
+        )
+    return settings
+
+
+def _training_images(data: Any) -> int | None:
+    """Images per epoch in the training split (a batch larger than it cannot be taken), if known."""
+    if bool(data.synthetic):
+        return int(data.synthetic_size) - int(data.val_size)
+    if getattr(data, "data_dir", None) is not None and bool(data.verify_checksums):
+        return 50_000 - int(data.val_size)
+    return None
 
 
 def _learning_rate(model: Any) -> float | None:

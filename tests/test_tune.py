@@ -114,7 +114,7 @@ def test_a_tuned_yaml_composes_after_the_recipe_and_says_what_it_changes(in_tmp_
     assert "CHANGES WHAT IS LEARNED" in text and "training unchanged" in text
     values = yaml.safe_load(text)
     # smoke.yaml: batch 64 -> 128, AdamW's LR 0.004 by the square-root rule
-    assert values["data"] == {"pipeline": "dataloader", "num_workers": 1, "batch_size": 128}
+    assert values["data"] == {"pipeline": "dataloader", "num_workers": 1, "residency": "host", "batch_size": 128}
     assert values["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(0.004 * 2**0.5, rel=1e-5)
     wanted_threads = by_lever["threads"][0].yaml["num_threads"]
     assert values["num_threads"] == wanted_threads
@@ -184,3 +184,33 @@ def test_progress_bar_counts_the_trials(in_tmp_dir, capsys):
     assert main([*SMOKE, *args]) == 0
     err = capsys.readouterr().err
     assert "lit-accel tune" in err and "2/2" in err  # the recipe and one setting
+
+
+def test_the_batch_lever_tries_up_to_eight_times_the_batch_that_the_training_split_holds():
+    """smoke.yaml: batch 64 of 768 training images; a smaller split leaves out what it cannot hold."""
+    (lever,), _ = plan_levers(_parsed(), ["batch_size"], unchanged_only=False)
+    assert [s.yaml["data.batch_size"] for s in lever.settings] == [32, 128, 256, 512]
+    assert all(s.changes_training for s in lever.settings)
+    (small,), _ = plan_levers(_parsed("--data.synthetic_size", "300", "--data.val_size", "44"), ["batch_size"], False)
+    assert [s.yaml["data.batch_size"] for s in small.settings] == [32, 128, 256]
+
+
+def test_from_a_device_resident_recipe_every_pipeline_setting_is_one_the_cli_accepts():
+    """configs/gpu.yaml holds the data on the device; the DataLoader settings must say host."""
+    recipe = [*config("cifar10.yaml", "gpu.yaml", "smoke.yaml"), "--trainer.accelerator", "cpu"]
+    parsed = LitAccelCLI(args=recipe, run=False).config
+    (lever,), _ = plan_levers(parsed, ["pipeline"], unchanged_only=False)
+    assert {s.name for s in lever.settings} >= {"preload", "dataloader, 0 workers"}
+    for setting in lever.settings:
+        data = LitAccelCLI(args=[*recipe, *setting.args], run=False).datamodule  # no ConfigurationError
+        assert (data.pipeline, data.residency) == (setting.yaml["data.pipeline"], setting.yaml["data.residency"])
+
+
+def test_the_compile_lever_measures_a_compiled_network(in_tmp_dir):
+    """torch.compile with the eager backend (dynamo traces, no code generation: seconds on a CPU)."""
+    recipe = [*SMOKE, "--model.compile_options", '{"backend": "eager"}']
+    (lever,), _ = plan_levers(LitAccelCLI(args=recipe, run=False).config, ["compile"], unchanged_only=False)
+    report = tune(recipe, [lever], budget_s=120, warmup_steps=2, timed_steps=4, rounds=1, progress=False)
+    ((setting, measured),) = report["settings"]
+    assert setting.args == ("--model.compile", "true") and measured.error is None
+    assert len(measured.ratios) == 1 and measured.ratios[0] > 0

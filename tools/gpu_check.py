@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -189,6 +190,10 @@ def run_lit_accel(args: list[str], folder: Path, separate_process: bool, timeout
 
     threads = torch.get_num_threads()
     environment = dict(os.environ)  # DDP/FSDP set MASTER_PORT and friends: later processes must not inherit them
+    # A port of its own: torch keeps the rendezvous port of an in-process DDP run bound after the
+    # process group is destroyed, and later DDP runs from this process tree would inherit the
+    # MASTER_PORT it took from the environment (EADDRINUSE, or a rank waiting for ever).
+    os.environ["MASTER_PORT"] = str(_free_port())
     status, message = 0, ""
     try:
         with quiet(), contextlib.chdir(folder):
@@ -206,6 +211,12 @@ def run_lit_accel(args: list[str], folder: Path, separate_process: bool, timeout
             del os.environ[key]
         os.environ.update(environment)
     return status, message
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------ sections
