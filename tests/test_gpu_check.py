@@ -1,6 +1,8 @@
 """tools/gpu_check.py works before a GPU is ever lent: its quick mode runs every section on the CPU."""
 
 import json
+import os
+import socket
 import sys
 
 import pytest
@@ -13,12 +15,21 @@ import gpu_check  # noqa: E402
 
 
 @pytest.mark.slow
-def test_quick_mode_runs_every_section_and_writes_the_report(tmp_path):
+def test_quick_mode_runs_every_section_and_writes_the_report(tmp_path, monkeypatch):
     """One quick run: the gpu tests, every fit of the matrix, the whole recipe's fit and test
     processes, and the plain-loop pairs (compiled and not), each with figures in report.json and a
     row in report.md."""
     out = tmp_path / "report"
+    port = gpu_check._free_port()
+    monkeypatch.setenv("MASTER_PORT", str(port))  # as a ddp_fork test earlier in the suite leaves it
     assert gpu_check.main([str(out), "--quick"]) == 0
+    # The in-process DDP/FSDP fits leave this process's environment as it was, and the port later
+    # DDP runs inherit is not held by them (an in-process FSDP2 run keeps its rendezvous port).
+    assert os.environ["MASTER_PORT"] == str(port)
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is fine
+        probe.bind(("", port))
+        probe.listen()
     report = json.loads((out / "report.json").read_text())
     assert report["verdict"] == "passed" and report["section_errors"] == {}
     sections = report["sections"]
