@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -95,3 +97,19 @@ class DumpLocalState(Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._save(trainer, pl_module)
+
+
+class SignalSelfAtStep(Callback):
+    """Send this process ``signum`` (default SIGUSR1, SLURM's requeue signal) at the start of the
+    batch after optimizer step ``step``, on the given rank (-1: all), once."""
+
+    def __init__(self, step: int, rank: int = -1, signum: int = int(signal.SIGUSR1)) -> None:
+        self.step = step
+        self.rank = rank
+        self.signum = signum
+        self._sent = False
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
+        if not self._sent and trainer.global_step >= self.step and self.rank in (-1, trainer.global_rank):
+            self._sent = True
+            os.kill(os.getpid(), self.signum)

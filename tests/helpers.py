@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -129,3 +130,10 @@ def through_checkpoint(state: dict[str, Any], path: Path) -> dict[str, Any]:
     """``state`` saved in a checkpoint file and loaded back as Lightning loads it (weights_only)."""
     torch.save({"callbacks": {"state": state}}, path)
     return torch.load(path, weights_only=True)["callbacks"]["state"]
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (for MASTER_PORT)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import config, lit_accel_command, read_scalars, run_cli
+from helpers import config, free_port, lit_accel_command, read_scalars, run_cli
 from lit_accel.cli import LitAccelCLI, main
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -202,15 +201,9 @@ def test_a_second_ctrl_c_during_the_batch_stops_at_once_without_a_checkpoint(tmp
 
 
 # --------------------------------------------------------------------------- multi-process
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_two_nodes_on_loopback_with_torchrun(tmp_path):
-    port = _free_port()
+    port = free_port()
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     nodes = []
     for node_rank in (0, 1):

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import config, lit_accel_command
+from helpers import config, free_port, lit_accel_command
 from lit_accel.cli import LitAccelCLI
 
 # smoke.yaml alone: the default logger (runs/lit_accel/) and no recipe callbacks, only the requeue path.
@@ -104,3 +104,75 @@ def test_a_requeued_job_relaunched_with_last_resumes_from_the_hpc_checkpoint(in_
     relaunch = LitAccelCLI(args=[*run, "--trainer.max_steps", str(hpc_step + 2)])
     assert Path(relaunch.trainer.ckpt_path) == hpc
     assert relaunch.trainer.global_step == hpc_step + 2
+
+
+RECORD_SCONTROL = """#!/bin/sh
+echo "$@" >> "$SCONTROL_LOG"
+"""
+
+
+@pytest.mark.slow
+def test_under_ddp_the_ranks_answer_the_requeue_signal_together_at_an_agreed_batch(in_tmp_dir: Path) -> None:
+    """Two processes started as srun starts them (one SLURM task each). Only rank 1 gets SIGUSR1, at
+    step 3: Lightning's save is collective, so the ranks agree on a batch (every 10th: after step 10)
+    and both run its handler there. One hpc checkpoint of step 10, one requeue, and both ranks go
+    on training to the end (the fake scontrol only records)."""
+    bin_dir = in_tmp_dir / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(RECORD_SCONTROL)
+    (bin_dir / "scontrol").chmod(0o755)
+    tests_dir = Path(__file__).resolve().parent
+    common = {
+        **SLURM_ENV,
+        "SLURM_NTASKS": "2",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "MASTER_PORT": str(free_port()),
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SCONTROL_LOG": str(in_tmp_dir / "scontrol.log"),
+        "PYTHONPATH": os.pathsep.join([str(tests_dir), os.environ.get("PYTHONPATH", "")]),
+    }
+    run = [
+        "fit",
+        *SMOKE,
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.strategy",
+        "ddp",
+        "--trainer.devices",
+        "2",
+        "--trainer.max_epochs",
+        "50",
+        "--trainer.max_steps",
+        "14",
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.callbacks+=faults.SignalSelfAtStep",
+        "--trainer.callbacks.step",
+        "3",
+        "--trainer.callbacks.rank",
+        "1",
+    ]
+    tasks = [
+        subprocess.Popen(
+            lit_accel_command() + run,
+            cwd=in_tmp_dir,
+            env={**os.environ, **common, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)},
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        for rank in (0, 1)
+    ]
+    try:
+        outputs = [task.communicate(timeout=240) for task in tasks]
+    finally:
+        for task in tasks:
+            if task.poll() is None:
+                task.kill()
+    for task, (_, err) in zip(tasks, outputs):
+        assert task.returncode == 0, err[-3000:]
+    assert (in_tmp_dir / "scontrol.log").read_text().split() == ["requeue", "4242"], "rank 0 requeues, once"
+    (hpc,) = in_tmp_dir.glob("hpc_ckpt_*.ckpt")
+    assert torch.load(hpc, map_location="cpu", weights_only=True)["global_step"] == 10
+    final = in_tmp_dir / "runs" / "lit_accel" / "version_0" / "checkpoints" / "last.ckpt"
+    assert torch.load(final, map_location="cpu", weights_only=True)["global_step"] == 14
