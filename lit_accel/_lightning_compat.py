@@ -115,6 +115,13 @@ PRIVATE_LIGHTNING_MEMBERS: tuple[PrivateMember, ...] = (
         instance=True,
     ),
     PrivateMember(
+        _TRAINER,
+        "_accelerator_connector.use_distributed_sampler",
+        "lit_accel/data/cifar10.py: residency 'device' shards across ranks only where Lightning would inject "
+        "a DistributedSampler (Trainer(use_distributed_sampler=...))",
+        instance=True,
+    ),
+    PrivateMember(
         "lightning.pytorch.loggers:TensorBoardLogger",
         "_default_hp_metric",
         "lit_accel/callbacks/hparams_summary.py: warn when Lightning's placeholder hp_metric is on",

@@ -66,8 +66,10 @@ class CIFAR10DataModule(LightningDataModule):
       seeded permutation per epoch and, under DDP/FSDP, this rank's shard of it with
       ``DistributedSampler``'s semantics (disjoint shards, reshuffled every epoch). Each rank holds
       the whole split, not only its shard: the per-epoch reshuffle across ranks needs every image
-      (150 MB per GPU for CIFAR-10). Resumes mid-epoch like the host pipeline. On a CPU the device
-      is host memory: nothing changes but the code path. Prediction keeps the host path.
+      (150 MB per GPU for CIFAR-10). ``Trainer(use_distributed_sampler=False)`` and
+      ``overfit_batches`` act as on the host pipeline (every rank the whole order; a fixed order).
+      Resumes mid-epoch like the host pipeline. On a CPU the device is host memory: nothing
+      changes but the code path. Prediction keeps the host path.
 
     With augmentation off both pipelines yield the same normalized tensors. Cutout differs
     slightly: the preload pipeline centres the square anywhere (it may be clipped at the border,
@@ -357,10 +359,15 @@ class CIFAR10DataModule(LightningDataModule):
             images, labels = self._splits[split]
             self._device_splits[split] = (images.to(device), labels.to(device))
         images, labels = self._device_splits[split]
-        # The samplers the host pipeline ends up with: Lightning injects a DistributedSampler only
-        # into DataLoader objects, so a rank's shard is chosen here, with the same arguments.
+        # The samplers the host pipeline ends up with. Lightning replaces samplers only in DataLoader
+        # objects: with overfit_batches a sequential one, under DDP/FSDP (unless the Trainer's
+        # use_distributed_sampler is off) a DistributedSampler; here the same choices, same arguments.
         seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         shard = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if trainer is not None and not trainer._accelerator_connector.use_distributed_sampler:
+            shard = None  # listed in lit_accel/_lightning_compat.py
+        if trainer is not None and getattr(trainer, "overfit_batches", 0) > 0:  # set by a connector, undeclared
+            shuffle = False
         host_split = TensorBatchDataset(*self._splits[split])
         sampler: Sampler[int]
         if shard and int(shard.get("num_replicas", 1)) > 1:
@@ -369,12 +376,13 @@ class CIFAR10DataModule(LightningDataModule):
             sampler = EpochSeededRandomSampler(host_split, seed=seed)
         else:
             sampler = SequentialSampler(host_split)
-        position = self._train_position if shuffle else None
+        position = self._train_position if split == "train" else None
         return DeviceBatchLoader(images, labels, batch_size, sampler, drop_last=drop_last, position=position)
 
     @override
     def teardown(self, stage: str) -> None:
-        """Free the device copies of the splits (residency ``"device"``) when a stage ends."""
+        """Drop this data module's device copies of the splits (residency ``"device"``) when a stage
+        ends; the memory is freed once the Trainer's loaders, which hold them too, are gone."""
         self._device_splits.clear()
 
     def _per_sample_transform(self, train: bool) -> Any:

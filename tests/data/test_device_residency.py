@@ -12,7 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from helpers import quiet_cpu_trainer
 from lit_accel.data import CIFAR10DataModule
-from lit_accel.data.datasets import DeviceBatchLoader, TensorBatchDataset
+from lit_accel.data.datasets import DeviceBatchLoader, EpochSeededRandomSampler, TensorBatchDataset
 from lit_accel.models import BatchNormCNN, ImageClassifier
 
 
@@ -47,13 +47,29 @@ def test_device_residency_yields_the_host_pipelines_batches(split):
         assert not torch.equal(_epoch(loaders["device"], 0)[0][1], _epoch(loaders["device"], 1)[0][1])
 
 
-def test_the_split_is_copied_to_the_device_once_and_freed_at_teardown():
+class _CountedCopies(torch.Tensor):
+    """A tensor that counts its ``.to()`` calls (on a CPU, ``.to("cpu")`` returns the same tensor)."""
+
+    copies = 0
+
+    def to(self, *args, **kwargs):
+        _CountedCopies.copies += 1
+        return super().to(*args, **kwargs)
+
+
+def test_the_split_is_copied_to_the_device_once_and_dropped_at_teardown():
     dm = _datamodule("device")
     dm.setup("fit")
+    images, labels = dm._splits["train"]
+    dm._splits["train"] = (images.as_subclass(_CountedCopies), labels)
+    _CountedCopies.copies = 0
     first, again = dm.train_dataloader(), dm.train_dataloader()
-    assert first.images is again.images, "a reloaded loader (a new batch size) reuses the device copy"
+    assert _CountedCopies.copies == 1, "a reloaded loader (a new batch size) reuses the device copy"
+    assert first.images is again.images
     dm.teardown("fit")
     assert dm._device_splits == {}
+    dm.train_dataloader()
+    assert _CountedCopies.copies == 2, "after teardown a new stage copies the split again"
 
 
 def test_a_resumed_epoch_starts_at_the_saved_batch_without_fetching_the_others():
@@ -90,12 +106,13 @@ def test_a_fit_trains_exactly_as_with_the_host_pipeline(tmp_path):
 
 
 class _RecordingData(CIFAR10DataModule):
-    """Training images whose first two pixels spell their index in the data set, recorded per rank."""
+    """Images whose first two pixels spell their index in the data set; the indices of every batch
+    are recorded per stage and epoch ("train 0", "val 0", ...)."""
 
     def __init__(self, folder, **kwargs) -> None:
         super().__init__(**kwargs)
         self.folder = folder
-        self.seen: dict[int, list[int]] = {}
+        self.seen: dict[str, list[int]] = {}
 
     def _load_split(self, train: bool):
         images, labels = super()._load_split(train)
@@ -105,11 +122,15 @@ class _RecordingData(CIFAR10DataModule):
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         trainer = self.trainer
-        if trainer.training:
-            images = batch[0]
-            ids = (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
-            self.seen.setdefault(trainer.current_epoch, []).extend(ids)
+        if not trainer.sanity_checking:
+            ids = _ids(batch[0])
+            stage = "train" if trainer.training else "val"
+            self.seen.setdefault(f"{stage} {trainer.current_epoch}", []).extend(ids)
         return super().on_after_batch_transfer(batch, dataloader_idx)
+
+
+def _ids(images: torch.Tensor) -> list[int]:
+    return (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
 
 
 class _DumpSeen(Callback):
@@ -120,31 +141,68 @@ class _DumpSeen(Callback):
 
 
 @pytest.mark.slow
-def test_each_ddp_rank_trains_on_its_shard_of_the_device_resident_split(tmp_path):
-    """Two ddp_fork processes: each rank's batches are DistributedSampler's shard of the epoch's order
-    (what the host pipeline gets from Lightning), disjoint, and reshuffled every epoch."""
+@pytest.mark.parametrize("distributed_sampler", [True, False])
+def test_each_ddp_rank_gets_what_the_host_pipeline_would_give_it(tmp_path, distributed_sampler):
+    """Two ddp_fork processes, 203 training images in batches of 25 with drop_last, 64 validation
+    images. With Lightning's distributed sampler (the default): each rank trains on
+    DistributedSampler's shard of the epoch's order (padded to 102 each, 4 whole batches), disjoint
+    and reshuffled every epoch, and validates on its sequential shard. With
+    ``use_distributed_sampler=False``: as on the host pipeline, every rank the whole order."""
     torch.set_num_threads(1)
-    settings = {"synthetic": True, "synthetic_size": 264, "val_size": 64, "batch_size": 25, "augment": False}
+    settings = {
+        "synthetic": True,
+        "synthetic_size": 267,
+        "val_size": 64,
+        "batch_size": 25,
+        "augment": False,
+        "drop_last": True,
+    }
     data = _RecordingData(tmp_path, residency="device", **settings)
     model = ImageClassifier(BatchNormCNN(width=4), optimizer=partial(torch.optim.SGD, lr=0.05))
     L.seed_everything(7)
     trainer = quiet_cpu_trainer(
-        tmp_path, [_DumpSeen()], max_epochs=2, limit_val_batches=0, strategy="ddp_fork", devices=2
+        tmp_path,
+        [_DumpSeen()],
+        max_epochs=2,
+        num_sanity_val_steps=0,
+        strategy="ddp_fork",
+        devices=2,
+        use_distributed_sampler=distributed_sampler,
     )
     trainer.fit(model, data)
-    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
-    assert {r["loader"] for r in ranks} == {"DeviceBatchLoader"}
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text())["seen"] for rank in (0, 1)]
 
     host = _RecordingData(tmp_path, residency="host", **settings)
     host.setup("fit")
-    images = host._splits["train"][0]
-    ids = (images[:, 0, 0, 0].long() + 256 * images[:, 0, 0, 1].long()).tolist()
+    train_ids, val_ids = _ids(host._splits["train"][0]), _ids(host._splits["val"][0])
     for epoch in (0, 1):
-        expected = []
         for rank in (0, 1):
-            sampler = DistributedSampler(TensorBatchDataset(*host._splits["train"]), 2, rank, shuffle=True, seed=7)
-            sampler.set_epoch(epoch)
-            expected.append([ids[i] for i in sampler])
-            assert ranks[rank]["seen"][str(epoch)] == expected[rank], f"rank {rank}, epoch {epoch}"
-        assert not set(expected[0]) & set(expected[1]) and len(set(expected[0]) | set(expected[1])) == 200
-    assert ranks[0]["seen"]["0"] != ranks[0]["seen"]["1"], "a new epoch reshuffles"
+            if distributed_sampler:
+                order = DistributedSampler(TensorBatchDataset(*host._splits["train"]), 2, rank, shuffle=True, seed=7)
+                order.set_epoch(epoch)
+                val = DistributedSampler(TensorBatchDataset(*host._splits["val"]), 2, rank, shuffle=False)
+            else:
+                order = EpochSeededRandomSampler(host._splits["train"][0], seed=7)
+                order.set_epoch(epoch)
+                val = range(64)
+            expected = [train_ids[i] for i in order]
+            expected = expected[: len(expected) // 25 * 25]  # drop_last
+            assert ranks[rank][f"train {epoch}"] == expected, f"rank {rank}, epoch {epoch}"
+            assert ranks[rank][f"val {epoch}"] == [val_ids[i] for i in val], f"rank {rank}, epoch {epoch}"
+    per_rank = [set(ranks[rank]["train 0"]) for rank in (0, 1)]
+    if distributed_sampler:
+        assert len(ranks[0]["train 0"]) == 100 and not per_rank[0] & per_rank[1]
+    else:
+        assert len(ranks[0]["train 0"]) == 200 and per_rank[0] == per_rank[1]
+    assert ranks[0]["train 0"] != ranks[0]["train 1"], "a new epoch reshuffles"
+
+
+def test_overfit_batches_takes_the_same_fixed_batches_as_the_host_pipeline(tmp_path):
+    seen = {}
+    for residency in ("host", "device"):
+        data = _RecordingData(tmp_path, residency=residency, synthetic=True, synthetic_size=300, val_size=60)
+        model = ImageClassifier(BatchNormCNN(width=4), optimizer=partial(torch.optim.SGD, lr=0.05))
+        quiet_cpu_trainer(tmp_path, max_epochs=2, overfit_batches=2, num_sanity_val_steps=0).fit(model, data)
+        seen[residency] = data.seen
+    assert seen["device"] == seen["host"]
+    assert seen["device"]["train 0"] == seen["device"]["train 1"], "the same batches every epoch"
