@@ -139,3 +139,36 @@ def test_the_verdict_fails_on_any_failed_test_fit_or_section():
         report["sections"][section] = value
         assert gpu_check._verdict(report) == "failed", section
     assert gpu_check._verdict({**passed, "section_errors": {"fits": "ValueError: x"}}) == "failed"
+    # left out by the time budget: not a pass either
+    for section, value in [
+        ("gpu_tests", {"files": ["tests/test_configs.py"], "error": gpu_check.OUT_OF_TIME}),
+        ("time_to_accuracy", [{"data": "real CIFAR-10", "not_run": gpu_check.OUT_OF_TIME}]),
+        ("versus_plain_loop", [{"network": "ResNet9", "compile": True, "not_run": gpu_check.OUT_OF_TIME}]),
+    ]:
+        report = json.loads(json.dumps(passed))
+        report["sections"][section] = value
+        assert gpu_check._verdict(report) == "incomplete", section
+    report = json.loads(json.dumps(passed))
+    del report["sections"]["versus_plain_loop"]
+    assert gpu_check._verdict(report) == "incomplete"
+
+
+def test_the_report_is_written_after_every_section(tmp_path, monkeypatch):
+    """A check stopped from outside (a machine's time limit) still leaves what it measured."""
+
+    def section(name):
+        def run(plan, clock, folder):
+            if name == "versus_plain_loop":
+                raise KeyboardInterrupt  # stopped from outside in the last section
+            return [] if name != "gpu_tests" else {"exit_status": 0, "failed": 0}
+
+        return run
+
+    for name in gpu_check.SECTIONS:
+        monkeypatch.setattr(gpu_check, name, section(name))
+    plan = gpu_check.Plan.for_run(False, 60.0, 0.94, None)  # GPU mode: sections one after the other
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.run(plan, tmp_path, "python tools/gpu_check.py report")
+    partial = json.loads((tmp_path / "report.json").read_text())
+    assert list(partial["sections"]) == ["gpu_tests", "fits", "time_to_accuracy"]
+    assert partial["verdict"].startswith("running") and "partial" in (tmp_path / "report.md").read_text()

@@ -6,9 +6,11 @@ Usage::
     python tools/gpu_check.py REPORT_DIR --data-dir DIR       # also the GPU recipe on real CIFAR-10
     python tools/gpu_check.py REPORT_DIR --quick              # on a CPU: the same code paths, tiny sizes
 
-It writes ``REPORT_DIR/report.md`` and ``REPORT_DIR/report.json`` (never over an earlier report)
-with four sections, each run in turn while the time budget (``--budget-s``, 480 s) lasts; a
-section or row that did not fit in it says so:
+It writes ``REPORT_DIR/report.md`` and ``REPORT_DIR/report.json`` (never over an earlier report),
+after every section, so a check stopped from outside still leaves what it measured. Sections and
+their rows start only while the time budget (``--budget-s``, 480 s) leaves room for them; one that
+did not fit says so. A started row runs to its end (the comparisons run in this process), so a
+check can end up to one row past the budget; subprocesses get what is left as their timeout.
 
 1. **gpu tests**: the ``gpu``-marked tests (``pytest -m gpu`` on the test files that have them).
 2. **fits**: a short ``lit-accel fit`` of the GPU recipe (``configs/cifar10.yaml`` +
@@ -25,8 +27,9 @@ section or row that did not fit in it says so:
    bf16, channels_last and data held on the device), paired and alternating, with and without
    ``torch.compile``; the ratio is the median of the paired ratios of images/s.
 
-Exit status: 0 when everything ran and passed, 1 when a test, a fit or a section failed (the report
-says which), 2 for bad input (no GPU without ``--quick``, a folder that already holds a report).
+Exit status: 0 when everything ran and passed; 1 when a test, a fit or a section failed, or when
+the budget left something out (verdict "failed" or "incomplete"; the report says what); 2 for bad
+input (no GPU without ``--quick``, a folder that already holds a report).
 
 Quick mode (``--quick``, for a CPU): the same sections with a narrow ResNet9, a few steps, 2 tiny
 epochs, the CPU flags the GPU recipe's own error message names, the plain-loop pairs for SeedCNN
@@ -84,6 +87,8 @@ FITS: tuple[tuple[str, tuple[str, ...], tuple[str, ...], bool], ...] = (
     ),
 )
 VERSUS_NETS = ("SeedCNN", "BatchNormCNN", "ResNet9 (GPU recipe)")
+OUT_OF_TIME = "out of the time budget"
+SECTIONS = ("gpu_tests", "fits", "time_to_accuracy", "versus_plain_loop")
 
 
 @dataclass
@@ -238,7 +243,7 @@ def gpu_tests(plan: Plan, clock: Clock, folder: Path) -> dict[str, Any]:
             timeout=max(1.0, clock.left()),
         )
     except subprocess.TimeoutExpired:
-        return {"files": files, "error": "out of the time budget"}
+        return {"files": files, "error": OUT_OF_TIME}
     counts = {"tests": 0, "failures": 0, "errors": 0, "skipped": 0}
     if junit.exists():
         suite = ElementTree.parse(junit).getroot()
@@ -267,7 +272,7 @@ def fits(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, Any]]:
             row["not_run"] = "needs a GPU (Lightning's FSDPStrategy refuses a CPU)"
             continue
         if not clock.allows(10 if plan.quick else 30):
-            row["not_run"] = "out of the time budget"
+            row["not_run"] = OUT_OF_TIME
             continue
         work = folder / f"fit_{len(rows)}"
         work.mkdir()
@@ -319,11 +324,12 @@ def time_to_accuracy(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, A
         row: dict[str, Any] = {"data": name, "target": plan.target}
         rows.append(row)
         if not clock.allows(20 if plan.quick else 60):
-            row["not_run"] = "out of the time budget"
+            row["not_run"] = OUT_OF_TIME
             continue
         data_args = bench_recipe.data_arguments(data_dir, smoke=plan.quick)
         try:
-            result = bench_recipe.run_recipe(recipe_args, data_args, timeout=max(1.0, clock.left()))
+            # each of the two processes (fit, then test) may take half of what is left
+            result = bench_recipe.run_recipe(recipe_args, data_args, timeout=max(1.0, clock.left() / 2))
         except (RuntimeError, subprocess.TimeoutExpired) as error:  # the report shows why
             row["error"] = str(error).strip().splitlines()[-1][:300] if str(error).strip() else type(error).__name__
             continue
@@ -396,8 +402,10 @@ def versus_plain_loop(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, 
             if net_name not in plan.versus_nets or (compiled and net_name not in plan.compile_nets):
                 row["not_run"] = "quick mode: SeedCNN (compiled too) and the recipe's network only"
                 continue
-            if not clock.allows(15 if plan.quick else 60):
-                row["not_run"] = "out of the time budget"
+            # a started row runs to its end (in this process, it cannot be cut): start one only with
+            # room for it; a compiled one compiles the network on both sides first
+            if not clock.allows(15 if plan.quick else (150 if compiled else 60)):
+                row["not_run"] = OUT_OF_TIME
                 continue
             variants = [
                 bench.Variant("plain loop", _plain_variant(plan, net_name, compiled)),
@@ -499,14 +507,22 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def _verdict(report: dict[str, Any]) -> str:
+    """``failed`` if anything failed, else ``incomplete`` if the time budget left anything out, else ``passed``."""
     sections = report["sections"]
-    failed = bool(report.get("section_errors"))
     tests = sections.get("gpu_tests", {})
-    failed |= tests.get("exit_status", 0) not in (0, 5) or tests.get("failed", 0) > 0  # 5: nothing collected
-    for row in [*sections.get("fits", []), *sections.get("time_to_accuracy", [])]:
-        failed |= "error" in row
-    failed |= any("error" in row for row in sections.get("versus_plain_loop", []))
-    return "failed" if failed else "passed"
+    rows = [*sections.get("fits", []), *sections.get("time_to_accuracy", []), *sections.get("versus_plain_loop", [])]
+    failed = bool(report.get("section_errors")) or any("error" in row for row in rows)
+    failed |= "error" not in tests and (tests.get("exit_status") not in (0, 5) or tests.get("failed", 0) > 0)
+    if failed:  # pytest's exit status 5: no test collected
+        return "failed"
+    timed_out = tests.get("error") == OUT_OF_TIME or any(row.get("not_run") == OUT_OF_TIME for row in rows)
+    missing = any(name not in sections for name in SECTIONS)
+    return "incomplete" if timed_out or missing else "passed"
+
+
+def _write_report(report: dict[str, Any], out_dir: Path) -> None:
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
+    (out_dir / "report.md").write_text(markdown(report))
 
 
 def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
@@ -521,6 +537,7 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
         "sections": {},
         "section_errors": {},
         "section_seconds": {},
+        "seconds": 0.0,
     }
     steps: list[tuple[str, Callable[[Plan, Clock, Path], Any]]] = [
         ("gpu_tests", gpu_tests),
@@ -528,6 +545,10 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
         ("time_to_accuracy", time_to_accuracy),
         ("versus_plain_loop", versus_plain_loop),
     ]
+    # As lit-accel's CLI sets it (TF32 matmuls on a GPU), for the plain loop too, from the first run on.
+    torch.set_float32_matmul_precision("high")
+    report["verdict"] = "running (the check has not finished: this report is partial)"
+    lock = threading.Lock()
 
     def run_section(name: str, section: Callable[[Plan, Clock, Path], Any], scratch: str) -> None:
         work = Path(scratch) / name
@@ -539,6 +560,9 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
         except Exception as error:  # the report says which section failed and why
             report["section_errors"][name] = f"{type(error).__name__}: {error}"[:500]
         report["section_seconds"][name] = time.perf_counter() - started
+        report["seconds"] = time.perf_counter() - clock.started
+        with lock:  # written after every section: a check stopped from outside still leaves a report
+            _write_report(report, out_dir)
 
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as scratch:
         # Quick mode: the gpu tests' pytest process runs beside the other sections (its start-up
@@ -553,8 +577,7 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
     report["sections"] = {name: report["sections"][name] for name, _ in steps if name in report["sections"]}
     report["seconds"] = time.perf_counter() - clock.started
     report["verdict"] = _verdict(report)
-    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str))
-    (out_dir / "report.md").write_text(markdown(report))
+    _write_report(report, out_dir)
     return report
 
 
