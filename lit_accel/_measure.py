@@ -12,7 +12,19 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["TRIAL_FIT_ARGS", "peak_rss_mb", "quiet", "reset_peak_rss"]
+__all__ = ["NO_CHECKPOINT_ARGS", "TRIAL_FIT_ARGS", "peak_rss_mb", "quiet", "reset_peak_rss"]
+
+# `lit-accel fit` overrides that write no checkpoint: a timed run's figures must not include saving.
+NO_CHECKPOINT_ARGS = [
+    "--checkpoint.monitor",
+    "null",
+    "--checkpoint.save_top_k",
+    "0",
+    "--checkpoint.save_last",
+    "false",
+    "--step_checkpoint.every_n_train_steps",
+    "0",
+]
 
 # `lit-accel fit` overrides for a timed trial: no validation, progress bar, summary or checkpoint, and
 # the log in the trial's own (temporary) working folder, whatever the recipe logs to.
@@ -31,14 +43,7 @@ TRIAL_FIT_ARGS = [
     "lightning.pytorch.loggers.CSVLogger",
     "--trainer.logger.init_args.save_dir",
     ".",
-    "--checkpoint.monitor",
-    "null",
-    "--checkpoint.save_top_k",
-    "0",
-    "--checkpoint.save_last",
-    "false",
-    "--step_checkpoint.every_n_train_steps",
-    "0",
+    *NO_CHECKPOINT_ARGS,
 ]
 
 

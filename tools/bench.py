@@ -67,7 +67,7 @@ import bench_stability  # noqa: E402
 import plain_loop  # noqa: E402
 from bench_timer import StepTimer, reset_peak_rss  # noqa: E402
 
-from lit_accel._measure import quiet  # noqa: E402
+from lit_accel._measure import NO_CHECKPOINT_ARGS, quiet  # noqa: E402
 
 CASES = ("overhead", "callbacks", "pipeline", "precision", "ddp", "networks")
 # networks case, NET[@WIDTH]:LR each (--networks): SeedCNN at the recipe's former LR and at its best,
@@ -141,14 +141,7 @@ def _lit_args(s: Settings, net: str | None = None, data_images: int | None = Non
         "false",
         "--trainer.num_sanity_val_steps",
         "0",
-        "--step_checkpoint.every_n_train_steps",
-        "0",
-        "--checkpoint.monitor",
-        "null",
-        "--checkpoint.save_top_k",
-        "0",
-        "--checkpoint.save_last",
-        "false",
+        *NO_CHECKPOINT_ARGS,
     ]
     if net == "ResNet9":
         args += ["--model.net.width", str(s.resnet_width)]

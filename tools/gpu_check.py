@@ -431,6 +431,24 @@ def _cell(value: Any, pattern: str) -> str:
     return "—" if value is None or value != value else pattern.format(value)
 
 
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown section with one table; a column name ending in ``:`` is right-aligned (a number)."""
+    names = [c.rstrip(":") for c in columns]
+    aligns = ["---:" if c.endswith(":") else "---" for c in columns]
+    lines = ["", f"## {title}", "", "| " + " | ".join(names) + " |", "| " + " | ".join(aligns) + " |"]
+    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+
+
+def _note(row: dict[str, Any]) -> str:
+    return str(row.get("not_run") or row.get("error") or "")
+
+
+def _seconds_to_target(seconds: float | None) -> str:
+    if seconds is None:
+        return "—"
+    return "not reached" if seconds == float("inf") else f"{seconds:.1f}"
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report as Markdown: one table per section."""
     lines = [
@@ -452,55 +470,59 @@ def markdown(report: dict[str, Any]) -> str:
             f"{tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, {tests.get('skipped', 0)} skipped "
             f"(exit {tests.get('exit_status')}, files: {', '.join(tests.get('files', []))})"
         )
-    lines += [
-        "",
-        "## Short fits of the GPU recipe, one device",
-        "",
-        "| fit | exit | images/s | data wait | MFU | peak memory MB | note |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for row in report["sections"].get("fits", []):
-        note = row.get("not_run") or row.get("error") or ""
-        lines.append(
-            f"| {row['fit']} | {row.get('exit_status', '—')} | {_cell(row.get('images_per_sec'), '{:,.0f}')} | "
-            f"{_cell(row.get('data_wait'), '{:.1%}')} | {_cell(row.get('mfu'), '{:.1%}')} | "
-            f"{_cell(row.get('peak_memory_mb'), '{:,.0f}')} | {note} |"
-        )
-    lines += [
-        "",
-        "## Time to accuracy, the whole GPU recipe",
-        "",
-        "| data | fit exit | fit process s | images/s | training s | val acc per epoch | s to target | test acc"
-        " | note |",
-        "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- |",
-    ]
-    for row in report["sections"].get("time_to_accuracy", []):
-        curve = ", ".join(f"{point[2]:.3f}" for point in row.get("curve", []))
-        reached = row.get("seconds_to_target")
-        to_target = "—" if reached is None else ("not reached" if reached == float("inf") else f"{reached:.1f}")
-        note = row.get("not_run") or row.get("error") or ""
-        lines.append(
-            f"| {row['data']} | {row.get('exit_status', '—')} | {_cell(row.get('fit_seconds'), '{:.1f}')} | "
-            f"{_cell(row.get('images_per_sec'), '{:,.0f}')} | "
-            f"{_cell(row.get('train_seconds'), '{:.1f}')} | {curve or '—'} | {to_target} (target {row['target']}) | "
-            f"{_cell(row.get('test_acc'), '{:.4f}')} | {note} |"
-        )
-    lines += [
-        "",
-        "## lit-accel against a plain PyTorch loop (same device, paired, alternating)",
-        "",
-        "| network | torch.compile | plain loop images/s | lit-accel images/s | ratio (median of pairs) | reps"
-        " | note |",
-        "| --- | --- | ---: | ---: | ---: | ---: | --- |",
-    ]
-    for row in report["sections"].get("versus_plain_loop", []):
-        note = row.get("not_run") or row.get("error") or ""
-        lines.append(
-            f"| {row['network']} | {'yes' if row['compile'] else 'no'} | "
-            f"{_cell(row.get('plain_images_per_sec'), '{:,.0f}')} | "
-            f"{_cell(row.get('lit_images_per_sec'), '{:,.0f}')} | "
-            f"{_cell(row.get('ratio'), '{:.3f}')} | {row.get('reps', '—')} | {note} |"
-        )
+    sections = report["sections"]
+    lines += _table(
+        "Short fits of the GPU recipe, one device",
+        ["fit", "exit:", "images/s:", "data wait:", "MFU:", "peak memory MB:", "note"],
+        [
+            [
+                row["fit"],
+                str(row.get("exit_status", "—")),
+                _cell(row.get("images_per_sec"), "{:,.0f}"),
+                _cell(row.get("data_wait"), "{:.1%}"),
+                _cell(row.get("mfu"), "{:.1%}"),
+                _cell(row.get("peak_memory_mb"), "{:,.0f}"),
+                _note(row),
+            ]
+            for row in sections.get("fits", [])
+        ],
+    )
+    lines += _table(
+        "Time to accuracy, the whole GPU recipe",
+        ["data", "fit exit:", "fit process s:", "images/s:", "training s:", "val acc per epoch", "s to target:"]
+        + ["test acc:", "note"],
+        [
+            [
+                row["data"],
+                str(row.get("exit_status", "—")),
+                _cell(row.get("fit_seconds"), "{:.1f}"),
+                _cell(row.get("images_per_sec"), "{:,.0f}"),
+                _cell(row.get("train_seconds"), "{:.1f}"),
+                ", ".join(f"{point[2]:.3f}" for point in row.get("curve", [])) or "—",
+                f"{_seconds_to_target(row.get('seconds_to_target'))} (target {row['target']})",
+                _cell(row.get("test_acc"), "{:.4f}"),
+                _note(row),
+            ]
+            for row in sections.get("time_to_accuracy", [])
+        ],
+    )
+    lines += _table(
+        "lit-accel against a plain PyTorch loop (same device, paired, alternating)",
+        ["network", "torch.compile", "plain loop images/s:", "lit-accel images/s:", "ratio (median of pairs):"]
+        + ["reps:", "note"],
+        [
+            [
+                row["network"],
+                "yes" if row["compile"] else "no",
+                _cell(row.get("plain_images_per_sec"), "{:,.0f}"),
+                _cell(row.get("lit_images_per_sec"), "{:,.0f}"),
+                _cell(row.get("ratio"), "{:.3f}"),
+                str(row.get("reps", "—")),
+                _note(row),
+            ]
+            for row in sections.get("versus_plain_loop", [])
+        ],
+    )
     for name, error in report.get("section_errors", {}).items():
         lines += ["", f"Section {name} failed: {error}"]
     return "\n".join(lines) + "\n"

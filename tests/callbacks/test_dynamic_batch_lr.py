@@ -537,19 +537,19 @@ def test_second_fit_continues_with_fresh_optimizers(tmp_path):
     assert _first_lr(model) == pytest.approx([0.05, 0.025, 0.0125, 0.00625])
 
 
-def _ddp_fit(tmp_path: Path) -> None:
-    # rank 0 alone would see a plateau at epoch 1, rank 1 alone never; their mean plateaus at epoch 3
-    script = [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 0.2, 0.05, 0.05]]
-    cb = DynamicBatchLR(policy="batch_then_lr", patience=1, min_delta=0.1, max_batch_size=8)
+def _ddp_fit(tmp_path: Path, cb: DynamicBatchLR, script: list[list[float]], max_epochs: int) -> None:
+    """Two ddp_fork ranks, rank ``r`` validating ``script[r]``; each writes what it saw to ``tmp_path``."""
     model = ScriptedModule(script, holder="datamodule", out_dir=str(tmp_path))
-    trainer = _trainer(tmp_path, [cb], max_epochs=5, strategy="ddp_fork", devices=2)
+    trainer = _trainer(tmp_path, [cb], max_epochs=max_epochs, strategy="ddp_fork", devices=2)
     trainer.fit(model, datamodule=ScriptedDataModule(batch_size=4))
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_decide_together(tmp_path):
     torch.set_num_threads(1)
-    _ddp_fit(tmp_path)
+    # rank 0 alone would see a plateau at epoch 1, rank 1 alone never; their mean plateaus at epoch 3
+    script = [[1.0, 1.0, 1.0, 1.0, 1.0], [1.0, 0.5, 0.2, 0.05, 0.05]]
+    _ddp_fit(tmp_path, DynamicBatchLR(policy="batch_then_lr", patience=1, min_delta=0.1, max_batch_size=8), script, 5)
     records = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in records:
         # 32 samples split over 2 ranks: 16 per rank, 4 batches of 4 then 2 batches of 8
@@ -642,17 +642,11 @@ class CrashAtEpochStart(Callback):
             raise RuntimeError(f"crash at the start of epoch {self.epoch}")
 
 
-def _ddp_progress_fit(tmp_path: Path) -> None:
-    cb = DynamicBatchLR(policy="none", batch_size_progress={0.5: 8}, lr_scaling="linear")
-    model = ScriptedModule([[1.0] * 4, [0.5] * 4], holder="datamodule", out_dir=str(tmp_path))
-    trainer = _trainer(tmp_path, [cb], max_epochs=4, strategy="ddp_fork", devices=2)
-    trainer.fit(model, datamodule=ScriptedDataModule(batch_size=4))
-
-
 @pytest.mark.slow
 def test_ddp_progress_mode_grows_on_both_ranks_at_the_same_step(tmp_path):
     torch.set_num_threads(1)
-    _ddp_progress_fit(tmp_path)
+    cb = DynamicBatchLR(policy="none", batch_size_progress={0.5: 8}, lr_scaling="linear")
+    _ddp_fit(tmp_path, cb, [[1.0] * 4, [0.5] * 4], 4)
     records = [json.loads(Path(tmp_path, f"rank{r}.json").read_text()) for r in (0, 1)]
     for record in records:
         # 16 samples per rank: 4 batches of 4, from epoch 2 (half of 4 epochs) 2 batches of 8
