@@ -68,7 +68,7 @@ from typing_extensions import override
 
 from lit_accel._measure import TRIAL_FIT_ARGS, peak_rss_mb, quiet, reset_peak_rss
 
-__all__ = ["Lever", "Setting", "TrialTimer", "main", "plan_levers", "tune"]
+__all__ = ["Lever", "Setting", "TrialTimer", "combine", "main", "plan_levers", "tune"]
 
 LEVERS = ("channels_last", "threads", "pipeline", "precision", "batch_size", "compile", "ddp")
 # Per-device batch sizes tried, as multiples of the recipe's: the largest that fits in memory and
@@ -511,14 +511,7 @@ def tune(
     chosen = _choose(levers, measured, min_gain)
     combined = None
     if len(chosen) > 1 and not _over_budget(started, budget_s, sum(trial_seconds.get(s, 0.0) for s in chosen) / 2):
-        merged = Setting(
-            "combined",
-            " + ".join(s.name for s in chosen),
-            tuple(a for s in chosen for a in s.args),
-            {k: v for s in chosen for k, v in s.yaml.items()},
-            any(s.changes_training for s in chosen),
-            max(s.processes for s in chosen),
-        )
+        merged = combine(chosen)
         base = run(None)
         result = run(merged)
         combined = Measured()
@@ -538,6 +531,33 @@ def tune(
         "not_measured": [s for s in settings if s in not_measured],
         "seconds": time.perf_counter() - started,
     }
+
+
+def combine(chosen: list[Setting]) -> Setting:
+    """The chosen settings of several levers as one setting, their overrides applied in order.
+
+    The ``batch_size`` lever's batch is the global batch it was measured at; the ``ddp`` lever splits
+    the recipe's batch over its processes. Taken together, each process gets the ``batch_size``
+    winner's batch divided by the processes, so the global batch (and the learning rate scaled for
+    it) stays the one the batch lever chose. Its cap, the training split, thereby caps each rank's
+    batch at its shard.
+    """
+    args = [a for s in chosen for a in s.args]
+    yaml = {k: v for s in chosen for k, v in s.yaml.items()}
+    processes = max(s.processes for s in chosen)
+    by_lever = {s.lever: s for s in chosen}
+    if "ddp" in by_lever and "batch_size" in by_lever:
+        per_device = max(1, int(by_lever["batch_size"].yaml["data.batch_size"]) // processes)
+        args += ["--data.batch_size", str(per_device)]  # the last occurrence of a flag wins
+        yaml["data.batch_size"] = per_device
+    return Setting(
+        "combined",
+        " + ".join(s.name for s in chosen),
+        tuple(args),
+        yaml,
+        any(s.changes_training for s in chosen),
+        processes,
+    )
 
 
 def _over_budget(started: float, budget_s: float, next_trial_s: float) -> bool:
@@ -613,20 +633,20 @@ def tuned_yaml(report: dict[str, Any], command: str) -> str:
         return "\n".join(lines) + "\n"
     nested: dict[str, Any] = {}
     notes: dict[str, str] = {}
+    values = combine(chosen).yaml  # several levers' winners as they were measured together
     for setting in chosen:
-        ratio = statistics.median(
-            next(m for s, m in report["settings"] if s == setting).ratios
-            if setting.lever != "combined"
-            else report["combined"].ratios
-        )
+        ratio = statistics.median(next(m for s, m in report["settings"] if s == setting).ratios)
         effect = "CHANGES WHAT IS LEARNED" if setting.changes_training else "training unchanged"
-        for key, value in setting.yaml.items():
+        for key in setting.yaml:
             notes[key] = f"{setting.lever}: {setting.name}, x{ratio:.3f} images/s ({effect})"
-            node = nested
-            *parents, last = key.split(".")
-            for part in parents:
-                node = node.setdefault(part, {})
-            node[last] = value
+    if {"ddp", "batch_size"} <= {s.lever for s in chosen}:
+        notes["data.batch_size"] = "per process: the batch_size lever's batch split over the ddp processes"
+    for key, value in values.items():
+        node = nested
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = value
     lines += _yaml_lines(nested, notes, "", 0)
     return "\n".join(lines) + "\n"
 

@@ -14,7 +14,18 @@ import yaml
 from helpers import config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.cli import main as cli_main
-from lit_accel.tune import Lever, Measured, Setting, _duration, main, plan_levers, table, tune, tuned_yaml
+from lit_accel.tune import (
+    Lever,
+    Measured,
+    Setting,
+    _duration,
+    combine,
+    main,
+    plan_levers,
+    table,
+    tune,
+    tuned_yaml,
+)
 
 TESTS_DIR = Path(__file__).resolve().parent
 SMOKE = config("cifar10.yaml", "smoke.yaml")
@@ -193,6 +204,29 @@ def test_the_batch_lever_tries_up_to_eight_times_the_batch_that_the_training_spl
     assert all(s.changes_training for s in lever.settings)
     (small,), _ = plan_levers(_parsed("--data.synthetic_size", "300", "--data.val_size", "44"), ["batch_size"], False)
     assert [s.yaml["data.batch_size"] for s in small.settings] == [32, 128, 256]
+
+
+def test_the_ddp_and_batch_winners_together_split_the_chosen_batch_over_the_processes(in_tmp_dir):
+    """smoke.yaml: batch 64. The batch lever's 256 (LR x2, square-root rule) with 2 DDP processes is
+    128 per process, the global batch the LR was scaled for; measured and written alike."""
+    levers, _ = plan_levers(_parsed(), ["batch_size", "ddp"], unchanged_only=False)
+    by_lever = {lever.name: lever.settings for lever in levers}
+    batch = next(s for s in by_lever["batch_size"] if s.yaml["data.batch_size"] == 256)
+    (ddp,) = by_lever["ddp"]
+    assert ddp.processes == 2 and ddp.yaml["data.batch_size"] == 32  # alone: the recipe's 64 split in two
+    merged = combine([batch, ddp])
+    assert merged.processes == 2
+    parsed = LitAccelCLI(args=[*SMOKE, *merged.args], run=False).config
+    assert (parsed.data.batch_size, str(parsed.trainer.devices), parsed.trainer.strategy) == (128, "2", "ddp")
+    assert parsed.model.optimizer.init_args.lr == pytest.approx(0.004 * 2, rel=1e-5)
+    report = {
+        "settings": [(batch, Measured(ratios=[1.2])), (ddp, Measured(ratios=[1.3]))],
+        "chosen": [batch, ddp],
+        "combined": Measured(ratios=[1.5]),
+    }
+    values = yaml.safe_load(tuned_yaml(report, "lit-accel tune …"))
+    assert values["data"]["batch_size"] == 128 and values["trainer"]["devices"] == 2
+    assert values["model"]["optimizer"]["init_args"]["lr"] == pytest.approx(0.004 * 2, rel=1e-5)
 
 
 def test_from_a_device_resident_recipe_every_pipeline_setting_is_one_the_cli_accepts():
