@@ -360,7 +360,14 @@ class DivergenceGuard(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._reset_run_state()
         self._groups = _group_by_sharing(pl_module, trainer)
-        self._snapshot = _Snapshot.take(pl_module, trainer.optimizers[0], _schedulers(trainer), trainer.global_step)
+        optimizer, schedulers = trainer.optimizers[0], _schedulers(trainer)
+        self._snapshot = _Snapshot.take(pl_module, optimizer, schedulers, trainer.global_step)
+        if self.rewarm_factor < 1.0:
+            # Resumed in the middle of a climb: the restored rates carry its factor, which a
+            # rollback or stop to this snapshot would otherwise keep for the rest of the run.
+            scale_learning_rates(optimizer, schedulers, 1.0 / self.rewarm_factor, floors=False)
+            self._snapshot.retake_learning_rates(optimizer, schedulers)
+            scale_learning_rates(optimizer, schedulers, self.rewarm_factor, floors=False)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:

@@ -601,6 +601,29 @@ def test_checkpoint_resume_keeps_counters_and_backoff(tmp_path: Path) -> None:
     assert min(rec.lrs) == 8 and rec.lrs[8] == pytest.approx(0.05)  # from the optimizer state, not applied twice
 
 
+def test_resumed_in_the_middle_of_the_climb_rolls_back_to_the_rates_of_a_run_without_the_stop(tmp_path: Path) -> None:
+    """NaN at steps 2 and 12; the climb after the first rollback runs over steps 3-12. A run stopped
+    at step 6 and resumed must end at the LR of the run that was not stopped (0.1 x 0.5 x 0.5)."""
+
+    def guard() -> DivergenceGuard:
+        return DivergenceGuard(rollback_after=1, rewarm_steps=10, rewarm_start_factor=0.1, **FAST)
+
+    whole = Recorder()
+    _trainer(tmp_path, [guard(), whole], max_steps=24).fit(Scripted("sgd", nan_at=(2, 12)))
+    stopped = guard()
+    trainer = _trainer(tmp_path, [stopped], max_steps=6)
+    trainer.fit(Scripted("sgd", nan_at=(2, 12)))
+    assert 0.1 < stopped.rewarm_factor < 1.0  # in the middle of the climb
+    trainer.save_checkpoint(tmp_path / "climbing.ckpt")
+    resumed, rec = guard(), Recorder()
+    _trainer(tmp_path, [resumed, rec], max_steps=24).fit(
+        Scripted("sgd", nan_at=(2, 12)), ckpt_path=tmp_path / "climbing.ckpt"
+    )
+    assert resumed.rollbacks == 2 and resumed.rewarm_factor == 1.0
+    assert whole.lrs[23] == pytest.approx(0.025)
+    assert rec.lrs[23] == pytest.approx(whole.lrs[23])
+
+
 def test_resumed_with_other_settings_keeps_counters_and_backoff(tmp_path: Path) -> None:
     """The stop message suggests more max_rollbacks: resuming with them must not drop the state."""
     guard = DivergenceGuard(rollback_after=1, max_rollbacks=1, **FAST)
