@@ -117,12 +117,12 @@ class PreemptionCheckpoint(Callback):
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not in setup(): Lightning saves every signal handler after setup and puts them back when
         # fit ends, also after an exception, when no teardown hook runs; ours would come back.
-        if not self.handle_sigint or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
-        if not self._installed:
+        if self.handle_sigint and not self._installed:
             self._previous_sigint = signal.signal(signal.SIGINT, self._on_sigint)
             self._installed = True
-        self._defer_requeue_signal(trainer)
+        self._defer_requeue_signal(trainer)  # whatever handle_sigint says: it concerns Ctrl-C only
 
     @override
     def on_train_batch_end(

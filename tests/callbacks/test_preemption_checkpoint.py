@@ -292,14 +292,15 @@ def _fake_scontrol(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return calls
 
 
+@pytest.mark.parametrize("handle_sigint", [True, False])  # Ctrl-C handling is another matter
 def test_slurm_requeue_signal_is_answered_at_the_end_of_the_batch_not_inside_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, handle_sigint: bool
 ) -> None:
     """Lightning saves and requeues inside the signal handler, which hangs when the signal lands
     while a logger holds its lock (Lightning #21406): the callback defers that to the batch's end."""
     calls = _fake_scontrol(tmp_path, monkeypatch)
     spy = SpyOnRequeue(step=2, root=tmp_path)
-    callback = PreemptionCheckpoint()
+    callback = PreemptionCheckpoint(handle_sigint=handle_sigint)
     trainer = _trainer(tmp_path, [callback, spy], max_steps=5)
     trainer.fit(Regressor())
     assert spy.saved_right_after_the_signal == [], "Lightning's handler ran inside the batch"
