@@ -291,13 +291,19 @@ def export_checkpoint(
     input_dtype: Literal["uint8", "float32"] = "uint8",
     classes: Sequence[str] | None = None,
 ) -> dict[str, Path]:
-    """Export a ``lit-accel fit`` checkpoint (see :func:`export_model`); CIFAR-10's class names by default.
+    """Export a ``lit-accel fit`` checkpoint (see :func:`export_model`).
+
+    Class names: ``classes`` when given, else those the checkpoint was trained with
+    (``ImageClassifier.class_names``), else, for a checkpoint from before they were saved,
+    CIFAR-10's for 10 outputs and the indices otherwise.
 
     Raises:
         CheckpointError: if the checkpoint is missing, unreadable, or does not describe its network.
     """
     model = load_classifier(checkpoint)
     num_classes = int(model.hparams.get("num_classes", 10))
+    if classes is None:
+        classes = model.class_names
     if classes is None and num_classes == len(CIFAR10_CLASSES):
         classes = CIFAR10_CLASSES
     flip_tta = bool(model.hparams.get("flip_tta", False))

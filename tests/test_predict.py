@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -135,6 +136,45 @@ def test_predicting_a_folder_needs_only_the_checkpoint_and_the_images(
     assert not any("dirpath has changed" in m or "callbacks used to create the checkpoint" in m for m in messages), (
         messages
     )
+
+
+def _three_class_cifar_folder(root: Path) -> Path:
+    """Your own data in CIFAR-10's on-disk format: 3 classes with their own names, 5 x 12 training
+    images and 12 test images."""
+    import pickle
+
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": rng.integers(0, 256, (12, 3072), dtype=np.uint8), "labels": [i % 3 for i in range(12)]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": ["cow", "pig", "hen"]}, protocol=2))
+    return root
+
+
+@pytest.mark.slow
+def test_a_model_trained_on_your_own_classes_names_them_in_predictions_and_exports(in_tmp_dir: Path) -> None:
+    """Predicting a folder reads no training data: the names come with the checkpoint, also to
+    lit-accel-export (before, CIFAR-10's names, or a refusal for 3 classes)."""
+    from lit_accel.export import METADATA_NAME, export_checkpoint
+
+    own = _three_class_cifar_folder(in_tmp_dir / "own")
+    three = ["--model.num_classes", "3", "--model.net.num_classes", "3", "--data.verify_checksums", "false"]
+    fit = ["--data.synthetic", "false", "--data.data_dir", str(own), "--data.val_size", "12"]
+    LitAccelCLI(args=["fit", *SMOKE, *three, *fit, "--trainer.enable_model_summary", "false"])
+    folder = _image_folder(in_tmp_dir / "to_classify")
+    laptop = ["--data.synthetic", "false", "--data.data_dir", str(in_tmp_dir / "nothing_here")]
+    main(["predict", *SMOKE, *three, *laptop, "--ckpt_path", "best", "--data.predict_dir", str(folder)])
+    with open(in_tmp_dir / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [row[0] for row in rows] == sorted(GOOD)
+    assert {name for row in rows for name in row[1::2]} == {"cow", "pig", "hen"}
+
+    best = next((in_tmp_dir / "runs").rglob("best-*.ckpt"))
+    export_checkpoint(str(best), in_tmp_dir / "exported", formats=["torchscript"])
+    metadata = json.loads((in_tmp_dir / "exported" / METADATA_NAME).read_text())
+    assert metadata["classes"] == ["cow", "pig", "hen"]
 
 
 # ------------------------------------------------------------------ the test split, one process and DDP

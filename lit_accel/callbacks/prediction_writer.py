@@ -31,9 +31,10 @@ class PredictionCSVWriter(BasePredictionWriter):
       data set;
     * anything else → ``index, predicted, probability, …``.
 
-    Class names come from ``class_names``, else the datamodule's ``classes`` attribute, else the
-    class indices. Probabilities are written with 6 decimals. Rows are sorted by file name (or
-    index).
+    Class names come from ``class_names``, else the LightningModule's ``class_names`` attribute
+    (the names it was trained with; lit_accel's ImageClassifier keeps them in its checkpoints),
+    else the datamodule's ``classes`` attribute, else the class indices. Probabilities are
+    written with 6 decimals. Rows are sorted by file name (or index).
 
     Each rank streams its rows to ``<output_path>.rank<R>.part``; at the end of ``predict`` the
     ranks meet at a barrier and rank 0 merges the parts into ``output_path`` and deletes them. With
@@ -44,7 +45,8 @@ class PredictionCSVWriter(BasePredictionWriter):
             one rename when the new one is complete, and kept when nothing was predicted.
         top_k: classes listed per image, best first (the first is ``predicted``); at most the
             number of classes.
-        class_names: names for the class indices; default: the datamodule's ``classes``.
+        class_names: names for the class indices; default: the module's ``class_names``, else the
+            datamodule's ``classes``.
         softmax: apply a softmax to the predictions first (for a ``predict_step`` that returns
             logits).
 
@@ -126,7 +128,7 @@ class PredictionCSVWriter(BasePredictionWriter):
         probabilities = prediction.detach().float()
         if self.softmax:
             probabilities = torch.softmax(probabilities, dim=-1)
-        names = self._class_names(trainer, probabilities.shape[1])
+        names = self._class_names(trainer, pl_module, probabilities.shape[1])
         ids, labels = _row_ids(batch, batch_indices, count, first=self._rows_written)
         if self._rows_written == 0:
             k = min(self.top_k, len(names))
@@ -159,11 +161,14 @@ class PredictionCSVWriter(BasePredictionWriter):
             self._part.close()
             self._part, self._csv = None, None
 
-    def _class_names(self, trainer: pl.Trainer, num_classes: int) -> list[str]:
+    def _class_names(self, trainer: pl.Trainer, pl_module: pl.LightningModule, num_classes: int) -> list[str]:
         if self._names is not None and len(self._names) == num_classes:
             return self._names
         candidate = self.class_names
         source = "class_names"
+        if candidate is None:
+            candidate = getattr(pl_module, "class_names", None)
+            source = "the module's class_names"
         if candidate is None:
             candidate = getattr(trainer.datamodule, "classes", None)  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
             source = "the datamodule's classes"

@@ -221,7 +221,8 @@ class CIFAR10DataModule(LightningDataModule):
         self.drop_last = drop_last
         self.predict_dir = predict_dir
         self._predict_folder: ImageFolderDataset | None = None
-        self.classes: tuple[str, ...] = CIFAR10_CLASSES
+        # None: not known (a predict_dir of a model trained on your own data; the checkpoint names them)
+        self.classes: tuple[str, ...] | None = CIFAR10_CLASSES
         self._splits: dict[str, tuple[Tensor, Tensor]] = {}
         # residency "device": the splits' copies on the training device, by split name
         self._device_splits: dict[str, tuple[Tensor, Tensor]] = {}
@@ -258,6 +259,10 @@ class CIFAR10DataModule(LightningDataModule):
             self._splits["val"] = (images[val_index], labels[val_index])
         if stage == "predict" and self.predict_dir is not None:
             self._predict_folder = _open_image_folder(self.predict_dir, self._image_folder_transform())
+            if not (self.synthetic or self.verify_checksums) and "train" not in self._splits:
+                # Your own data, not read here: CIFAR-10's names would be a guess. The model's
+                # checkpoint carries the names it was trained with (ImageClassifier.class_names).
+                self.classes = None
         elif stage in ("test", "predict") and "test" not in self._splits:
             self._splits["test"] = self._load_split(train=False)
 

@@ -38,6 +38,8 @@ class ImageClassifier(LightningModule):
 
     Args:
         net: the network, ``(N, 3, 32, 32)`` → ``(N, num_classes)`` logits (default: SeedCNN).
+            Built in Python (not by LightningCLI) it is not saved as a hyperparameter: load such a
+            checkpoint with ``ImageClassifier.load_from_checkpoint(path, net=LiteCNN())``.
         num_classes: number of classes, for the accuracy metric.
         optimizer: builds the optimizer from the parameters (YAML: ``class_path`` + ``init_args``).
         lr_scheduler: builds an LR scheduler from the optimizer, or ``null`` for a constant LR. Any
@@ -60,6 +62,10 @@ class ImageClassifier(LightningModule):
             into the exported model (``export_model(..., flip_tta=True)`` from Python).
         compile: compile the network with ``torch.compile`` (in place: checkpoint keys unchanged).
         compile_options: keyword arguments for ``torch.compile``, e.g. ``{mode: max-autotune}``.
+
+    The training data module's ``classes`` (when it has that attribute) are kept as
+    ``class_names`` and saved in every checkpoint (``checkpoint["class_names"]``), so prediction
+    and ``lit-accel-export`` name the outputs the way the training data did, without that data.
 
     Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,
     ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (per epoch, over all
@@ -141,6 +147,9 @@ class ImageClassifier(LightningModule):
         self.flip_tta = flip_tta
         self.compile_net = compile
         self.compile_options = dict(compile_options or {})
+        # The names of the outputs, from the training data; saved in checkpoints (not an hparam:
+        # they are known only once the data is set up).
+        self.class_names: tuple[str, ...] | None = None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # torchmetrics objects sum over the epoch locally and reduce across ranks once, at epoch
         # end: correct global numbers without a collective per step.
@@ -165,6 +174,19 @@ class ImageClassifier(LightningModule):
                 f"the data has {len(classes)} classes but model.num_classes={self.num_classes}: pass "
                 f"--model.num_classes {len(classes)} (and the network's num_classes, e.g. --model.net.num_classes)."
             )
+        if stage == "fit" and classes is not None:
+            self.class_names = tuple(str(name) for name in classes)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.class_names is not None:
+            checkpoint["class_names"] = list(self.class_names)
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = checkpoint.get("class_names")
+        if isinstance(names, (list, tuple)) and all(isinstance(name, str) for name in names):
+            self.class_names = tuple(names)
 
     @override
     def configure_model(self) -> None:
