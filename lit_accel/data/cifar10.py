@@ -510,10 +510,14 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
 _CIFAR_FOLDER = "cifar-10-batches-py"
 _TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 # What CIFAR-10's pickles (Python 2 cPickle, or protocol 2 from Python 3) need besides plain
-# containers: numpy arrays and dtypes, and bytes as Python 3 writes them in protocol 2.
+# containers: numpy arrays and dtypes, and bytes as Python 3 writes them in protocol 2. Protocol 5
+# (pickle.HIGHEST_PROTOCOL) stores an array's bytes for _frombuffer, which cannot make an object
+# array ("cannot create an OBJECT array from memory buffer"): it builds data only.
 _SAFE_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"),
     ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
     ("_codecs", "encode"),

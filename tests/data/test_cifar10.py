@@ -4,6 +4,7 @@ from lightning.pytorch.utilities.data import _update_dataloader
 from torch.utils.data import DistributedSampler
 
 from lit_accel.data import CIFAR10DataModule
+from lit_accel.data.cifar10 import read_cifar_folder
 from lit_accel.errors import DataNotFoundError
 
 
@@ -298,7 +299,8 @@ def test_a_folder_with_mismatched_labels_is_one_clear_error(cifar10_root, tmp_pa
     ],
     ids=["label-out-of-range", "int64-data", "object-data", "string-labels"],
 )
-def test_a_malformed_batch_is_one_clear_error(change, message, cifar10_root, tmp_path):
+@pytest.mark.parametrize("protocol", [4, 5])
+def test_a_malformed_batch_is_one_clear_error(change, message, protocol, cifar10_root, tmp_path):
     import pickle
     import shutil
 
@@ -308,6 +310,23 @@ def test_a_malformed_batch_is_one_clear_error(change, message, cifar10_root, tmp
     batch = root / "cifar-10-batches-py" / "data_batch_2"
     entry = pickle.loads(batch.read_bytes(), encoding="latin1")
     change(entry)
-    batch.write_bytes(pickle.dumps(entry, protocol=4))
+    batch.write_bytes(pickle.dumps(entry, protocol=protocol))
     with pytest.raises(DataNotFoundError, match=message):
         _datamodule(root, verify_checksums=False).setup("fit")
+
+
+def test_own_files_pickled_with_the_highest_protocol_are_read(cifar10_root, tmp_path):
+    """Protocol 5 (pickle.HIGHEST_PROTOCOL, what a plain pickle.dump writes from Python 3.14 on)
+    stores numpy arrays for numpy's _frombuffer: read, not refused as a crafted file."""
+    import pickle
+    import shutil
+
+    source, arrays = cifar10_root
+    root = tmp_path / "data"
+    shutil.copytree(source, root)
+    for path in (root / "cifar-10-batches-py").iterdir():
+        entry = pickle.loads(path.read_bytes(), encoding="latin1")
+        path.write_bytes(pickle.dumps(entry, protocol=5))
+    images, labels, classes = read_cifar_folder(str(root), train=True)
+    assert torch.equal(images, torch.from_numpy(arrays["train_images"]))
+    assert labels.tolist() == arrays["train_labels"].tolist() and classes[0] == "airplane"
