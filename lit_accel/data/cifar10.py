@@ -71,10 +71,9 @@ class CIFAR10DataModule(LightningDataModule):
       Resumes mid-epoch like the host pipeline. On a CPU the device is host memory: nothing
       changes but the code path. Prediction keeps the host path.
 
-    With augmentation off both pipelines yield the same normalized tensors. Cutout differs
-    slightly: the preload pipeline centres the square anywhere (it may be clipped at the border,
-    as in DeVries & Taylor), the DataLoader pipeline uses ``RandomErasing`` with a square kept
-    inside the image.
+    With augmentation off both pipelines yield the same normalized tensors; with it on, both draw
+    from the same distributions (the same crop, flip and cutout rules; cutout centres the square
+    anywhere, so it may be clipped at the border, as in DeVries & Taylor).
 
     Changing the batch size: ``batch_size`` is a public attribute read each time
     :meth:`train_dataloader` is called. A new value takes effect when Lightning rebuilds the
@@ -401,8 +400,7 @@ class CIFAR10DataModule(LightningDataModule):
                 steps.append(v2.RandomHorizontalFlip())
         steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
         if train and self.augment and self.cutout > 0:
-            area = (self.cutout / 32) ** 2
-            steps.append(v2.RandomErasing(p=1.0, scale=(area, area), ratio=(1.0, 1.0), value=0))
+            steps.append(_CutoutOneImage(self.cutout))
         return v2.Compose(steps)
 
     # ------------------------------------------------------------------- device-side transforms
@@ -505,6 +503,18 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
         f"{os.path.abspath(data_dir)} and run again, or train offline on synthetic data with "
         f"--data.synthetic true."
     )
+
+
+class _CutoutOneImage:
+    """:func:`~lit_accel.data.augment.cutout` on one ``(C, H, W)`` image: the DataLoader pipeline
+    cuts out what the preload pipeline does (torchvision's ``RandomErasing`` keeps the square inside
+    the image, and erases nothing at all for a square as large as the image)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: Tensor) -> Tensor:
+        return cutout(image[None], self.size)[0]
 
 
 _CIFAR_FOLDER = "cifar-10-batches-py"

@@ -108,6 +108,25 @@ def test_dataloader_pipeline_augments_per_sample():
     assert not torch.equal(first, again)
 
 
+@pytest.mark.parametrize("size", [8, 32])
+def test_both_pipelines_cut_out_by_the_same_rule(size):
+    """Also a square as large as the image (torchvision's RandomErasing, used before, erased
+    nothing at 32 and kept smaller squares inside the image)."""
+    args = dict(synthetic=True, synthetic_size=200, val_size=40, horizontal_flip=False, cutout=size)
+    dm = CIFAR10DataModule(**args, pipeline="dataloader", num_workers=0)
+    dm.setup("fit")
+    dataset = dm.train_dataloader().dataset
+    preload = CIFAR10DataModule(**args)
+    preload.setup("fit")
+    for index in range(8):
+        torch.manual_seed(index)
+        from_dataloader = dataset[index][0]
+        torch.manual_seed(index)
+        from_preload = preload.device_transform(preload._splits["train"][0][index : index + 1], train=True)[0]
+        torch.testing.assert_close(from_dataloader, from_preload, rtol=0, atol=1e-6)
+        assert (from_dataloader == 0).all(dim=0).sum() > 0
+
+
 def test_batch_size_change_takes_effect_on_the_next_train_dataloader():
     dm = CIFAR10DataModule(synthetic=True, synthetic_size=200, val_size=40, batch_size=16)
     dm.setup("fit")
