@@ -188,13 +188,14 @@ class CIFAR10DataModule(LightningDataModule):
             predict_dir,
             "a folder of image files, or null to predict on the test split",
         )
-        train_pool = synthetic_size if synthetic else _CIFAR10_TRAIN_SIZE
-        _require(
-            val_size < train_pool,
-            "val_size",
-            val_size,
-            f"fewer than the {train_pool} training images (leave some to train on)",
-        )
+        if synthetic or verify_checksums:  # sizes known now; your own files' count is checked in setup
+            train_pool = synthetic_size if synthetic else _CIFAR10_TRAIN_SIZE
+            _require(
+                val_size < train_pool,
+                "val_size",
+                val_size,
+                f"fewer than the {train_pool} training images (leave some to train on)",
+            )
         self.save_hyperparameters()
         self.data_dir = data_dir
         self.batch_size = batch_size

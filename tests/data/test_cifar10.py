@@ -231,11 +231,17 @@ def test_bad_arguments_raise(kwargs, name):
         CIFAR10DataModule(**kwargs)
 
 
-def test_val_size_larger_than_the_data_found(cifar10_root, cifar10_checksum_patched):
+@pytest.mark.parametrize("verify_checksums", [True, False])
+def test_val_size_larger_than_the_data_found(verify_checksums, cifar10_root, cifar10_checksum_patched):
     root, _ = cifar10_root
-    dm = _datamodule(root, val_size=300)
+    dm = _datamodule(root, val_size=300, verify_checksums=verify_checksums)
     with pytest.raises(ValueError, match="fewer than the 200 training images found"):
         dm.setup("fit")
+
+
+def test_own_data_may_hold_more_than_cifar10s_training_images():
+    """CIFAR-10's 50,000 bound the validation split only for CIFAR-10 itself."""
+    assert CIFAR10DataModule(verify_checksums=False, val_size=50_000).val_size == 50_000
 
 
 # ------------------------------------------------------------- own images in CIFAR-10's format
