@@ -1,10 +1,11 @@
 """A folder of ordinary image files (PNG, JPEG, …, any size) as 32×32 uint8 images, for prediction.
 
 Resize rule: the shorter side is scaled to 32 pixels (bilinear, antialiased, aspect ratio kept),
-then the central 32×32 square is cut out; so a 64×48 photo becomes 43×32 and loses 5 columns on
-each side. This matches how CIFAR-10's images were made (downscaled, object centred). Grayscale and
-palette images become RGB, an alpha channel is dropped, a JPEG's EXIF orientation is applied, and
-16-bit images are scaled to 8 bits.
+then the central 32×32 square is cut out; so a 64×48 photo becomes 42×32 (torchvision rounds the
+longer side down) and loses 5 columns on each side. This matches how CIFAR-10's images were made
+(downscaled, object centred). Grayscale and palette images become RGB, an alpha channel is
+dropped, a JPEG's EXIF orientation is applied, 16-bit images are scaled to 8 bits, and 32-bit
+float images (TIFF) are read as values in [0, 1] (torchvision's convention), clipped.
 
 Formats: whatever Pillow opens (PNG, JPEG, GIF — its first frame —, WebP, BMP, TIFF, …).
 (Pillow rather than ``torchvision.io``, whose decoders are deprecated since torchvision 0.29.)
@@ -44,6 +45,9 @@ def read_image_file(path: str, size: int = IMAGE_SIZE) -> Tensor:
         if picture.mode in _WIDE_GRAYSCALE_MODES:
             # convert("RGB") would clip 16-bit values at 255 instead of scaling them to 8 bits.
             picture = picture.point(lambda value: value / 256).convert("L")
+        elif picture.mode == "F":
+            # convert("RGB") would take the floats as 0-255 values: an image in [0, 1] turned black.
+            picture = picture.point(lambda value: value * 255 + 0.5).convert("L")
         image = F.pil_to_tensor(picture.convert("RGB"))
     image = F.resize(image, [size], antialias=True)  # one number: the shorter side
     return F.center_crop(image, [size, size]).contiguous()

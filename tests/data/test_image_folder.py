@@ -71,6 +71,8 @@ def test_tall_images_crop_top_and_bottom_and_small_ones_grow(tmp_path: Path) -> 
         ("alpha.png", np.dstack([_solid(32, 32, (1, 2, 3)), np.full((32, 32), 9, np.uint8)]), [1, 2, 3]),
         ("photo.bmp", _solid(32, 32, (200, 100, 50)), [200, 100, 50]),
         ("deep.png", np.full((32, 32), 30000, dtype=np.uint16), [117, 117, 117]),  # 16-bit scaled: 30000 / 256
+        ("float.tif", np.full((32, 32), 0.5, dtype=np.float32), [128, 128, 128]),  # [0, 1] floats: 0.5 x 255
+        ("bright.tif", np.full((32, 32), 1.5, dtype=np.float32), [255, 255, 255]),  # clipped
     ],
 )
 def test_any_format_becomes_rgb_uint8(tmp_path: Path, name: str, array: np.ndarray, expected_pixel: list[int]) -> None:
