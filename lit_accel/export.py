@@ -107,7 +107,12 @@ class ServingModel(nn.Module):
 
 # ------------------------------------------------------------------------------- loading
 def resolve_checkpoint(checkpoint: str, runs_dir: str = "runs") -> str:
-    """A checkpoint path, or ``best``/``last``: the newest run's under ``runs_dir`` (as ``--ckpt_path``)."""
+    """A checkpoint path, or ``best``/``last`` of the newest run under ``runs_dir``.
+
+    Unlike ``lit-accel --ckpt_path``, which looks only in its config's experiment
+    (``runs/<name>/``), this takes the newest run of any experiment below ``runs_dir``: pass
+    ``runs_dir="runs/cifar10"`` for one experiment's.
+    """
     if checkpoint in CHECKPOINT_ALIASES and not os.path.exists(checkpoint):
         # hpc_ckpt_<n>.ckpt (SLURM requeue) lie in the Trainer's default_root_dir: the working directory
         found = find_checkpoint(runs_dir, checkpoint, hpc_dir=os.getcwd())
@@ -211,7 +216,9 @@ def export_model(
         net: the network, e.g. ``ImageClassifier.net``.
         out_dir: folder for ``model.pt2``, ``model.torchscript.pt`` and ``metadata.json``, created if
             needed. The files are written into a temporary folder beside it and moved in only when
-            complete and checked: a failed export leaves the folder as it was.
+            complete and checked: a failed export leaves the folder as it was. An artifact of a
+            format not written this time (an earlier export's, of other weights) is removed, so the
+            folder holds one export that its ``metadata.json`` describes.
         classes: class names, in output order (default: the indices).
         mean: normalization mean of [0, 1] pixels, folded into the artifact.
         std: normalization standard deviation, folded into the artifact.
@@ -238,7 +245,7 @@ def export_model(
     names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"classes has {len(names)} names but the network has {num_classes} outputs")
-    metadata = _metadata(names, mean, std, input_dtype, source, flip_tta)
+    metadata = _metadata(names, mean, std, input_dtype, source, flip_tta, formats)
     out = Path(out_dir)
     staging = _staging_folder(out)
     try:
@@ -257,6 +264,11 @@ def export_model(
         for fmt, name in (("pt2", PT2_NAME), ("torchscript", TORCHSCRIPT_NAME)):
             if fmt in formats:
                 written[fmt] = out / name
+            elif (out / name).is_file():
+                (out / name).unlink()
+                print(
+                    f"lit-accel-export: removed {out / name}: an earlier export's, not these weights'", file=sys.stderr
+                )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return written
@@ -368,15 +380,26 @@ def _check(model: nn.Module, exported: Any, dtype: torch.dtype, path: Path) -> N
 
 
 def _metadata(
-    classes: list[str], mean: Sequence[float], std: Sequence[float], input_dtype: str, source: str, flip_tta: bool
+    classes: list[str],
+    mean: Sequence[float],
+    std: Sequence[float],
+    input_dtype: str,
+    source: str,
+    flip_tta: bool,
+    formats: Sequence[Format] = FORMATS,
 ) -> dict[str, Any]:
+    takes = {
+        PT2_NAME: "uint8 in 0..255" if input_dtype == "uint8" else "float32 in [0, 1]",
+        TORCHSCRIPT_NAME: "uint8 in 0..255, or float in [0, 1]",
+    }
+    files = [name for fmt, name in (("pt2", PT2_NAME), ("torchscript", TORCHSCRIPT_NAME)) if fmt in formats]
     return {
         "classes": classes,
+        "files": files,
         "input": {
             "shape": ["N", 3, IMAGE_SIZE, IMAGE_SIZE],
             "layout": "NCHW, RGB; images brought to 32x32 by scaling the shorter side to 32, then a center crop",
-            PT2_NAME: "uint8 in 0..255" if input_dtype == "uint8" else "float32 in [0, 1]",
-            TORCHSCRIPT_NAME: "uint8 in 0..255, or float in [0, 1]",
+            **{name: takes[name] for name in files},
         },
         "output": {"shape": ["N", len(classes)], "meaning": "class probabilities (softmax), float32"},
         "normalization": {"mean": list(mean), "std": list(std), "applied_inside": True},
@@ -410,7 +433,11 @@ def _parser() -> argparse.ArgumentParser:
         help="the input dtype of model.pt2 (TorchScript takes both; default: %(default)s)",
     )
     parser.add_argument("--classes", nargs="+", help="class names in output order (default: CIFAR-10's for 10 classes)")
-    parser.add_argument("--runs_dir", default="runs", help="where 'best'/'last' are looked for (default: %(default)s)")
+    parser.add_argument(
+        "--runs_dir",
+        default="runs",
+        help="where 'best'/'last' are looked for: the newest run of any experiment below it (default: %(default)s)",
+    )
     return parser
 
 

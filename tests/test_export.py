@@ -162,6 +162,21 @@ def test_any_network_exports_with_float_input(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "metadata.json").read_text())["classes"] == ["a", "b", "c"]
 
 
+def test_an_export_of_one_format_leaves_no_artifact_of_earlier_weights(tmp_path: Path, capsys) -> None:
+    """Both formats of one network, then only .pt2 of another into the same folder: the old
+    TorchScript file would be the first network's beside metadata that describes the second."""
+    first = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    export_model(first, tmp_path, classes=["a", "b"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", PT2_NAME, TORCHSCRIPT_NAME]
+    second = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 3))
+    export_model(second, tmp_path, classes=["x", "y", "z"], formats=["pt2"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", PT2_NAME]
+    assert f"removed {tmp_path / TORCHSCRIPT_NAME}" in capsys.readouterr().err
+    metadata = json.loads((tmp_path / "metadata.json").read_text())
+    assert metadata["files"] == [PT2_NAME] and TORCHSCRIPT_NAME not in metadata["input"]
+    assert metadata["classes"] == ["x", "y", "z"]
+
+
 def test_the_old_kebab_case_options_still_work_with_one_deprecation_warning(
     checkpoint: Path, tmp_path: Path, capsys
 ) -> None:
