@@ -15,7 +15,7 @@ Imports only the standard library, torch and lightning, so a callback module plu
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from typing import Any, Protocol, TypeGuard, runtime_checkable
 
 import lightning.pytorch as pl
@@ -61,7 +61,12 @@ DYNAMIC_LR_SCALE_KEY = "dynamic_lr_scale"
 
 # ---------------------------------------------------------------------------- learning rates
 def scale_learning_rates(
-    optimizer: torch.optim.Optimizer, schedulers: Iterable[Any], factor: float, *, floors: bool
+    optimizer: torch.optim.Optimizer,
+    schedulers: Iterable[Any],
+    factor: float,
+    *,
+    floors: bool,
+    groups: Collection[int] | None = None,
 ) -> None:
     """Multiply every learning rate ``optimizer`` and ``schedulers`` hold by ``factor``.
 
@@ -79,9 +84,16 @@ def scale_learning_rates(
             the whole schedule moves with the LR (DynamicBatchLR: a schedule for a larger batch is
             the same schedule at a larger LR); ``False`` when the LR alone is backed off and the
             user's floor stays the floor (DivergenceGuard).
+        groups: the indices of the param groups to rescale (and the same entries of the
+            schedulers' per-group lists); ``None``: all. Per-optimizer scalars (a single
+            ``eta_min``) are scaled only with all groups.
     """
     scaled: set[int] = set()  # ids of the tensors scaled in place
-    for group in optimizer.param_groups:
+    every_group = range(len(optimizer.param_groups))
+    chosen = set(every_group if groups is None else groups)
+    for index, group in enumerate(optimizer.param_groups):
+        if index not in chosen:
+            continue
         for key in GROUP_LR_KEYS:
             value = group.get(key)
             if isinstance(value, Tensor):
@@ -91,7 +103,7 @@ def scale_learning_rates(
             elif is_number(value):
                 group[key] = value * factor
     lists = SCHEDULER_LR_LISTS + (SCHEDULER_FLOOR_LISTS if floors else ())
-    scalars = SCHEDULER_FLOOR_SCALARS if floors else ()
+    scalars = SCHEDULER_FLOOR_SCALARS if floors and chosen >= set(every_group) else ()
     todo = list(schedulers)
     while todo:
         scheduler = todo.pop()
@@ -99,7 +111,9 @@ def scale_learning_rates(
         for attr in lists:
             values = getattr(scheduler, attr, None)
             if isinstance(values, list):
-                setattr(scheduler, attr, [_times(v, factor, scaled) for v in values])
+                setattr(
+                    scheduler, attr, [_times(v, factor, scaled) if i in chosen else v for i, v in enumerate(values)]
+                )
         for attr in scalars:
             value = getattr(scheduler, attr, None)
             if isinstance(value, Tensor) or is_number(value):

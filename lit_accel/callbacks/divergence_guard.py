@@ -141,6 +141,10 @@ class DivergenceGuard(Callback):
     closure (LBFGS). State is restored in place, so it works with DDP, FSDP2 (ModelParallelStrategy)
     and FSDP; pipeline parallelism is not supported.
 
+    One instance used for several ``fit`` calls keeps counting ``skipped_steps`` and ``rollbacks``
+    (as Lightning's ``EarlyStopping`` keeps its counters), so ``max_rollbacks`` spans them; a new
+    fit's fresh optimizer starts at ``lr_factor`` 1. Give a run that should start over a new instance.
+
     Args:
         rollback_after: roll back after this many bad steps in a row (1 = at the first bad step).
         max_rollbacks: stop when one more rollback is needed after this many; ``0`` stops instead of
@@ -347,6 +351,14 @@ class DivergenceGuard(Callback):
         self._drift_ratio = float("nan")
 
     # ------------------------------------------------------------------ hooks
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            # These describe the optimizer's rates, and a new fit builds fresh ones; a resumed fit
+            # loads the saved values after this hook.
+            self.lr_factor = 1.0
+            self.rewarm_done, self.rewarm_factor = 0, 1.0
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -136,6 +136,12 @@ class DynamicBatchLR(Callback):
 
     **Resuming.** The checkpoint holds the batch, the accumulation, the LR factors and the plateau
     counters; a resumed run sets the batch on its holder again before its first epoch and continues.
+    One instance used for several ``fit`` calls continues too (as Lightning's ``EarlyStopping``
+    keeps its counters): the grown batch, LR decay and plateau counters carry over to the next fit's
+    fresh optimizers. Give a run that should start over a new instance.
+
+    Param groups added during the fit (``optimizer.add_param_group``, e.g. by ``BackboneFinetuning``)
+    get the same multiplier from the next batch on.
 
     Args:
         monitor: the metric watched for plateaus (a key of ``trainer.callback_metrics``).
@@ -288,6 +294,7 @@ class DynamicBatchLR(Callback):
         self._samples_cap: int | None = None  # most per-device samples per optimizer step
         self._notified_batch: int | None = None
         self._val_ran = False
+        self._known_groups: dict[int, int] | None = None  # param groups per optimizer at train start, by id
         self._warned: set[str] = set()
 
     # ------------------------------------------------------------------------------------- state
@@ -375,6 +382,7 @@ class DynamicBatchLR(Callback):
         if self._accumulate > 1 and not _can_accumulate(trainer, pl_module):
             raise RunSettingsError(self._accumulation_error(trainer, pl_module))
         _mark_param_groups(trainer, self._unmarked_scale)  # optimizers restored from older checkpoints
+        self._known_groups = {id(optimizer): len(optimizer.param_groups) for optimizer in trainer.optimizers}
         self._sync_lr(trainer)
 
     @override
@@ -547,7 +555,7 @@ class DynamicBatchLR(Callback):
         """Bring the multiplier baked into each optimizer (DYNAMIC_LR_SCALE_KEY) to the target; True if changed."""
         target = self._lr_scale_without_warmup(trainer) * _warmup_factor(trainer.global_step, self.warmup_steps)
         self._applied_lr_scale = target
-        return _sync_optimizers(trainer, target, self._unmarked_scale)
+        return _sync_optimizers(trainer, target, self._unmarked_scale, self._known_groups)
 
     def _check_loader_batch(self, trainer: pl.Trainer) -> None:
         actual = _loader_batch_size(trainer)
@@ -758,35 +766,44 @@ def _mark_param_groups(trainer: pl.Trainer, scale: float) -> None:
             group.setdefault(DYNAMIC_LR_SCALE_KEY, scale)
 
 
-def _applied_scale(optimizer: torch.optim.Optimizer, unmarked: float) -> float:
-    groups = optimizer.param_groups
-    return float(groups[0].get(DYNAMIC_LR_SCALE_KEY, unmarked)) if groups else 1.0
+def _applied_scales(optimizer: torch.optim.Optimizer, unmarked: float, known_groups: int | None) -> list[float]:
+    """The multiplier each param group's LRs hold: its DYNAMIC_LR_SCALE_KEY; without one, ``unmarked``
+    for the groups there when training started (an older checkpoint's), 1 for a group added since
+    (``optimizer.add_param_group``, e.g. by BackboneFinetuning: its LR holds no multiplier)."""
+    known = len(optimizer.param_groups) if known_groups is None else known_groups
+    return [
+        float(group.get(DYNAMIC_LR_SCALE_KEY, unmarked if index < known else 1.0))
+        for index, group in enumerate(optimizer.param_groups)
+    ]
 
 
-def _sync_optimizers(trainer: pl.Trainer, target: float, unmarked: float) -> bool:
-    """Rescale each optimizer (and its schedulers) whose DYNAMIC_LR_SCALE_KEY differs from ``target``."""
-    ratios: dict[int, float] = {}
-    for optimizer in trainer.optimizers:
-        applied = _applied_scale(optimizer, unmarked)
-        if not math.isclose(target, applied, rel_tol=1e-12):
-            ratios[id(optimizer)] = target / applied
-    if not ratios:
-        return False
+def _sync_optimizers(
+    trainer: pl.Trainer, target: float, unmarked: float, known_groups: dict[int, int] | None = None
+) -> bool:
+    """Rescale each param group (and its schedulers' entries) whose DYNAMIC_LR_SCALE_KEY differs from
+    ``target``. ``known_groups``: per optimizer (by id), how many groups it had when training started."""
+    changed = False
     first = trainer.optimizers[0]
     for optimizer in trainer.optimizers:
-        ratio = ratios.get(id(optimizer))
-        if ratio is None:
+        applied = _applied_scales(optimizer, unmarked, (known_groups or {}).get(id(optimizer)))
+        by_ratio: dict[float, list[int]] = {}
+        for index, scale in enumerate(applied):
+            if not math.isclose(target, scale, rel_tol=1e-12):
+                by_ratio.setdefault(target / scale, []).append(index)
+        if not by_ratio:
             continue
         schedulers = [
             config.scheduler
             for config in trainer.lr_scheduler_configs
             if (getattr(config.scheduler, "optimizer", None) or first) is optimizer
         ]
-        # The whole schedule, floors included, moves with the batch-size rule's LR.
-        scale_learning_rates(optimizer, schedulers, ratio, floors=True)
+        for ratio, indices in by_ratio.items():
+            # The whole schedule, floors included, moves with the batch-size rule's LR.
+            scale_learning_rates(optimizer, schedulers, ratio, floors=True, groups=indices)
         for group in optimizer.param_groups:
             group[DYNAMIC_LR_SCALE_KEY] = target
-    return True
+        changed = True
+    return changed
 
 
 # -------------------------------------------------------------------------------------- validation

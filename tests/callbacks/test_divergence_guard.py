@@ -664,6 +664,16 @@ def test_two_fits_with_one_guard(tmp_path: Path) -> None:
     assert guard.skipped_steps == 2
 
 
+def test_a_second_fit_counts_on_but_its_fresh_optimizer_has_no_backoff(tmp_path: Path) -> None:
+    guard = DivergenceGuard(rollback_after=1, **FAST)
+    _trainer(tmp_path, [guard], max_steps=4).fit(Scripted(nan_at=(1,)))
+    assert (guard.rollbacks, guard.lr_factor) == (1, 0.5)
+    trainer = _trainer(tmp_path, [guard], max_steps=4)
+    trainer.fit(Scripted())
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.1)
+    assert (guard.rollbacks, guard.lr_factor) == (1, 1.0), "lr_factor says what the optimizer's rates hold"
+
+
 # ---------------------------------------------------------------------- distributed
 
 

@@ -537,6 +537,30 @@ def test_second_fit_continues_with_fresh_optimizers(tmp_path):
     assert _first_lr(model) == pytest.approx([0.05, 0.025, 0.0125, 0.00625])
 
 
+class AddGroupAtEpoch(Callback):
+    """What Lightning's BackboneFinetuning does when it unfreezes: a param group added mid-fit."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.lrs: dict[int, list[float]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            extra = torch.nn.Parameter(torch.zeros(1))
+            trainer.optimizers[0].add_param_group({"params": [extra], "lr": BASE_LR})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.lrs.setdefault(trainer.current_epoch, [g["lr"] for g in trainer.optimizers[0].param_groups])
+
+
+@pytest.mark.parametrize("added_first", [True, False])
+def test_a_param_group_added_during_fit_gets_the_same_multiplier(tmp_path, added_first):
+    cb, adder = DynamicBatchLR(policy="none", lr_schedule={0: 1.0, 1: 0.1}), AddGroupAtEpoch(epoch=2)
+    _trainer(tmp_path, [adder, cb] if added_first else [cb, adder], max_epochs=4).fit(ScriptedModule([1.0] * 4))
+    assert adder.lrs[1] == pytest.approx([BASE_LR * 0.1])
+    assert adder.lrs[3] == pytest.approx([BASE_LR * 0.1, BASE_LR * 0.1]), "the added group runs at the schedule"
+
+
 def _ddp_fit(tmp_path: Path, cb: DynamicBatchLR, script: list[list[float]], max_epochs: int) -> None:
     """Two ddp_fork ranks, rank ``r`` validating ``script[r]``; each writes what it saw to ``tmp_path``."""
     model = ScriptedModule(script, holder="datamodule", out_dir=str(tmp_path))

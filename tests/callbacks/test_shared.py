@@ -34,6 +34,17 @@ def test_every_lr_is_scaled_and_floors_only_when_asked(floors: bool) -> None:
     assert plateau.min_lrs == pytest.approx([0.001 if floors else 0.002])
 
 
+def test_only_the_given_param_groups_and_their_scheduler_entries_are_scaled() -> None:
+    optimizer = torch.optim.SGD(
+        [{"params": [torch.nn.Parameter(torch.zeros(1))]}, {"params": [torch.nn.Parameter(torch.zeros(1))]}], lr=0.1
+    )
+    cosine = CosineAnnealingLR(optimizer, T_max=10, eta_min=0.01)
+    scale_learning_rates(optimizer, [cosine], 0.5, floors=True, groups=[1])
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.1, 0.05])
+    assert cosine.base_lrs == pytest.approx([0.1, 0.05])
+    assert cosine.eta_min == pytest.approx(0.01), "one floor for every group: not scaled for some"
+
+
 def test_nested_schedulers_are_followed() -> None:
     optimizer = _adam()
     warmup = LinearLR(optimizer, start_factor=0.1, total_iters=2)
