@@ -407,7 +407,12 @@ class CIFAR10DataModule(LightningDataModule):
     # ------------------------------------------------------------------- device-side transforms
     @override
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count training batches (for mid-epoch resume); preload pipeline: normalize and augment."""
+        """Count training batches (for mid-epoch resume); preload pipeline: normalize and augment.
+
+        The float images are then in the dtype of a ``*-true`` precision (``64-true``: float64,
+        ``16-true``: float16), as Lightning's ``precision_plugin.convert_input`` makes every float
+        input; Lightning calls that before the transfer, when the preloaded images are still uint8.
+        """
         trainer = self.trainer
         training = trainer is not None and trainer.training
         if trainer is not None and training:
@@ -415,7 +420,10 @@ class CIFAR10DataModule(LightningDataModule):
         if self.pipeline != "preload":
             return batch
         images, labels = batch
-        return self.device_transform(images, train=training), labels
+        images = self.device_transform(images, train=training)
+        if trainer is not None:
+            images = trainer.precision_plugin.convert_input(images)
+        return images, labels
 
     @override
     def state_dict(self) -> dict[str, Any]:
