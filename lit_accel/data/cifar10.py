@@ -54,7 +54,9 @@ class CIFAR10DataModule(LightningDataModule):
       DDP/FSDP Lightning's ``DistributedSampler`` gives each rank a disjoint shard, reshuffled every
       epoch from the seed.
     * ``"dataloader"``: per-sample torchvision ``transforms.v2`` in DataLoader worker processes
-      (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``).
+      (``num_workers``, ``pin_memory``, ``persistent_workers``, ``prefetch_factor``). Each
+      training sample's random draws are seeded by (the run's seed, epoch, index): the same
+      augmentations with any number of workers, and a run resumed mid-epoch continues exactly.
 
     Residency of the preloaded splits (``residency``):
 
@@ -339,7 +341,11 @@ class CIFAR10DataModule(LightningDataModule):
             dataset: TensorBatchDataset | TransformedTensorDataset = TensorBatchDataset(images, labels)
             options: dict[str, Any] = {"collate_fn": pass_batch_through}
         else:
-            dataset = TransformedTensorDataset(images, labels, self._per_sample_transform(train=split == "train"))
+            train = split == "train"
+            # Per-sample seeds (seed_everything's): the same augmentations with any number of
+            # workers, and in a resumed epoch (see TransformedTensorDataset).
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if train else None
+            dataset = TransformedTensorDataset(images, labels, self._per_sample_transform(train=train), seed=seed)
             workers = self.num_workers
             options = {
                 "num_workers": workers,

@@ -19,6 +19,7 @@ __all__ = [
     "TensorBatchDataset",
     "TransformedTensorDataset",
     "pass_batch_through",
+    "sample_seed",
 ]
 
 
@@ -56,14 +57,39 @@ def pass_batch_through(batch: Any) -> Any:
 
 
 class TransformedTensorDataset(Dataset):
-    """uint8 ``(N, 3, H, W)`` images with a per-sample torchvision transform (the classic pipeline)."""
+    """uint8 ``(N, 3, H, W)`` images with a per-sample torchvision transform (the classic pipeline).
 
-    def __init__(self, images: Tensor, labels: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+    With a ``seed``, the random draws of sample ``i``'s transform in epoch ``e`` come from a
+    generator seeded with ``(seed, e, i)``, whatever process fetches it and whatever it fetched
+    before: the same augmentations with any number of workers, and a resumed epoch gets those of
+    the uninterrupted run (its skipped batches and worker seeds change nothing). The epoch is
+    shared memory, so workers see :meth:`set_epoch` (:class:`ResumableDataLoader` calls it).
+
+    Args:
+        images: the split's images.
+        labels: its labels.
+        transform: applied to each ``(3, H, W)`` image, or None.
+        seed: seeds each sample's draws as above; None: the transform draws from the process's
+            global RNG.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        transform: Callable[[Tensor], Tensor] | None = None,
+        seed: int | None = None,
+    ) -> None:
         if images.shape[0] != labels.shape[0]:
             raise ValueError(f"images ({images.shape[0]}) and labels ({labels.shape[0]}) differ in length")
         self.images = images
         self.labels = labels
         self.transform = transform
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -71,9 +97,23 @@ class TransformedTensorDataset(Dataset):
     @override
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         image = self.images[index]
-        if self.transform is not None:
+        if self.transform is not None and self.seed is None:
             image = self.transform(image)
+        elif self.transform is not None and self.seed is not None:
+            # The transforms draw from the global RNG: a forked one, seeded per sample, leaves the
+            # process's own stream (dropout, the next sample) untouched.
+            with torch.random.fork_rng(devices=[]):
+                # The CPU generator alone: torch.manual_seed also seeds every accelerator, 100x slower.
+                torch.default_generator.manual_seed(sample_seed(self.seed, int(self._epoch), int(index)))
+                image = self.transform(image)
         return image, int(self.labels[index])
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """One 63-bit seed per ``(seed, epoch, index)``, apart for any two of them (a bijective mix)."""
+    value = (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB) % (1 << 64)
+    value = ((value ^ (value >> 31)) * 0xD6E8FEB86659FD93) % (1 << 64)  # splitmix64's finaliser
+    return (value ^ (value >> 32)) >> 1
 
 
 class EpochSeededRandomSampler(RandomSampler):
@@ -138,12 +178,15 @@ class ResumableDataLoader(DataLoader):
         skip, self.position.skip = self.position.skip, 0
         skip = skip if 0 < skip < len(self) else 0
         self.position.done, self.position.epoch_finished = skip, False
-        return self._skip_then_yield(super().__iter__(), skip)
+        return self._skip_then_yield(skip)
 
-    @staticmethod
-    def _skip_then_yield(iterator: Iterator[Any], skip: int) -> Iterator[Any]:
-        # Lazily: Lightning creates the iterator before it calls the sampler's set_epoch, and
-        # the sampler's order must be the epoch's.
+    def _skip_then_yield(self, skip: int) -> Iterator[Any]:
+        # Lazily, DataLoader's own iterator included: a resumed run's Lightning calls iter() before
+        # the sampler's set_epoch, and workers would prefetch from the previous epoch's order.
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(int(getattr(self.sampler, "epoch", 0)))
+        iterator = super().__iter__()
         for _ in range(skip):
             next(iterator)
         yield from iterator

@@ -102,10 +102,13 @@ def test_dataloader_pipeline_augments_per_sample():
     )
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
-    torch.manual_seed(0)
     first, again = dataset[0][0], dataset[0][0]
     assert first.shape == (3, 32, 32) and first.dtype == torch.float32
-    assert not torch.equal(first, again)
+    assert torch.equal(first, again), "one sample, one epoch: one augmentation"
+    dataset.images[1] = dataset.images[0]
+    assert not torch.equal(first, dataset[1][0]), "another sample of the same image: another augmentation"
+    dataset.set_epoch(1)
+    assert not torch.equal(first, dataset[0][0]), "the next epoch: another augmentation"
 
 
 @pytest.mark.parametrize("size", [8, 32])
@@ -116,6 +119,7 @@ def test_both_pipelines_cut_out_by_the_same_rule(size):
     dm = CIFAR10DataModule(**args, pipeline="dataloader", num_workers=0)
     dm.setup("fit")
     dataset = dm.train_dataloader().dataset
+    dataset.seed = None  # the global RNG, as the preload pipeline draws from it
     preload = CIFAR10DataModule(**args)
     preload.setup("fit")
     for index in range(8):
@@ -185,6 +189,69 @@ def test_resume_mid_epoch_continues_the_epochs_data_with_a_sized_schedule(tmp_pa
         assert torch.equal(labels, whole.labels[i]), f"batch {i} of the epoch"
     for name, value in model.state_dict().items():
         assert torch.equal(value, expected.state_dict()[name]), name
+
+
+def test_the_dataloader_pipeline_resumes_a_later_epoch_with_the_same_augmented_batches(tmp_path):
+    """Two epochs of 5 batches, one worker, resumed at batch 2 of the second: the same images
+    (crops, flips, cutout) and weights as the uninterrupted run. Before, the resumed epoch's augmentations came
+    from other random draws, and with workers its order was the first epoch's (prefetched before
+    Lightning's set_epoch)."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+    from lit_accel.callbacks import RNGStateCheckpoint
+    from lit_accel.models import ImageClassifier, LiteCNN
+
+    class Batches(Callback):
+        def __init__(self, crash_at: int | None = None) -> None:
+            self.images, self.crash_at = [], crash_at
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            self.images.append(batch[0].clone())
+
+        def on_train_batch_end(self, trainer, *args) -> None:
+            if trainer.global_step == self.crash_at:
+                raise RuntimeError("crash")
+
+    def fit(folder, batches: Batches, ckpt_path=None) -> ImageClassifier:
+        L.seed_everything(0)
+        model = ImageClassifier(LiteCNN(width=4))
+        data = CIFAR10DataModule(
+            synthetic=True, synthetic_size=384, val_size=64, batch_size=64, pipeline="dataloader",
+            num_workers=1, random_crop=True, cutout=8,
+        )  # fmt: skip
+        checkpoints = ModelCheckpoint(dirpath=folder, filename="{step}", every_n_train_steps=7, save_top_k=-1)
+        trainer = L.Trainer(
+            accelerator="cpu", max_epochs=2, limit_val_batches=0, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, default_root_dir=folder, callbacks=[checkpoints, RNGStateCheckpoint(), batches],
+        )  # fmt: skip
+        trainer.fit(model, data, ckpt_path=ckpt_path)
+        return model
+
+    whole = Batches()
+    expected = fit(tmp_path / "whole", whole)
+    with pytest.raises(RuntimeError, match="crash"):
+        fit(tmp_path / "crashed", Batches(crash_at=8))
+    resumed = Batches()
+    model = fit(tmp_path / "crashed", resumed, ckpt_path=tmp_path / "crashed" / "step=7.ckpt")
+    assert len(whole.images) == 10 and len(resumed.images) == 3
+    for i, images in enumerate(resumed.images, start=7):
+        assert torch.equal(images, whole.images[i]), f"batch {i - 5} of the second epoch"
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, expected.state_dict()[name]), name
+
+
+def test_the_dataloader_pipelines_augmentations_do_not_depend_on_the_number_of_workers():
+    def first_batches(num_workers: int) -> list[torch.Tensor]:
+        data = CIFAR10DataModule(
+            synthetic=True, synthetic_size=192, val_size=64, batch_size=32, pipeline="dataloader",
+            num_workers=num_workers, random_crop=True, cutout=8,
+        )  # fmt: skip
+        data.setup("fit")
+        return [images for images, _ in data.train_dataloader()]
+
+    without, with_two = first_batches(0), first_batches(2)
+    assert len(without) == 4 and all(torch.equal(a, b) for a, b in zip(without, with_two))
 
 
 def test_lightning_distributed_sampler_gives_disjoint_reshuffled_shards():
