@@ -36,7 +36,7 @@ _BEST_PATTERN = "best-*.ckpt"
 _HPC_PATTERN = "hpc_ckpt_*.ckpt"
 
 
-def find_checkpoint(root: str, which: str, hpc_dir: str | None = None) -> str | None:
+def find_checkpoint(root: str, which: str, hpc_dir: str | None = None, recursive: bool = True) -> str | None:
     """The newest run's ``last`` or ``best`` checkpoint under ``root``, or None.
 
     Runs are the ``…/checkpoints/`` folders below ``root`` (for TensorBoard logs:
@@ -46,23 +46,107 @@ def find_checkpoint(root: str, which: str, hpc_dir: str | None = None) -> str | 
     signal, of those saved by a run under ``root`` (its ModelCheckpoint's folder, recorded in the
     file, lies under ``root``, or the file itself does).
 
+    ``best`` is the file that the newest run's ModelCheckpoint recorded as its best
+    (``best_model_path``, read from the run's ``last.ckpt``, else from its newest checkpoint, with
+    ``weights_only``), whatever its file name and however many top-k files the run keeps; it must
+    lie in that run's folder. Without such a record (a run that never validated, a file that cannot
+    be read), ``best`` is the newest ``best-*.ckpt`` (the name lit-accel gives it).
+
     Args:
         root: the folder to search (the logger's save dir).
         which: ``"last"`` or ``"best"``.
         hpc_dir: where to look for Lightning's ``hpc_ckpt_<n>.ckpt`` files (``last`` only).
+        recursive: search every ``checkpoints/`` folder below ``root``; False: only
+            ``root/checkpoints/`` (where Lightning saves without a logger: ``default_root_dir``).
 
     Raises:
         ValueError: if ``which`` is not one of ``"best"``, ``"last"``.
     """
     if which not in CHECKPOINT_ALIASES:
         raise ValueError(f"which={which!r} is not allowed: use 'best' or 'last'")
-    pattern = _LAST_NAME if which == "last" else _BEST_PATTERN
-    found = glob.glob(os.path.join(glob.escape(root), "**", "checkpoints", pattern), recursive=True)
+    if which == "best":
+        recorded = _recorded_best(root, recursive)
+        if recorded is not None:
+            return recorded
+    found = _in_run_folders(root, _LAST_NAME if which == "last" else _BEST_PATTERN, recursive)
     if which == "last" and hpc_dir is not None:
-        found += hpc_checkpoints(hpc_dir, root)
+        # Without a logger every run saves its hpc files into default_root_dir: only those whose
+        # ModelCheckpoint saved in root/checkpoints/ are this run's.
+        found += hpc_checkpoints(hpc_dir, root if recursive else os.path.join(root, "checkpoints"))
     if not found:
         return None
     return max(found, key=os.path.getmtime)
+
+
+def _in_run_folders(root: str, pattern: str, recursive: bool) -> list[str]:
+    """The checkpoints matching ``pattern`` in the run folders below ``root`` (``root/checkpoints/``
+    only, when not ``recursive``)."""
+    folders = (
+        os.path.join(glob.escape(root), "**", "checkpoints")
+        if recursive
+        else os.path.join(glob.escape(root), "checkpoints")
+    )
+    return glob.glob(os.path.join(folders, pattern), recursive=recursive)
+
+
+def _recorded_best(root: str, recursive: bool) -> str | None:
+    """The newest run's best checkpoint as its ModelCheckpoint recorded it; None without a usable record."""
+    checkpoints = _in_run_folders(root, "*.ckpt", recursive)
+    if not checkpoints:
+        return None
+    folder = os.path.dirname(max(checkpoints, key=os.path.getmtime))
+    last = os.path.join(folder, _LAST_NAME)
+    newest_in_run = max(glob.glob(os.path.join(glob.escape(folder), "*.ckpt")), key=os.path.getmtime)
+    return _best_in_record(_callback_states(last if os.path.exists(last) else newest_in_run), folder)
+
+
+def _best_in_record(states: dict[str, Any], folder: str) -> str | None:
+    """The best checkpoint that a checkpoint's ModelCheckpoint states (``checkpoint["callbacks"]``) name in ``folder``.
+
+    A state counts when it monitors a metric and its ``best_model_path`` names ``folder`` (by the
+    absolute path, or by a relative one that the folder's path ends with: Lightning records the
+    path as the run saw it, relative to its working folder) and a file or folder of that name is
+    there. lit-accel's own ``checkpoint`` callback wins over other ModelCheckpoints; two others that
+    disagree are no answer.
+    """
+    found: dict[str, str] = {}
+    for key, state in states.items():
+        if not isinstance(state, dict) or state.get("monitor") is None:
+            continue
+        recorded = state.get("best_model_path")
+        if not isinstance(recorded, str) or not recorded or not _names_folder(os.path.dirname(recorded), folder):
+            continue
+        path = os.path.join(folder, os.path.basename(recorded))
+        if os.path.exists(path):
+            found[str(key)] = path
+    ours = [path for key, path in found.items() if key.startswith(LastAfterEveryValidation.__name__ + "{")]
+    if ours:
+        return ours[0]
+    return found.popitem()[1] if len(set(found.values())) == 1 else None
+
+
+def _names_folder(recorded: str, folder: str) -> bool:
+    if os.path.isabs(recorded):
+        return os.path.realpath(recorded) == os.path.realpath(folder)
+    tail = os.path.normpath(recorded)
+    return any(
+        path == tail or path.endswith(os.sep + tail) for path in (os.path.abspath(folder), os.path.realpath(folder))
+    )
+
+
+def _callback_states(path: str) -> dict[str, Any]:
+    """The callbacks' states saved in a checkpoint file (or an FSDP folder's ``meta.pt``), read with
+    ``weights_only`` (plain data and tensors, nothing run); empty when they cannot be read."""
+    try:
+        if os.path.isdir(path):
+            meta = os.path.join(path, "meta.pt")
+            checkpoint = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
+        else:
+            checkpoint = read_checkpoint(path)
+    except Exception:  # unreadable or refused: no record (the file found is checked before it is used)
+        return {}
+    callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
+    return callbacks if isinstance(callbacks, dict) else {}
 
 
 def hpc_checkpoints(folder: str, root: str) -> list[str]:
@@ -154,8 +238,9 @@ def check_checkpoint(path: str, model: nn.Module, sharded: bool = False) -> None
         if not sharded:
             raise CheckpointError(
                 f"checkpoint {path} is a distributed (FSDP2) checkpoint folder, which only the FSDP strategy loads: "
-                "add --config configs/strategy/fsdp.yaml --trainer.devices N (N: the processes it was saved with), or "
-                f"export it to one file with 'lit-accel-export {path} -o DIR'."
+                "add --config configs/strategy/fsdp.yaml --trainer.devices N (N: the processes it was saved with). "
+                f"To serve the model outside lit-accel, 'lit-accel-export {path} -o DIR' writes its weights as "
+                "TorchScript and torch.export files (these are not checkpoints lit-accel loads)."
             )
         return
     state = read_checkpoint(path)["state_dict"]

@@ -3,11 +3,12 @@
 ``lit-accel fit|validate|test|predict --config configs/cifar10.yaml [--config overlay.yaml …]``.
 Defaults: TensorBoard logs under ``runs/``, a checkpoint of the best ``val/acc`` and the last epoch,
 the learning rate logged, seed 42. ``--ckpt_path best|last`` finds the newest run's checkpoint under
-the logger's folder, also in a fresh process.
+the logger's folder (without a logger: ``default_root_dir/checkpoints/``), also in a fresh process.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -21,7 +22,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.strategies import ModelParallelStrategy
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from typing_extensions import override
 
@@ -45,6 +46,8 @@ if TYPE_CHECKING:
 __all__ = ["LitAccelCLI", "main"]
 
 DEFAULT_LOG_DIR = "runs"
+
+log = logging.getLogger(__name__)
 
 # Lightning 2.6.6 calls a pytree API that torch 2.14 deprecated; users can do nothing about it.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
@@ -72,13 +75,15 @@ class LitAccelCLI(LightningCLI):
       crash loses at most that many steps;
     * ``preemption`` (PreemptionCheckpoint): SIGTERM or Ctrl-C saves ``last.ckpt`` and stops;
     * ``rng_state`` (RNGStateCheckpoint): random generators in every checkpoint, for exact resumes;
-    * ``lr_monitor`` (LearningRateMonitor);
+    * ``lr_monitor`` (LearningRateMonitor; left out without a logger, which it needs);
     * ``predict_writer`` (PredictionCSVWriter): ``lit-accel predict`` writes ``predictions.csv``.
 
     ``--ckpt_path best|last`` is resolved to a file while the arguments are parsed, so the model
     is rebuilt from that checkpoint's hyperparameters as for a file path; before a subcommand runs
     the checkpoint is checked (exists, loads, fits the network), and bad arguments end in one
     message. ``predict`` runs without a logger: it writes no run folder, only the predictions.
+    ``validate``, ``test`` and ``predict`` without ``--ckpt_path`` evaluate the untrained network,
+    with one warning.
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
@@ -193,6 +198,11 @@ class LitAccelCLI(LightningCLI):
             # config.yaml; the predictions go where predict_writer.output_path says.
             trainer_config["logger"] = False
             self.save_config_callback = None
+        elif self.subcommand != "fit" and _logger_from_config(trainer_config) is False:
+            # Without a logger config.yaml goes to default_root_dir itself, where the training's
+            # already is: LightningCLI would refuse to overwrite it (a traceback). An evaluation
+            # writes no run folder to describe.
+            self.save_config_callback = None
 
     @override
     def instantiate_classes(self) -> None:
@@ -222,20 +232,44 @@ class LitAccelCLI(LightningCLI):
         _check_lr_scheduler(self.model, optimizer, self.trainer, self.datamodule)
         _check_finite("trainer", {"gradient_clip_val": self.trainer.gradient_clip_val})
 
+    @override
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if trainer.logger is None:
+            # LearningRateMonitor stops `fit` at its start without a logger (--trainer.logger false),
+            # and would have nothing to log to: leave it out.
+            trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
+        return trainer
+
     def before_fit(self) -> None:
         self._check_before_run("fit")
 
     def before_validate(self) -> None:
         self._check_before_run("validate")
         self._keep_checkpoint_folders("validate")
+        self._warn_without_checkpoint("validate")
 
     def before_test(self) -> None:
         self._check_before_run("test")
         self._keep_checkpoint_folders("test")
+        self._warn_without_checkpoint("test")
 
     def before_predict(self) -> None:
         self._check_before_run("predict")
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
+            if isinstance(callback, PredictionCSVWriter):
+                _check_output_file(callback.output_path, "predict_writer.output_path")
         self._keep_checkpoint_folders("predict")
+        self._warn_without_checkpoint("predict")
+
+    def _warn_without_checkpoint(self, subcommand: str) -> None:
+        """validate/test/predict without ``--ckpt_path`` use the network as built: untrained. Allowed
+        (a test of the set-up itself), but said, since it is almost never what is meant."""
+        if self.config_init[subcommand].get("ckpt_path") is None:
+            _rank_zero_warning(
+                f"lit-accel {subcommand}: no --ckpt_path given, so the untrained network (its random initial "
+                "weights) is evaluated. Pass --ckpt_path best|last|FILE to use a trained checkpoint."
+            )
 
     def _keep_checkpoint_folders(self, subcommand: str) -> None:
         """The checkpoint callbacks save nothing outside fit; restored with another folder than
@@ -255,20 +289,32 @@ class LitAccelCLI(LightningCLI):
                 callback.dirpath = saved["dirpath"]
 
     def after_predict(self) -> None:
-        """Nothing predicted (every file unreadable) is an error, as an empty folder is; the CSV
-        a user already had is left as it was."""
+        """Nothing predicted (every file unreadable, or no batch run) is an error, as an empty folder
+        is; the CSV a user already had is left as it was."""
+        if not self.trainer.is_global_zero:  # predictions_written is counted on rank 0, where the parts merge
+            return
         for callback in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
-            if isinstance(callback, PredictionCSVWriter) and callback.predictions_written == 0:
+            # None: the writer's hooks never ran (no batch to predict, e.g. limit_predict_batches 0).
+            if isinstance(callback, PredictionCSVWriter) and not callback.predictions_written:
                 folder = getattr(self.datamodule, "predict_dir", None)
-                source = f"none of the files in {folder} is a readable image" if folder else "the data set was empty"
+                limit = self.trainer.limit_predict_batches
+                if limit == 0:
+                    source = f"trainer.limit_predict_batches={limit:g} runs no batch"
+                    advice = "Pass a number of batches above 0, or a fraction in (0, 1], or leave it unset (all)."
+                else:
+                    source = (
+                        f"none of the files in {folder} is a readable image" if folder else "the data set was empty"
+                    )
+                    advice = "Point --data.predict_dir at a folder of PNG/JPEG/... images."
                 raise LitAccelUserError(
                     f"nothing was predicted: {source}, so {callback.output_path} was not written (an existing file "
-                    "is kept). Point --data.predict_dir at a folder of PNG/JPEG/... images."
+                    f"is kept). {advice}"
                 )
 
     def _check_before_run(self, subcommand: str) -> None:
         """Check the log folder and the checkpoint (exists, loads, fits the model) before anything starts."""
-        _check_output_folder(_log_root(self.trainer), "trainer.logger.init_args.save_dir")
+        setting = "trainer.logger.init_args.save_dir" if self.trainer.logger is not None else "trainer.default_root_dir"
+        _check_output_folder(_log_root(self.trainer), setting)
         ckpt_path = self.config_init[subcommand].get("ckpt_path")
         if ckpt_path is not None:
             sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
@@ -286,17 +332,21 @@ def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | No
     """
     root = _log_root_from_config(trainer_config)
     hpc_dir = str(trainer_config.get("default_root_dir") or os.getcwd())
-    path = find_checkpoint(root, alias, hpc_dir=hpc_dir)
+    # Without a logger Lightning saves in default_root_dir/checkpoints/ only; searching below it
+    # would find other experiments' runs (runs/<name>/…) when it is the working folder.
+    with_logger = _logger_from_config(trainer_config) is not False
+    path = find_checkpoint(root, alias, hpc_dir=hpc_dir, recursive=with_logger)
+    where = root if with_logger else os.path.join(root, "checkpoints")
     if path is not None:
         rank_zero_info(f"--ckpt_path {alias}: using {path}")
         return path
     if subcommand == "fit" and alias == "last":
         # Resuming with "last" before any checkpoint exists starts afresh, so the same command
         # can be used for the first launch and for every relaunch after preemption.
-        rank_zero_info(f"--ckpt_path last: no checkpoint under {root} yet, starting from scratch")
+        rank_zero_info(f"--ckpt_path last: no checkpoint under {where} yet, starting from scratch")
         return None
     raise LitAccelUserError(
-        f"--ckpt_path {alias}: no {alias!r} checkpoint found under {root}/. Train first with "
+        f"--ckpt_path {alias}: no {alias!r} checkpoint found under {where}/. Train first with "
         f"'lit-accel fit --config …' (same logger settings), or pass the checkpoint file itself."
     )
 
@@ -368,15 +418,31 @@ def _check_finite(owner: str, settings: dict[str, object]) -> None:
 
 
 def _check_output_folder(folder: str, setting: str) -> None:
-    """A log folder that is, or lies inside, a file fails here in one message, not mid-run."""
+    """A folder to write in that is, or lies inside, a file fails here in one message, not mid-run."""
     path = os.path.abspath(folder)
     while path and not os.path.exists(path):
         path = os.path.dirname(path)
     if path and not os.path.isdir(path):
         raise ConfigurationError(
-            f"the log folder {folder} cannot be created: {path} is a file. Pass a folder path in {setting} "
-            "(it is created if needed)."
+            f"the folder {folder} ({setting}) cannot be created: {path} is a file. Pass a path in {setting} "
+            "whose folders are folders or do not exist yet (they are created)."
         )
+
+
+def _check_output_file(path: str, setting: str) -> None:
+    """A file to write that is a folder, or lies inside a file, fails here in one message, before any work."""
+    if os.path.isdir(path):
+        raise ConfigurationError(
+            f"{setting}={path!r} is an existing folder: pass a file path, e.g. "
+            f"--{setting} {os.path.join(path, 'predictions.csv')}"
+        )
+    _check_output_folder(os.path.dirname(os.path.abspath(path)), setting)
+
+
+@rank_zero_only
+def _rank_zero_warning(message: str) -> None:
+    """One line on stderr (through logging), from the first process only."""
+    log.warning(message)
 
 
 # What turns the GPU recipe into a CPU run: the CPU, and fp32 (bf16 autocast is slower than fp32 on
@@ -395,11 +461,26 @@ def _check_gpu_available(accelerator: str) -> None:
 
 
 def _check_cpu_devices(accelerator: object, devices: object) -> None:
+    """On a CPU, ``trainer.devices`` is a number of processes: ``auto`` (one) or 1 to the core count.
+
+    Lightning's CPU accelerator raises a TypeError (a traceback) for ``-1`` or a list of indices,
+    which name GPUs.
+    """
     cores = os.cpu_count() or 1
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available())
-    if isinstance(devices, str) and devices.isdigit():
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
+    if not on_cpu or devices == "auto":
+        return
+    if isinstance(devices, str) and devices.strip().isdigit():
         devices = int(devices)
-    if on_cpu and isinstance(devices, int) and devices > cores:
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigurationError(
+            f"trainer.devices={devices!r} is not allowed on a CPU: each CPU device is a process, so use auto "
+            f"(one process) or a number from 1 to {cores} (this machine's cores), e.g. --trainer.devices "
+            f"{min(2, cores)}. -1 and lists of device indices name GPUs."
+        )
+    if devices > cores:
         raise ConfigurationError(
             f"trainer.devices={devices} but this machine has {cores} CPU cores: each CPU device is a "
             f"process, so use at most --trainer.devices {cores}."
@@ -432,9 +513,7 @@ def _log_root(trainer: Trainer) -> str:
 def _log_root_from_config(trainer_config: Any) -> str:
     """:func:`_log_root` from the parsed ``trainer`` config, before the Trainer exists."""
     default_root_dir = str(trainer_config.get("default_root_dir") or os.getcwd())
-    logger = trainer_config.get("logger")
-    if isinstance(logger, list):
-        logger = logger[0] if logger else False
+    logger = _logger_from_config(trainer_config)
     if logger is None or logger is True:  # the Trainer's default: TensorBoard (or CSV) logs
         return os.path.join(default_root_dir, "lightning_logs")
     if logger is False:
@@ -445,6 +524,14 @@ def _log_root_from_config(trainer_config: Any) -> str:
         logger = instantiate_class((), init)
     root = getattr(logger, "root_dir", None) or getattr(logger, "save_dir", None)
     return str(root or default_root_dir)
+
+
+def _logger_from_config(trainer_config: Any) -> Any:
+    """The parsed ``trainer.logger`` setting, the first of a list; False for none."""
+    logger = trainer_config.get("logger")
+    if isinstance(logger, list):
+        logger = logger[0] if logger else False
+    return logger
 
 
 def main(args: ArgsType = None) -> None:

@@ -1,5 +1,6 @@
 """The ``lit-accel`` command: defaults, checkpoints by alias, and user errors."""
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -243,3 +244,42 @@ def test_a_plain_callbacks_list_replaces_the_recipes(in_tmp_dir, capsys):
         LitAccelCLI(args=["fit", *config("cifar10.yaml"), "--config", str(mine), "--print_config"])
     callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
     assert [c["class_path"] for c in callbacks] == ["lit_accel.callbacks.ThroughputMeter"]
+
+
+@pytest.mark.parametrize("devices", ["-1", "[0,1]", "0"])
+def test_cpu_devices_that_name_gpus_are_one_clear_error(in_tmp_dir, capsys, devices):
+    """On a CPU a device is a process: -1 ("all") and index lists are GPU spellings (Lightning raises
+    a TypeError for them)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMOKE, "--trainer.accelerator", "cpu", "--trainer.devices", devices])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "trainer.devices=" in err and "is not allowed on a CPU" in err, err
+    assert "auto (one process) or a number from 1 to" in err and "Traceback" not in err
+    assert not (in_tmp_dir / "runs").exists()
+
+
+def test_evaluating_without_a_checkpoint_warns_once_that_the_network_is_untrained(in_tmp_dir, caplog):
+    """Allowed (fit, then test in a new process, is the usual order; this may be a set-up check), but
+    said in one line that names the flag."""
+    args = [*TINY, "--trainer.limit_predict_batches", "1", "--predict_writer.output_path", "p.csv"]
+    for subcommand in ("test", "validate", "predict"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="lit_accel.cli"):
+            LitAccelCLI(args=[subcommand, *args])
+        warned = [r.getMessage() for r in caplog.records if r.name == "lit_accel.cli"]
+        assert warned == [
+            f"lit-accel {subcommand}: no --ckpt_path given, so the untrained network (its random initial weights) "
+            "is evaluated. Pass --ckpt_path best|last|FILE to use a trained checkpoint."
+        ], warned
+
+
+def test_predicting_no_batch_is_one_clear_error(in_tmp_dir, capsys):
+    (in_tmp_dir / "p.csv").write_text("kept\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", *SMOKE, "--trainer.limit_predict_batches", "0", "--predict_writer.output_path", "p.csv"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "nothing was predicted: trainer.limit_predict_batches=0 runs no batch, so p.csv was not written" in err
+    assert "Traceback" not in err
+    assert (in_tmp_dir / "p.csv").read_text() == "kept\n"

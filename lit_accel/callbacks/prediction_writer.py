@@ -225,7 +225,8 @@ def merge_parts(parts: Sequence[str], output_path: str) -> int:
     Each part starts with its header row (an empty part has none). Rows are sorted by their first
     column: by name for files, numerically for indices. ``output_path`` is replaced in one rename,
     and only when there is at least one row: with none, an existing file is left untouched. Part
-    files are deleted afterwards; a missing part counts as empty.
+    files are deleted afterwards; a missing part counts as empty. When writing or renaming fails,
+    the temporary file is removed and the parts are kept.
     """
     columns: list[str] | None = None
     rows: list[list[str]] = []
@@ -247,11 +248,17 @@ def merge_parts(parts: Sequence[str], output_path: str) -> int:
         # A temporary file beside the target, renamed over it at once: a reader never sees a
         # half-written file, and a failure leaves the previous one as it was.
         temporary = f"{output_path}.tmp-{os.getpid()}"
-        with open(temporary, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(columns)
-            writer.writerows(rows)
-        os.replace(temporary, output_path)
+        try:
+            with open(temporary, "w", newline="", encoding="utf-8") as f:
+                writer = csv.writer(f)
+                writer.writerow(columns)
+                writer.writerows(rows)
+            os.replace(temporary, output_path)
+        except BaseException:
+            # e.g. output_path is a folder, or the disk is full: the rows stay in the part files.
+            if os.path.exists(temporary):
+                os.remove(temporary)
+            raise
     for part in parts:
         if os.path.exists(part):
             os.remove(part)

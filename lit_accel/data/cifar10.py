@@ -478,6 +478,11 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
 
 
 def _open_image_folder(folder: str, transform: Any) -> ImageFolderDataset:
+    if os.path.isfile(folder):
+        raise DataNotFoundError(
+            f"data.predict_dir={folder!r} is a file ({os.path.abspath(folder)}): pass the folder that holds the "
+            f"images to classify, e.g. {os.path.dirname(os.path.abspath(folder))}."
+        )
     if not os.path.isdir(folder):
         raise DataNotFoundError(
             f"data.predict_dir={folder!r}: no such folder ({os.path.abspath(folder)}). "

@@ -78,6 +78,19 @@ def test_merge_parts_replaces_the_file_in_one_rename(tmp_path: Path, monkeypatch
     assert _read(tmp_path / "p.csv") == kept
 
 
+def test_a_failed_rename_removes_the_temporary_file_and_keeps_the_parts(tmp_path: Path) -> None:
+    """output_path an existing folder: os.replace fails; no ``.tmp-<pid>`` file is left behind, and
+    the rows stay in the part file."""
+    (tmp_path / "out").mkdir()
+    part = tmp_path / "out.rank0.part"
+    rows = [["index", "predicted", "probability"], ["0", "cat", "0.9"]]
+    _write(part, rows)
+    with pytest.raises(OSError):
+        merge_parts([str(part)], str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "out.rank0.part"]
+    assert _read(part) == rows and not any((tmp_path / "out").iterdir())
+
+
 def test_merge_parts_refuses_ranks_that_disagree_on_columns(tmp_path: Path) -> None:
     _write(tmp_path / "a", [["file", "predicted", "probability"]])
     _write(tmp_path / "b", [["index", "predicted", "probability"]])

@@ -174,6 +174,9 @@ def test_missing_or_empty_predict_dir_is_a_clear_user_error(tmp_path: Path) -> N
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataNotFoundError, match="holds no files"):
         CIFAR10DataModule(synthetic=True, predict_dir=str(tmp_path / "empty")).setup("predict")
+    (tmp_path / "photo.png").write_bytes(b"")
+    with pytest.raises(DataNotFoundError, match=r"predict_dir='.*photo.png' is a file .*: pass the folder that holds"):
+        CIFAR10DataModule(synthetic=True, predict_dir=str(tmp_path / "photo.png")).setup("predict")
 
 
 def test_predict_dir_must_name_a_folder() -> None:
