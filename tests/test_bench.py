@@ -344,3 +344,13 @@ def test_batch_curve_measures_the_recipe_through_the_cli(tmp_path, capsys):
     # the tool says so instead of simulating.
     if "no step-time model" not in out:
         assert "training time x" in out and saved["batches"] == [256, 256, 512, 512, 512]
+
+
+def test_sample_seed_bench_times_both_variants(capsys):
+    sys.path.insert(0, str(REPO_ROOT / "tools"))
+    import bench_sample_seed
+
+    result = bench_sample_seed.main(["--samples", "20", "--reps", "2"])
+    out = capsys.readouterr().out
+    assert "| seeded |" in out and "| global RNG |" in out and "median paired ratio seeded / global RNG" in out
+    assert result["ratio"] > 0 and result["seeded"] > 0 and result["global RNG"] > 0

@@ -96,16 +96,26 @@ class TransformedTensorDataset(Dataset):
 
     @override
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[Tensor, int]]:
+        """A batch's samples (the DataLoader's batched fetch), for its default ``collate_fn``."""
+        if self.transform is None or self.seed is None:
+            return [self._item(index) for index in indices]
+        epoch = int(self._epoch)
+        # The transforms draw from the global RNG: a forked one, seeded per sample, leaves the
+        # process's own stream (dropout, the next batch) untouched. One fork per batch: forking
+        # costs about as much as a transform's draws (tools/bench_sample_seed.py).
+        with torch.random.fork_rng(devices=[]):
+            return [self._item(index, sample_seed(self.seed, epoch, int(index))) for index in indices]
+
+    def _item(self, index: int, seed: int | None = None) -> tuple[Tensor, int]:
         image = self.images[index]
-        if self.transform is not None and self.seed is None:
-            image = self.transform(image)
-        elif self.transform is not None and self.seed is not None:
-            # The transforms draw from the global RNG: a forked one, seeded per sample, leaves the
-            # process's own stream (dropout, the next sample) untouched.
-            with torch.random.fork_rng(devices=[]):
+        if self.transform is not None:
+            if seed is not None:
                 # The CPU generator alone: torch.manual_seed also seeds every accelerator, 100x slower.
-                torch.default_generator.manual_seed(sample_seed(self.seed, int(self._epoch), int(index)))
-                image = self.transform(image)
+                torch.default_generator.manual_seed(seed)
+            image = self.transform(image)
         return image, int(self.labels[index])
 
 
