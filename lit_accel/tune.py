@@ -47,7 +47,6 @@ comment saying what it changes.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -56,7 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +63,7 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lit_accel._measure import TRIAL_FIT_ARGS, peak_rss_mb, quiet, reset_peak_rss
@@ -346,17 +346,6 @@ def _batch_samples(batch: Any) -> int:
     return int(first.shape[0]) if hasattr(first, "shape") else 1
 
 
-@contextlib.contextmanager
-def _working_directory(folder: str) -> Iterator[None]:
-    """``contextlib.chdir`` for Python 3.10."""
-    before = os.getcwd()
-    os.chdir(folder)
-    try:
-        yield
-    finally:
-        os.chdir(before)
-
-
 def _run_trial(
     fit_args: list[str], setting: Setting | None, warmup: int, timed: int, max_seconds: float
 ) -> dict[str, Any]:
@@ -365,9 +354,12 @@ def _run_trial(
     # Epochs unbounded, so the trial runs its steps whatever the recipe's epochs and batch limits.
     length = ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(warmup + timed)]
     length += ["--trainer.max_time", _duration(max_seconds)]
-    args = [*fit_args, *(setting.args if setting else ()), *TRIAL_FIT_ARGS, *length]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lit-accel-tune-") as folder:
+        # The trial's logs in its temporary folder; the working folder stays the user's, so the
+        # recipe's relative paths (--config files, data.data_dir) mean what they mean to fit.
+        where = ["--trainer.default_root_dir", folder, "--trainer.logger.init_args.save_dir", folder]
+        args = [*fit_args, *(setting.args if setting else ()), *TRIAL_FIT_ARGS, *where, *length]
         try:
             if setting is not None and setting.processes > 1:
                 result = _subprocess_trial(args, folder, warmup, timed, max_seconds)
@@ -375,9 +367,12 @@ def _run_trial(
                 result = _in_process_trial(args, folder, warmup, timed)
         except torch.OutOfMemoryError:
             result = {"error": "out of memory"}
+        except (SIGTERMException, KeyboardInterrupt):
+            raise  # the user stops tune itself (SIGTERMException is a SystemExit: not a failed trial)
         except (Exception, SystemExit) as error:  # a failed trial is a result: the table shows why
             message = str(error).strip().splitlines()
-            result = {"error": f"{type(error).__name__}: {message[-1] if message else ''}"[:160]}
+            # "|" would split the Markdown table's cell
+            result = {"error": f"{type(error).__name__}: {message[-1] if message else ''}"[:160].replace("|", "/")}
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -403,7 +398,7 @@ def _in_process_trial(args: list[str], folder: str, warmup: int, timed: int) -> 
 
     threads = torch.get_num_threads()
     try:
-        with quiet(), _working_directory(folder):
+        with quiet():
             _TrialCLI(args=["fit", *args])
     finally:
         torch.set_num_threads(threads)
@@ -424,7 +419,7 @@ def _subprocess_trial(args: list[str], folder: str, warmup: int, timed: int, max
     )
     command = [sys.executable, "-m", "lit_accel", "fit", *args, "--trainer.callbacks+=" + timer]
     # max_time bounds the training; start-up and set-up get a minute on top
-    done = subprocess.run(command, cwd=folder, capture_output=True, text=True, timeout=max_seconds + 60)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=max_seconds + 60)
     if done.returncode != 0 or not output.exists():
         lines = done.stderr.strip().splitlines()
         raise RuntimeError(f"exit {done.returncode}: {lines[-1] if lines else 'no timing written'}")
@@ -446,7 +441,9 @@ def tune(
     """Measure ``levers`` against the recipe ``fit_args`` within ``budget_s`` seconds.
 
     Returns ``{"baseline": Measured, "settings": [(Setting, Measured)], "chosen": [Setting],
-    "combined": Measured | None, "not_measured": [Setting]}``.
+    "combined": Measured | None, "not_measured": [Setting], "not_combined": bool, "seconds": float}``;
+    ``not_combined``: several levers had a winner but the budget left no time to measure them
+    together, so only the fastest is chosen.
 
     Raises:
         ValueError: the budget does not allow the baseline and one setting (the message says how
@@ -510,7 +507,13 @@ def tune(
             not_measured.discard(setting)
     chosen = _choose(levers, measured, min_gain)
     combined = None
-    if len(chosen) > 1 and not _over_budget(started, budget_s, sum(trial_seconds.get(s, 0.0) for s in chosen) / 2):
+    if len(chosen) > 1 and not _time_to_combine(started, budget_s, trial_seconds, chosen):
+        # Never measured together: only the fastest single setting has shown it is faster.
+        chosen = [max(chosen, key=lambda s: statistics.median(measured[s].ratios))]
+        not_combined = True
+    else:
+        not_combined = False
+    if len(chosen) > 1:
         merged = combine(chosen)
         base = run(None)
         result = run(merged)
@@ -529,6 +532,7 @@ def tune(
         "chosen": chosen,
         "combined": combined,
         "not_measured": [s for s in settings if s in not_measured],
+        "not_combined": not_combined,
         "seconds": time.perf_counter() - started,
     }
 
@@ -558,6 +562,15 @@ def combine(chosen: list[Setting]) -> Setting:
         any(s.changes_training for s in chosen),
         processes,
     )
+
+
+def _time_to_combine(
+    started: float, budget_s: float, trial_seconds: dict[Setting | None, float], chosen: list[Setting]
+) -> bool:
+    """Whether the budget holds a recipe trial and one of the merged settings (about as long as
+    its slowest part)."""
+    together_s = trial_seconds[None] + max((trial_seconds.get(s, 0.0) for s in chosen), default=0.0)
+    return not _over_budget(started, budget_s, together_s)
 
 
 def _over_budget(started: float, budget_s: float, next_trial_s: float) -> bool:
@@ -709,12 +722,14 @@ def main(argv: list[str]) -> int:
     args, fit_args = parser.parse_known_args(argv)
     try:
         for name in ("budget_s", "warmup_steps", "timed_steps", "rounds"):
-            if not getattr(args, name) > 0:
-                raise ValueError(f"--{name}={getattr(args, name)} is not allowed: use a positive number")
+            if not 0 < getattr(args, name) < math.inf:
+                raise ValueError(f"--{name}={getattr(args, name)} is not allowed: use a positive (finite) number")
         if not args.min_gain >= 0:
             raise ValueError(f"--min_gain={args.min_gain} is not allowed: use 0 or more")
         output = _check_output(args.output)
         wanted = None if args.levers is None else [n.strip() for n in args.levers.split(",") if n.strip()]
+        if wanted == []:
+            raise ValueError(f"--levers {args.levers!r} names no lever: use some of {', '.join(LEVERS)}")
         unknown = [n for n in wanted or [] if n not in LEVERS]
         if unknown:
             raise ValueError(f"--levers {','.join(unknown)} is not allowed: use some of {', '.join(LEVERS)}")
@@ -737,9 +752,14 @@ def main(argv: list[str]) -> int:
     except ValueError as error:
         print(f"lit-accel tune: error: {error}", file=sys.stderr)
         return 2
+    except (SIGTERMException, KeyboardInterrupt) as stop:
+        print(f"lit-accel tune: stopped ({type(stop).__name__}); nothing was written", file=sys.stderr)
+        return 143 if isinstance(stop, SIGTERMException) else 130
     print(table(report))
     for line in skipped:
         print(f"# not measured: {line}")
+    if report.get("not_combined"):
+        print("# the budget left no time to measure the winners of several levers together: only the fastest is kept")
     command = "lit-accel tune " + " ".join(argv)
     _write_atomically(output, tuned_yaml(report, command))
     chosen = ", ".join(f"{s.lever}={s.name}" for s in report["chosen"]) or "nothing (the recipe is the fastest)"

@@ -3,6 +3,7 @@ that ``lit-accel fit`` accepts, and bad input is one message with no YAML left b
 
 from __future__ import annotations
 
+import signal
 import statistics
 import time
 from pathlib import Path
@@ -96,9 +97,16 @@ def test_a_trial_that_outlasts_the_budget_is_stopped_and_shown_as_failed(in_tmp_
 
 
 def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
+    """With the README's relative --config paths: the trials run in the user's working folder
+    (before, they ran in a temporary one, where configs/… did not exist), and leave nothing there."""
+    import shutil
+
+    shutil.copytree(Path(SMOKE[1]).parent, in_tmp_dir / "configs")
+    relative = ["--config", "configs/cifar10.yaml", "--config", "configs/smoke.yaml"]
     with pytest.raises(SystemExit) as exit_info:  # through the lit-accel entry point
-        cli_main(["tune", *SMOKE, "--levers", "channels_last", "--budget_s", "120", "--rounds", "1", *QUICK])
+        cli_main(["tune", *relative, "--levers", "channels_last", "--budget_s", "120", "--rounds", "1", *QUICK])
     assert exit_info.value.code == 0
+    assert sorted(p.name for p in in_tmp_dir.iterdir()) == ["configs", "tuned.yaml"]
     out = capsys.readouterr().out
     assert "| recipe | as configured |" in out and "| channels_last | NCHW |" in out
     written = (in_tmp_dir / "tuned.yaml").read_text()
@@ -106,6 +114,32 @@ def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
     fit = LitAccelCLI(args=["fit", *SMOKE, "--config", "tuned.yaml", "--trainer.max_steps", "1"])
     assert fit.trainer.state.finished
     assert not list(in_tmp_dir.glob(".tuned.yaml.*")), "no temporary file left"
+
+
+def test_sigterm_or_ctrl_c_stops_tune_itself_and_writes_nothing(in_tmp_dir, monkeypatch, capsys):
+    """Lightning's SIGTERMException is a SystemExit: it was taken for a failed trial, and tune went on."""
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    signal_at_step_2 = ["--trainer.callbacks+=faults.SignalSelfAtStep", "--trainer.callbacks.step", "2"]
+    signal_at_step_2 += ["--trainer.callbacks.signum", str(int(signal.SIGTERM))]
+    (in_tmp_dir / "tuned.yaml").write_text("# the user's own\n")
+    assert main([*SMOKE, *signal_at_step_2, *QUICK, "--levers", "channels_last", "--budget_s", "120"]) == 143
+    assert "lit-accel tune: stopped (SIGTERMException); nothing was written" in capsys.readouterr().err
+    assert (in_tmp_dir / "tuned.yaml").read_text() == "# the user's own\n"
+
+
+def test_winners_never_measured_together_are_not_written_together(in_tmp_dir, monkeypatch):
+    """The budget leaves time for the single settings but not for a combined trial: only the fastest
+    single setting is chosen (the README: kept together only if that is faster still)."""
+    monkeypatch.syspath_prepend(str(TESTS_DIR))
+    sleeps = ["--trainer.callbacks+=faults.SleepTwice", "--trainer.callbacks.first", "0.1"]
+    recipe = [*SMOKE, *sleeps, "--trainer.callbacks.second", "0.2"]
+    first = Setting("first", "0 ms", ("--trainer.callbacks.first", "0.0"), {"a": 1}, False)
+    second = Setting("second", "0 ms", ("--trainer.callbacks.second", "0.0"), {"b": 2}, False)
+    levers = [Lever("first", (first,)), Lever("second", (second,))]
+    monkeypatch.setattr("lit_accel.tune._time_to_combine", lambda *args: False)
+    report = tune(recipe, levers, budget_s=120, warmup_steps=1, timed_steps=2, rounds=1, progress=False)
+    assert report["combined"] is None and report["not_combined"] is True
+    assert report["chosen"] == [second], "the larger sleep removed: the faster of the two"
 
 
 def test_a_tuned_yaml_composes_after_the_recipe_and_says_what_it_changes(in_tmp_dir):
