@@ -432,7 +432,12 @@ def _parser() -> argparse.ArgumentParser:
         default="uint8",
         help="the input dtype of model.pt2 (TorchScript takes both; default: %(default)s)",
     )
-    parser.add_argument("--classes", nargs="+", help="class names in output order (default: CIFAR-10's for 10 classes)")
+    parser.add_argument(
+        "--classes",
+        nargs="+",
+        help="class names in output order (default: those the checkpoint was trained with; for an older checkpoint"
+        " without them, CIFAR-10's for 10 classes)",
+    )
     parser.add_argument(
         "--runs_dir",
         default="runs",

@@ -520,7 +520,7 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
     return (
         f"CIFAR-10 not found in {where} {tried}: {type(err).__name__}: {err}.\n"
         f"Put cifar-10-python.tar.gz (or its extracted cifar-10-batches-py/ folder) in "
-        f"{os.path.abspath(data_dir)} and run again, or train offline on synthetic data with "
+        f"{os.path.abspath(data_dir)} and run again, or use the synthetic data set (offline) with "
         f"--data.synthetic true."
     )
 
@@ -590,10 +590,12 @@ def read_cifar_folder(data_dir: str, train: bool) -> tuple[Tensor, Tensor, tuple
     folder = os.path.join(data_dir, _CIFAR_FOLDER)
     names = [*_TRAIN_FILES] if train else ["test_batch"]
     parts, labels = [], []
+    reading = "batches.meta"  # named in the message when it cannot be read
     try:
-        meta = _read_pickle(os.path.join(folder, "batches.meta"))
+        meta = _read_pickle(os.path.join(folder, reading))
         classes = tuple(str(c) for c in meta["label_names"])
         for name in names:
+            reading = name
             entry = _read_pickle(os.path.join(folder, name))
             data = entry["data"]
             # exactly a uint8 (N, 3072) array: an object array could nest lists without end
@@ -614,7 +616,8 @@ def read_cifar_folder(data_dir: str, train: bool) -> tuple[Tensor, Tensor, tuple
             labels += batch_labels
     except (OSError, pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as err:
         raise DataNotFoundError(
-            f"{os.path.abspath(folder)} is not a readable folder in CIFAR-10's format ({type(err).__name__}: {err}). "
+            f"{os.path.abspath(folder)} is not a readable folder in CIFAR-10's format: {reading}: "
+            f"{type(err).__name__}: {err}. "
             f"It needs {', '.join(_TRAIN_FILES)}, test_batch and batches.meta, each a pickled dict of "
             f"'data' (a uint8 numpy array, N x 3072) and 'labels' (a list of ints in 0..classes-1), and "
             f"'label_names' in batches.meta."

@@ -360,7 +360,7 @@ def test_a_crafted_data_file_is_refused_before_it_runs_code(cifar10_root, tmp_pa
     marker = tmp_path / "payload-ran"
     with open(root / "cifar-10-batches-py" / "data_batch_3", "wb") as f:
         pickle.dump({"data": _Payload(str(marker)), "labels": []}, f, protocol=2)
-    with pytest.raises(DataNotFoundError, match=r"data_batch_3|refused to load builtins.open") as error:
+    with pytest.raises(DataNotFoundError, match=r"format: data_batch_3: UnpicklingError") as error:
         _datamodule(root, verify_checksums=False).setup("fit")
     assert "refused to load" in str(error.value)
     assert not marker.exists(), "the payload ran"
