@@ -43,9 +43,12 @@ class HParamsSummary(Callback):
     Written once per TensorBoard run folder, by rank 0, at the start of ``fit``, ``validate`` or
     ``test``. A ``validate``/``test`` run with a checkpoint (``ckpt_path``) takes the ``model/…``
     and ``data/…`` values from the checkpoint, the ones its weights were trained with, and adds a
-    ``checkpoint`` column. ``lit-accel fit`` and a later ``lit-accel test`` write two runs (two
-    ``version_<n>`` folders), so ``val/acc`` and ``test/acc`` appear in two rows with the same
-    hyperparameters; in one process (``trainer.fit`` then ``trainer.test``) they share a row.
+    ``checkpoint`` column; its ``trainer/…`` values are the training's too, which this callback
+    saves in every checkpoint (``checkpoint["trainer_settings"]``; a checkpoint without them gives
+    no ``trainer/…`` columns rather than the evaluation's). ``lit-accel fit`` and a later
+    ``lit-accel test`` write two runs (two ``version_<n>`` folders), so ``val/acc`` and
+    ``test/acc`` appear in two rows with the same hyperparameters; in one process
+    (``trainer.fit`` then ``trainer.test``) they share a row.
 
     Set ``default_hp_metric: false`` on the ``TensorBoardLogger``: otherwise Lightning writes its
     own HParams definition with a placeholder ``hp_metric`` (-1), which TensorBoard then shows in
@@ -82,6 +85,14 @@ class HParamsSummary(Callback):
         self._write(trainer, pl_module)
 
     @override
+    def on_save_checkpoint(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        if self.include_trainer:
+            # What the weights were trained with, for the row of a later validate/test of them.
+            checkpoint["trainer_settings"] = trainer_settings(trainer)
+
+    @override
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.sanity_checking and trainer.state.fn == "validate":
             self._write(trainer, pl_module)
@@ -108,6 +119,8 @@ class HParamsSummary(Callback):
             self._warned = True
         params = collect_hparams(trainer, pl_module, include_trainer=self.include_trainer)
         if trainer.state.fn != "fit" and trainer.ckpt_path:
+            # The row describes the weights: this evaluation's trainer settings are not theirs.
+            params = {k: v for k, v in params.items() if not k.startswith("trainer/")}
             params.update(checkpoint_hparams(trainer.ckpt_path))
         write_session_start(logger.experiment, params)
         self._written.add(logger.log_dir)
@@ -143,7 +156,11 @@ def checkpoint_hparams(path: str | os.PathLike[str]) -> dict[str, HParamValue]:
         log.warning("HParamsSummary: could not read hyperparameters from %s (%s)", file, err)
         return params
     if isinstance(contents, Mapping):
-        for key, prefix in (("hyper_parameters", "model"), ("datamodule_hyper_parameters", "data")):
+        for key, prefix in (
+            ("hyper_parameters", "model"),
+            ("datamodule_hyper_parameters", "data"),
+            ("trainer_settings", "trainer"),  # saved by HParamsSummary while training
+        ):
             if isinstance(contents.get(key), Mapping):
                 params.update(flatten_hparams(_plain(contents[key]), prefix=prefix))
     return params

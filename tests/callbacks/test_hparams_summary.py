@@ -115,14 +115,26 @@ def test_test_run_in_a_new_folder_gets_its_own_row_without_trainer_settings(tmp_
 
 
 def test_test_of_a_checkpoint_shows_the_hparams_it_was_trained_with(tmp_path: Path) -> None:
-    trainer = _trainer(tmp_path / "fit", [])
+    trainer = _trainer(tmp_path / "fit", [HParamsSummary()], accumulate_grad_batches=2)
     trainer.fit(Model(lr=0.05), datamodule=Data(batch_size=4))
     trainer.save_checkpoint(tmp_path / "trained.ckpt")
-    tester = _trainer(tmp_path / "test", [HParamsSummary(include_trainer=False)])
+    tester = _trainer(tmp_path / "test", [HParamsSummary()])
     tester.test(Model(lr=0.9), datamodule=Data(batch_size=16), ckpt_path=str(tmp_path / "trained.ckpt"))
     (session,) = _session_hparams(tester.logger.log_dir)
     assert session["model/lr"] == 0.05 and session["data/batch_size"] == 4
     assert session["checkpoint"] == str(tmp_path / "trained.ckpt")
+    # The training's trainer settings, not the test's (no accumulation)
+    assert session["trainer/accumulate_grad_batches"] == 2
+
+
+def test_a_checkpoint_without_trainer_settings_gives_no_trainer_columns(tmp_path: Path) -> None:
+    trainer = _trainer(tmp_path / "fit", [])  # no HParamsSummary while training
+    trainer.fit(Model(lr=0.05), datamodule=Data(batch_size=4))
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    tester = _trainer(tmp_path / "test", [HParamsSummary()])
+    tester.test(Model(lr=0.9), datamodule=Data(batch_size=16), ckpt_path=str(tmp_path / "trained.ckpt"))
+    (session,) = _session_hparams(tester.logger.log_dir)
+    assert session["model/lr"] == 0.05 and not [k for k in session if k.startswith("trainer/")]
 
 
 def test_warns_about_lightnings_placeholder_hp_metric(tmp_path: Path) -> None:
