@@ -52,6 +52,29 @@ def config(*names: str) -> list[str]:
     return args
 
 
+# The least `lit-accel` trains, validates and tests: the smoke recipe, quiet, one batch of each split
+# of a small synthetic set.
+TINY_CLI_ARGS = [
+    *config("cifar10.yaml", "smoke.yaml"),
+    "--trainer.enable_progress_bar",
+    "false",
+    "--trainer.enable_model_summary",
+    "false",
+    "--data.synthetic_size",
+    "320",
+    "--data.val_size",
+    "64",
+    "--data.synthetic_test_size",
+    "64",
+    "--trainer.limit_train_batches",
+    "1",
+    "--trainer.limit_val_batches",
+    "1",
+    "--trainer.limit_test_batches",
+    "1",
+]
+
+
 class MemoryLogger(Logger):
     """A Lightning logger that keeps every ``log_metrics`` call as ``(step, {key: float})`` in ``rows``.
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from helpers import config, read_scalars, run_cli
+from helpers import TINY_CLI_ARGS, config, read_scalars, run_cli
 from lit_accel.cli import LitAccelCLI, main
 
 SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
@@ -39,24 +39,7 @@ def test_fit_then_validate_and_test_a_finished_run_by_alias(in_tmp_dir):
         assert cli.config[cli.subcommand]["model"]["net"]["init_args"]["width"] == 24
 
 
-# The least the CLI trains and tests: one batch of each, on a small synthetic set.
-TINY = [
-    *SMOKE,
-    "--trainer.enable_model_summary",
-    "false",
-    "--data.synthetic_size",
-    "320",
-    "--data.val_size",
-    "64",
-    "--data.synthetic_test_size",
-    "64",
-    "--trainer.limit_train_batches",
-    "1",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.limit_test_batches",
-    "1",
-]
+TINY = TINY_CLI_ARGS
 
 
 @pytest.mark.slow

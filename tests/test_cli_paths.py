@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import config
+from helpers import TINY_CLI_ARGS, config
 from lit_accel.cli import LitAccelCLI, main
 
 SMOKE = config("cifar10.yaml", "smoke.yaml") + [
@@ -18,22 +18,7 @@ SMOKE = config("cifar10.yaml", "smoke.yaml") + [
     "--trainer.enable_model_summary",
     "false",
 ]
-# One batch of each split: the least that trains, validates and tests.
-TINY = [
-    *SMOKE,
-    "--data.synthetic_size",
-    "320",
-    "--data.val_size",
-    "64",
-    "--data.synthetic_test_size",
-    "64",
-    "--trainer.limit_train_batches",
-    "1",
-    "--trainer.limit_val_batches",
-    "1",
-    "--trainer.limit_test_batches",
-    "1",
-]
+TINY = TINY_CLI_ARGS
 
 
 def _other_experiments_run(root: Path) -> Path:

@@ -427,23 +427,12 @@ def test_own_files_pickled_with_the_highest_protocol_are_read(cifar10_root, tmp_
 @pytest.mark.parametrize("precision", ["64-true", "16-true"])
 def test_a_true_precision_gets_its_float_dtype_from_the_preload_pipeline(tmp_path, precision):
     """Lightning converts float inputs before the transfer; the preloaded images are uint8 until after it."""
-    from lightning.pytorch import Trainer
-
+    from helpers import quiet_cpu_trainer
     from lit_accel.models import ImageClassifier, LiteCNN
 
     data = CIFAR10DataModule(synthetic=True, synthetic_size=64, val_size=16, batch_size=16, synthetic_test_size=16)
     model = ImageClassifier(LiteCNN(width=4))
-    trainer = Trainer(
-        accelerator="cpu",
-        precision=precision,
-        max_steps=2,
-        limit_val_batches=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-    )
+    trainer = quiet_cpu_trainer(tmp_path, precision=precision, max_steps=2, limit_val_batches=1)
     trainer.fit(model, data)
     trainer.test(model, data, verbose=False)
     assert trainer.global_step == 2 and next(model.parameters()).dtype == {"64-true": torch.float64}.get(
