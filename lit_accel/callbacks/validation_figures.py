@@ -48,9 +48,8 @@ class ValidationFigures(Callback):
     warns once and does nothing.
 
     Args:
-        every_n_epochs: draw after the validation of every n-th training epoch, and of the last
-            one (``trainer.max_epochs``), so a run shorter than n epochs has its figures too
-            (``validate`` runs always draw).
+        every_n_epochs: draw after the validation of every n-th training epoch (``validate`` runs
+            always draw).
         confusion_matrix: draw the confusion matrix.
         misclassified: the most misclassified images in the grid (0: no grid).
         mean: per-channel mean the images were normalized with, e.g. CIFAR-10's
@@ -159,7 +158,6 @@ class ValidationFigures(Callback):
             self.every_n_epochs,
             fitting=trainer.state.fn == TrainerFn.FITTING,
             sanity_checking=trainer.sanity_checking,
-            last_epoch=trainer.max_epochs is not None and trainer.current_epoch + 1 == trainer.max_epochs,
         )
         self._counts = None
         self._wrong, self._wrong_count = [], 0
@@ -241,14 +239,11 @@ class ValidationFigures(Callback):
 
 
 # ----------------------------------------------------------------------------- pure functions
-def is_drawing_epoch(
-    epoch: int, every_n_epochs: int, fitting: bool, sanity_checking: bool, last_epoch: bool = False
-) -> bool:
-    """Whether this validation is drawn: not the sanity check; while fitting, every n-th epoch (1-based)
-    and the run's last."""
+def is_drawing_epoch(epoch: int, every_n_epochs: int, fitting: bool, sanity_checking: bool) -> bool:
+    """Whether this validation is drawn: not the sanity check; while fitting, every n-th epoch (1-based)."""
     if sanity_checking:
         return False
-    return not fitting or last_epoch or (epoch + 1) % every_n_epochs == 0
+    return not fitting or (epoch + 1) % every_n_epochs == 0
 
 
 def confusion_counts(labels: Tensor, predicted: Tensor, num_classes: int) -> Tensor:

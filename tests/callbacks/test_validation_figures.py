@@ -44,13 +44,6 @@ def test_is_drawing_epoch(epoch: int, every: int, fitting: bool, sanity: bool, e
     assert is_drawing_epoch(epoch, every, fitting=fitting, sanity_checking=sanity) is expected
 
 
-def test_the_last_epoch_of_a_run_shorter_than_every_n_epochs_is_drawn() -> None:
-    """The recipe draws every 5 epochs; a 3-epoch run (the README's --trainer.max_epochs 3) had no figures."""
-    assert is_drawing_epoch(2, 5, fitting=True, sanity_checking=False, last_epoch=True)
-    assert not is_drawing_epoch(1, 5, fitting=True, sanity_checking=False, last_epoch=False)
-    assert not is_drawing_epoch(2, 5, fitting=True, sanity_checking=True, last_epoch=True)
-
-
 def test_confusion_counts_rows_are_true_classes_and_ignore_unknown_labels() -> None:
     labels = torch.tensor([0, 0, 1, 2, 2, 2, -100, 3])
     predicted = torch.tensor([0, 1, 1, 2, 0, 2, 1, 1])
@@ -207,9 +200,6 @@ def test_draws_every_n_epochs_with_exact_counts_and_bounded_mistakes(tmp_path: P
     trainer.fit(Scripted(), datamodule=Data())
     # Epochs 1 and 3 (every 2nd), never the sanity check; 2 optimizer steps per epoch.
     assert [(d["epoch"], d["step"]) for d in figures.drawn] == [(1, 4), (3, 8)]
-    short = Recording(every_n_epochs=5, misclassified=0)
-    _trainer(tmp_path, [short], max_epochs=3).fit(Scripted(), datamodule=Data())
-    assert [d["epoch"] for d in short.drawn] == [2], "a run shorter than every_n_epochs: its last epoch"
     for drawn in figures.drawn:
         assert drawn["counts"] == EXPECTED_COUNTS
         assert drawn["wrong_labels"] == [0, 1] and drawn["wrong_predicted"] == [1, 2]  # the first 2 of 3
