@@ -12,7 +12,7 @@ import logging
 import warnings
 from collections.abc import Iterator
 
-__all__ = ["NO_CHECKPOINT_ARGS", "QUIET_FIT_ARGS", "TRIAL_FIT_ARGS", "peak_rss_mb", "quiet", "reset_peak_rss"]
+__all__ = ["NO_CHECKPOINT_ARGS", "TRIAL_FIT_ARGS", "peak_rss_mb", "quiet", "reset_peak_rss"]
 
 # `lit-accel fit` overrides that write no checkpoint: a timed run's figures must not include saving.
 NO_CHECKPOINT_ARGS = [
@@ -26,10 +26,11 @@ NO_CHECKPOINT_ARGS = [
     "0",
 ]
 
-# `lit-accel fit` overrides for a timed run that leaves the recipe's validation as it is: no sanity
-# check, progress bar, summary or checkpoint, and the log in the working folder ("."), whatever the
-# recipe logs to (lit-accel tune passes its temporary folder after these).
-QUIET_FIT_ARGS = [
+# `lit-accel fit` overrides for a timed trial: no validation, progress bar, summary or checkpoint, and
+# the log in the trial's own (temporary) working folder, whatever the recipe logs to.
+TRIAL_FIT_ARGS = [
+    "--trainer.limit_val_batches",
+    "0",
     "--trainer.num_sanity_val_steps",
     "0",
     "--trainer.enable_progress_bar",
@@ -44,9 +45,6 @@ QUIET_FIT_ARGS = [
     ".",
     *NO_CHECKPOINT_ARGS,
 ]
-
-# ... and no validation either: the benchmarks' timed runs.
-TRIAL_FIT_ARGS = ["--trainer.limit_val_batches", "0", *QUIET_FIT_ARGS]
 
 
 def peak_rss_mb() -> float:

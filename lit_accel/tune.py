@@ -66,7 +66,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from lit_accel._measure import QUIET_FIT_ARGS, peak_rss_mb, quiet, reset_peak_rss
+from lit_accel._measure import TRIAL_FIT_ARGS, peak_rss_mb, quiet, reset_peak_rss
 
 __all__ = ["Lever", "Setting", "TrialTimer", "combine", "main", "plan_levers", "tune"]
 
@@ -166,10 +166,6 @@ class TrialTimer(Callback):
         self._last_end = now
         if step >= self.warmup_steps + self.timed_steps:
             trainer.should_stop = True
-
-    @override
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._last_end = None  # a validation inside the timed steps is not training time: the next batch is not timed
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -355,16 +351,15 @@ def _run_trial(
 ) -> dict[str, Any]:
     """One timed trial, its training stopped after ``max_seconds`` (Trainer ``max_time``);
     ``{"error": ...}`` when it fails (out of memory and out of time included)."""
-    # The recipe's own length and validation, so what is sized from them (WarmupDecayLR's steps,
-    # DynamicBatchLR's progress table, ReduceLROnPlateau's monitor) is as in its fit; TrialTimer
-    # stops the trial after its steps, max_time at the budget.
-    length = ["--trainer.max_time", _duration(max_seconds)]
+    # Epochs unbounded, so the trial runs its steps whatever the recipe's epochs and batch limits.
+    length = ["--trainer.max_epochs", "-1", "--trainer.max_steps", str(warmup + timed)]
+    length += ["--trainer.max_time", _duration(max_seconds)]
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lit-accel-tune-") as folder:
         # The trial's logs in its temporary folder; the working folder stays the user's, so the
         # recipe's relative paths (--config files, data.data_dir) mean what they mean to fit.
         where = ["--trainer.default_root_dir", folder, "--trainer.logger.init_args.save_dir", folder]
-        args = [*fit_args, *(setting.args if setting else ()), *QUIET_FIT_ARGS, *where, *length]
+        args = [*fit_args, *(setting.args if setting else ()), *TRIAL_FIT_ARGS, *where, *length]
         try:
             if setting is not None and setting.processes > 1:
                 result = _subprocess_trial(args, folder, warmup, timed, max_seconds)

@@ -116,16 +116,6 @@ def test_the_command_writes_a_yaml_that_fit_accepts(in_tmp_dir, capsys):
     assert not list(in_tmp_dir.glob(".tuned.yaml.*")), "no temporary file left"
 
 
-def test_a_recipe_that_fit_accepts_is_tuned_with_its_own_length_and_validation(in_tmp_dir, capsys):
-    """The README's ReduceLROnPlateau recipe follows val/loss every epoch: trials that turned
-    validation off (and ran max_epochs -1) refused it as "the recipe itself failed"."""
-    plateau = ["--model.lr_scheduler", "torch.optim.lr_scheduler.ReduceLROnPlateau"]
-    plateau += ["--model.lr_scheduler.patience", "2"]
-    args = [*SMOKE, *plateau, *QUICK, "--levers", "channels_last", "--rounds", "1", "--budget_s", "120"]
-    assert main(args) == 0, capsys.readouterr().err
-    assert "| recipe | as configured |" in capsys.readouterr().out
-
-
 def test_sigterm_or_ctrl_c_stops_tune_itself_and_writes_nothing(in_tmp_dir, monkeypatch, capsys):
     """Lightning's SIGTERMException is a SystemExit: it was taken for a failed trial, and tune went on."""
     monkeypatch.syspath_prepend(str(TESTS_DIR))
