@@ -131,8 +131,8 @@ def test_winners_never_measured_together_are_not_written_together(in_tmp_dir, mo
     """The budget leaves time for the single settings but not for a combined trial: only the fastest
     single setting is chosen (the README: kept together only if that is faster still)."""
     monkeypatch.syspath_prepend(str(TESTS_DIR))
-    sleeps = ["--trainer.callbacks+=faults.SleepTwice", "--trainer.callbacks.first", "0.1"]
-    recipe = [*SMOKE, *sleeps, "--trainer.callbacks.second", "0.2"]
+    sleeps = ["--trainer.callbacks+=faults.SleepTwice", "--trainer.callbacks.first", "0.03"]
+    recipe = [*SMOKE, *sleeps, "--trainer.callbacks.second", "0.06"]
     first = Setting("first", "0 ms", ("--trainer.callbacks.first", "0.0"), {"a": 1}, False)
     second = Setting("second", "0 ms", ("--trainer.callbacks.second", "0.0"), {"b": 2}, False)
     levers = [Lever("first", (first,)), Lever("second", (second,))]
