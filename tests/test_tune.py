@@ -194,6 +194,8 @@ def test_unchanged_training_only_leaves_out_precision_batch_and_processes():
         (["--levers", "ddp", "--trainer.strategy", "ddp"], "--levers: ddp: the recipe already sets strategy=ddp"),
         (["--budget_s", "0"], "--budget_s=0.0 is not allowed"),
         (["--budget_s", "0.5"], "budget_s=0.5 is too small: one trial of the recipe took"),
+        (["--budget_s", "inf"], "--budget_s=inf is not allowed: use a positive (finite) number"),
+        (["--levers", ","], "--levers ',' names no lever: use some of channels_last"),
     ],
 )
 def test_bad_input_is_one_message_and_no_yaml(in_tmp_dir, capsys, extra, message):

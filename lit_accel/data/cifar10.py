@@ -344,7 +344,7 @@ class CIFAR10DataModule(LightningDataModule):
             train = split == "train"
             # Per-sample seeds (seed_everything's): the same augmentations with any number of
             # workers, and in a resumed epoch (see TransformedTensorDataset).
-            seed = int(os.environ.get("PL_GLOBAL_SEED", 0)) if train else None
+            seed = _run_seed() if train else None
             dataset = TransformedTensorDataset(images, labels, self._per_sample_transform(train=train), seed=seed)
             workers = self.num_workers
             options = {
@@ -360,7 +360,7 @@ class CIFAR10DataModule(LightningDataModule):
         if not shuffle:
             return DataLoader(dataset, **options)
         # The run's seed (seed_everything), as Lightning's DistributedSampler uses under DDP.
-        sampler = EpochSeededRandomSampler(dataset, seed=int(os.environ.get("PL_GLOBAL_SEED", 0)))
+        sampler = EpochSeededRandomSampler(dataset, seed=_run_seed())
         return ResumableDataLoader(dataset, sampler=sampler, position=self._train_position, **options)
 
     def _device_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool) -> DeviceBatchLoader:
@@ -373,7 +373,7 @@ class CIFAR10DataModule(LightningDataModule):
         # The samplers the host pipeline ends up with. Lightning replaces samplers only in DataLoader
         # objects: with overfit_batches a sequential one, under DDP/FSDP (unless the Trainer's
         # use_distributed_sampler is off) a DistributedSampler; here the same choices, same arguments.
-        seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = _run_seed()
         shard = trainer.distributed_sampler_kwargs if trainer is not None else None
         if trainer is not None and not trainer._accelerator_connector.use_distributed_sampler:
             shard = None  # listed in lit_accel/_lightning_compat.py
@@ -523,6 +523,11 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
         f"{os.path.abspath(data_dir)} and run again, or use the synthetic data set (offline) with "
         f"--data.synthetic true."
     )
+
+
+def _run_seed() -> int:
+    """The run's seed (``seed_everything`` sets it), as Lightning's DistributedSampler takes it; 0 without one."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class _CutoutOneImage:
