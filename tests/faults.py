@@ -12,7 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from lit_accel.callbacks._shared import local_tensor
+from lit_accel.core.dist import local_tensor
 
 
 class CrashAtStep(Callback):

@@ -1,7 +1,8 @@
-"""Reusable Lightning callbacks. Each module imports only ``lightning``, ``torch``, the standard
-library, ``typing_extensions`` (for ``@override``; torch and lightning require it) and, for
-checkpoint state keys, the private ``_state_keys.py`` (standard library only), so it can be copied
-into another project with that one helper file."""
+"""Reusable Lightning callbacks: thin adapters over the Trainer-free engines of :mod:`lit_accel.core`.
+
+Each module imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
+``@override``), :mod:`lit_accel.core` and :mod:`lit_accel.callbacks.shared`, so each works with any
+LightningModule and DataModule."""
 
 from lit_accel.callbacks.divergence_guard import DivergenceError, DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR

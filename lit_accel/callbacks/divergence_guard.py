@@ -3,7 +3,7 @@ update, roll back with a lower learning rate when it persists, and stop cleanly 
 
 Imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
 ``@override``; torch and lightning require it) and the private
-``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
+``lit_accel/core`` (torch and the standard library only), so it can be copied with that package into
 another project.
 
 Cost per good step: one fused gradient norm, one all-reduce of three numbers and one
@@ -32,8 +32,10 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor
 from typing_extensions import override
 
-from lit_accel.callbacks._shared import check_int, fmt, is_number, local_tensor, scale_learning_rates
-from lit_accel.callbacks._state_keys import adopt_older_state, check_name, identity_state_key
+from lit_accel.core.checks import check_int, check_name, fmt, is_number
+from lit_accel.core.dist import local_tensor
+from lit_accel.core.lr_scaling import scale_learning_rates
+from lit_accel.core.state_keys import adopt_older_state, identity_state_key
 
 __all__ = ["DivergenceError", "DivergenceGuard"]
 

@@ -21,16 +21,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from lightning.pytorch.utilities.parsing import lightning_getattr, lightning_hasattr, lightning_setattr
 from typing_extensions import override
 
-from lit_accel.callbacks._shared import (
-    DYNAMIC_LR_SCALE_KEY,
-    RunSettingsError,
-    is_int,
-    is_number,
-    notify_batch_size_changed,
-    require,
-    scale_learning_rates,
-)
-from lit_accel.callbacks._state_keys import adopt_older_state, identity_state_key
+from lit_accel.callbacks.shared import RunSettingsError, notify_batch_size_changed
+from lit_accel.core.checks import is_int, is_number, require
+from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, scale_learning_rates
+from lit_accel.core.state_keys import adopt_older_state, identity_state_key
 
 __all__ = ["DynamicBatchLR"]
 

@@ -3,8 +3,8 @@ stalls or the gap grows too wide, and end training with the weights of the best 
 Keras calls ``restore_best_weights``; Lightning's ``EarlyStopping`` stops but keeps the last weights).
 
 Imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
-``@override``; torch and lightning require it) and the private ``_state_keys.py`` (standard library
-only), so the two files can be copied into another project.
+``@override``; torch and lightning require it) and :mod:`lit_accel.core` (torch and the standard
+library only), so it can be copied with that package into another project.
 
 Cost: one all-reduce of a few numbers per validation and per validated epoch (none on one device),
 and at each validation that improves the monitored metric a host copy of the parameters and
@@ -29,8 +29,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lit_accel.callbacks._shared import check_int, fmt, is_number, local_tensor
-from lit_accel.callbacks._state_keys import identity_state_key
+from lit_accel.core.checks import check_int, fmt, is_number
+from lit_accel.core.dist import local_tensor
+from lit_accel.core.state_keys import identity_state_key
 
 __all__ = ["GeneralizationMonitor"]
 

@@ -2,7 +2,7 @@
 
 This module imports only ``lightning``, ``torch``, the standard library, ``typing_extensions``
 (for ``@override``; torch and lightning require it) and the private
-``lit_accel/callbacks/_state_keys.py`` (standard library only), so the two files can be copied into
+``lit_accel/core`` (torch and the standard library only), so it can be copied with that package into
 another project as they are.
 """
 
@@ -26,8 +26,8 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from torch.utils.flop_counter import FlopCounterMode
 from typing_extensions import override
 
-from lit_accel.callbacks._shared import is_int
-from lit_accel.callbacks._state_keys import adopt_older_state, check_name, identity_state_key
+from lit_accel.core.checks import check_name, is_int
+from lit_accel.core.state_keys import adopt_older_state, identity_state_key
 
 __all__ = ["ThroughputMeter"]
 

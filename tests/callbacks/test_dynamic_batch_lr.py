@@ -17,7 +17,6 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import MemoryLogger, quiet_cpu_trainer
-from lit_accel.callbacks._shared import DYNAMIC_LR_SCALE_KEY, RunSettingsError
 from lit_accel.callbacks.divergence_guard import DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import (
     DynamicBatchLR,
@@ -32,6 +31,8 @@ from lit_accel.callbacks.dynamic_batch_lr import (
     _table_value,
     _warmup_factor,
 )
+from lit_accel.callbacks.shared import RunSettingsError
+from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY
 
 NUM_SAMPLES = 32  # training samples; with batch 4 an epoch has 8 batches
 BASE_LR = 0.1

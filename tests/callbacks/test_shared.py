@@ -9,12 +9,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, ReduceLROnPlateau, SequentialLR
 
-from lit_accel.callbacks._shared import (
-    BatchSizeListener,
-    check_int,
-    notify_batch_size_changed,
-    scale_learning_rates,
-)
+from lit_accel.callbacks.shared import BatchSizeListener, notify_batch_size_changed
+from lit_accel.core.checks import check_int
+from lit_accel.core.lr_scaling import scale_learning_rates
 
 
 def _adam(lr: Any = 0.1) -> torch.optim.Optimizer:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from lit_accel.callbacks import DivergenceGuard, DynamicBatchLR, ThroughputMeter
-from lit_accel.callbacks._state_keys import adopt_older_state, identity_state_key
+from lit_accel.core.state_keys import adopt_older_state, identity_state_key
 
 
 def test_identity_key_lists_only_what_is_given():

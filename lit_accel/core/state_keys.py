@@ -16,13 +16,7 @@ from __future__ import annotations
 import ast
 from typing import Any
 
-__all__ = ["adopt_older_state", "check_name", "identity_state_key"]
-
-
-def check_name(name: Any) -> None:
-    """``name`` is ``None`` or a non-empty string (a callback's identity in checkpoints)."""
-    if name is not None and not (isinstance(name, str) and name):
-        raise ValueError(f"name={name!r} is not allowed: use a non-empty string, or None")
+__all__ = ["adopt_older_state", "identity_state_key"]
 
 
 def identity_state_key(qualname: str, **identity: Any) -> str:

@@ -1,0 +1,25 @@
+"""Trainer-free engines: torch and the standard library only, never ``lightning``.
+
+Plain PyTorch loops, Lightning Fabric loops and lit_accel's callbacks all use these; the callbacks
+in :mod:`lit_accel.callbacks` are thin adapters over them.
+"""
+
+from lit_accel.core.checks import check_int, check_name, fmt, is_int, is_number, require
+from lit_accel.core.dist import local_tensor
+from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, GROUP_LR_KEYS, scale_learning_rates
+from lit_accel.core.state_keys import adopt_older_state, identity_state_key
+
+__all__ = [
+    "DYNAMIC_LR_SCALE_KEY",
+    "GROUP_LR_KEYS",
+    "adopt_older_state",
+    "check_int",
+    "check_name",
+    "fmt",
+    "identity_state_key",
+    "is_int",
+    "is_number",
+    "local_tensor",
+    "require",
+    "scale_learning_rates",
+]
