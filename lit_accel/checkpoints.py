@@ -1,15 +1,23 @@
-"""Checkpoints from a fresh process: find them by name ("last", "best") and check them first."""
+"""Checkpoints: written atomically, found by name ("last", "best") from a fresh process, checked
+before use, and never allowed to choose code to import."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import glob
 import io
 import os
 import pickle
+import re
+import secrets
 import zipfile
+from collections.abc import Collection, Iterator, Mapping
+from fnmatch import fnmatch
 from typing import Any
 
 import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from typing_extensions import override
@@ -18,11 +26,18 @@ from lit_accel.errors import CheckpointError
 
 __all__ = [
     "CHECKPOINT_ALIASES",
+    "TRUSTED_MODULES",
+    "AtomicCheckpointIO",
     "LastAfterEveryValidation",
     "check_checkpoint",
+    "check_import_paths",
+    "check_readable",
     "find_checkpoint",
     "hpc_checkpoints",
+    "import_paths",
     "read_checkpoint",
+    "run_checkpoints",
+    "save_atomically",
     "verify_distributed_checkpoint",
 ]
 
@@ -390,3 +405,182 @@ class LastAfterEveryValidation(ModelCheckpoint):
         # _last_global_step_saved: the step of this callback's newest file (top-k or last)
         if self.save_last and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+# ------------------------------------------------------------------------------- atomic saving
+# Temporary files sit beside their target, so the final step is a rename within one filesystem.
+_PARTIAL_SUFFIX = ".partial"
+
+
+def save_atomically(checkpoint: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Write ``checkpoint`` to ``path`` so that ``path`` is always either the old file or the new one.
+
+    The bytes go to a temporary file in the same folder (``.<name>.<random>.partial``), are flushed
+    to the disk (``fsync``), then renamed over ``path`` with ``os.replace`` (atomic within one
+    filesystem) and the folder is synced, so the rename survives a power cut. A kill at any moment
+    leaves the previous checkpoint readable. Lightning's own save writes its temporary file in
+    ``TMPDIR``: where that is another filesystem (tmpfs), its "move" is a copy into the final name,
+    and a kill during the copy leaves a truncated checkpoint. Temporary files that an earlier, killed
+    save left for the same name are removed after a successful save.
+
+    Raises:
+        CheckpointError: when the file cannot be written (disk full, no permission, a file in the
+            way), naming the file and the cause; the temporary file is removed and the previous
+            checkpoint is untouched.
+    """
+    target = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(target)
+    data = io.BytesIO()
+    torch.save(checkpoint, data)  # serialized first: an unpicklable object touches no file
+    temp = os.path.join(folder, f".{name}.{secrets.token_hex(4)}{_PARTIAL_SUFFIX}")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # mode as umask allows, like open()
+        try:
+            view = data.getbuffer()
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temp, target)
+    except OSError as err:
+        if os.path.exists(temp):
+            os.remove(temp)
+        cause = err.strerror or str(err)
+        code = f"{errno.errorcode.get(err.errno, err.errno)}: " if err.errno else ""
+        raise CheckpointError(
+            f"checkpoint {target} could not be saved ({code}{cause}); the previous {name}, if any, is unchanged. "
+            f"Free space or fix the permissions of {folder} (or choose another --checkpoint.dirpath), then run the "
+            "same command with --ckpt_path last to resume."
+        ) from None
+    except BaseException:
+        if os.path.exists(temp):
+            os.remove(temp)
+        raise
+    _sync_folder(folder)
+    for stale in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*{_PARTIAL_SUFFIX}")):
+        with contextlib.suppress(OSError):  # gone already: not this save's business
+            os.remove(stale)
+
+
+def _sync_folder(folder: str) -> None:
+    """fsync a folder, so that a rename in it reaches the disk (POSIX; some filesystems refuse it)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's ``TorchCheckpointIO`` whose local saves go through :func:`save_atomically`.
+
+    Every checkpoint saved through the strategy (``ModelCheckpoint``'s last, step and best files,
+    ``PreemptionCheckpoint``, ``DivergenceGuard``'s ``divergence.ckpt``, Lightning's
+    ``hpc_ckpt_<n>.ckpt`` on SLURM's requeue signal) is then written beside its target and renamed
+    into place. Remote paths (``s3://…``) keep Lightning's save. ``lit-accel`` installs it on the
+    strategy it builds; elsewhere::
+
+        trainer = Trainer(plugins=[AtomicCheckpointIO()])
+    """
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None or "://" in str(path):
+            super().save_checkpoint(checkpoint, path, storage_options=storage_options)
+            return
+        save_atomically(checkpoint, path)
+
+
+# ------------------------------------------------------------------------------- resuming from "last"
+def check_readable(path: str) -> None:
+    """Raise :class:`CheckpointError` unless ``path`` is a checkpoint that can be read safely: a file
+    that :func:`read_checkpoint` reads, or a distributed-checkpoint folder that
+    :func:`verify_distributed_checkpoint` admits."""
+    if os.path.isdir(path):
+        verify_distributed_checkpoint(path)
+    else:
+        read_checkpoint(path)
+
+
+def run_checkpoints(path: str, root: str, hpc_dir: str | None = None, recursive: bool = True) -> list[str]:
+    """The other checkpoints of the run that wrote ``path`` (one that :func:`find_checkpoint` found
+    under ``root``), newest first.
+
+    A run's checkpoints are the ``.ckpt`` files and folders in its ``checkpoints/`` folder
+    (``best-*``, step and other files) and the ``hpc_ckpt_<n>.ckpt`` files in ``hpc_dir`` that its
+    ModelCheckpoint wrote. For an ``hpc_ckpt_<n>.ckpt`` itself, whose run cannot be read from it,
+    they are the experiment's other hpc files and the newest run folder's checkpoints.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    if hpc_dir is not None and os.path.abspath(hpc_dir) == folder and fnmatch(os.path.basename(path), _HPC_PATTERN):
+        found = hpc_checkpoints(hpc_dir, root if recursive else os.path.join(root, "checkpoints"))
+        in_runs = _in_run_folders(root, "*.ckpt", recursive)
+        if in_runs:
+            newest_run = os.path.dirname(max(in_runs, key=os.path.getmtime))
+            found += glob.glob(os.path.join(glob.escape(newest_run), "*.ckpt"))
+    else:
+        found = glob.glob(os.path.join(glob.escape(folder), "*.ckpt"))
+        if hpc_dir is not None:
+            found += hpc_checkpoints(hpc_dir, folder)
+    others = {os.path.abspath(p) for p in found} - {os.path.abspath(path)}
+    return sorted(others, key=os.path.getmtime, reverse=True)
+
+
+# ------------------------------------------------------------------------------- what a checkpoint may import
+TRUSTED_MODULES = ("lit_accel", "torch", "torchvision")
+"""Packages whose classes a checkpoint may name without the user naming them too."""
+
+# A string that jsonargparse would take for an import path (a class path, or a callable's path).
+_IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+# Lightning checks this one itself, against its own allow-list (lightning.pytorch.core.saving).
+_LIGHTNING_INSTANTIATOR_KEY = "_instantiator"
+
+
+def import_paths(value: Any, key: str) -> Iterator[tuple[str, str]]:
+    """Every ``(key, path)`` in nested data whose string an argument parser could import.
+
+    jsonargparse imports ``class_path`` values, and also a plain dotted string given for an argument
+    typed as a class or a callable (``net: this.LiteCNN``), so every string that reads as a dotted
+    Python name counts, at any depth (``init_args`` of ``init_args``, lists).
+    """
+    if isinstance(value, Mapping):
+        for name, item in value.items():
+            if name != _LIGHTNING_INSTANTIATOR_KEY:
+                yield from import_paths(item, f"{key}.{name}" if key else str(name))
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            yield from import_paths(item, f"{key}[{index}]")
+    elif isinstance(value, str) and _IMPORT_PATH.fullmatch(value):
+        yield key, value
+
+
+def check_import_paths(checkpoint: Mapping[str, Any], path: str, allowed: Collection[str] = ()) -> None:
+    """Refuse a checkpoint whose saved hyperparameters name a class outside what is trusted.
+
+    LightningCLI rebuilds the model from a checkpoint's ``hyper_parameters`` (class paths of the
+    network, optimizer, scheduler, …), and ``ImageClassifier.load_from_checkpoint`` does too; each
+    named module is imported, which runs its import-time code. Call this first: every import path
+    in ``hyper_parameters`` and ``datamodule_hyper_parameters`` must lie in a package of
+    :data:`TRUSTED_MODULES` or be one that the user's own config or command line names (``allowed``).
+
+    Raises:
+        CheckpointError: naming the checkpoint, the key and the class; nothing was imported.
+    """
+    trusted = set(allowed)
+    for section in ("hyper_parameters", "datamodule_hyper_parameters"):
+        for key, name in import_paths(checkpoint.get(section), section):
+            if name in trusted or name.split(".")[0] in TRUSTED_MODULES:
+                continue
+            option = f"--{'model' if section == 'hyper_parameters' else 'data'}.{(key + '.?').split('.')[1]}"
+            raise CheckpointError(
+                f"checkpoint {path} names {name!r} at {key}: refused, and nothing was imported. A checkpoint may "
+                f"name classes of {', '.join(TRUSTED_MODULES)}, or those your config or command line names; if "
+                f"you trust this checkpoint and that module, name it yourself (e.g. {option} {name})."
+            )

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from jsonargparse import Namespace, lazy_instance
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, instantiate_class
@@ -30,13 +31,18 @@ from lit_accel.callbacks import PredictionCSVWriter, PreemptionCheckpoint, RNGSt
 from lit_accel.callbacks.divergence_guard import DivergenceError
 from lit_accel.checkpoints import (
     CHECKPOINT_ALIASES,
+    AtomicCheckpointIO,
     LastAfterEveryValidation,
     check_checkpoint,
+    check_import_paths,
+    check_readable,
     find_checkpoint,
+    import_paths,
     read_checkpoint,
+    run_checkpoints,
 )
 from lit_accel.data import CIFAR10DataModule
-from lit_accel.errors import ConfigurationError, LitAccelUserError
+from lit_accel.errors import CheckpointError, ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
 from lit_accel.models.classifier import scheduler_interval
 
@@ -164,8 +170,10 @@ class LitAccelCLI(LightningCLI):
         after parsing (its private ``_parse_ckpt_path``, listed in ``lit_accel/_lightning_compat.py``),
         so an alias resolved here behaves exactly like the path it names: a run trained with
         another network is tested with that network. The file is read first, so a damaged or
-        crafted one ends in one message; ``seed_everything: true`` under an outside launcher is
-        refused before LightningCLI draws a seed.
+        crafted one ends in one message, and every class it names is checked before that rebuild
+        imports it (:func:`~lit_accel.checkpoints.check_import_paths`: lit_accel, torch, torchvision,
+        or what this command's own config names); ``seed_everything: true`` under an outside
+        launcher is refused before LightningCLI draws a seed.
         """
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
@@ -178,7 +186,8 @@ class LitAccelCLI(LightningCLI):
             config["ckpt_path"] = _resolve_alias(str(alias), subcommand, config["trainer"])
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and os.path.isfile(ckpt_path):
-            read_checkpoint(ckpt_path)
+            named = {path for _, path in import_paths(_plain(config), "")}
+            check_import_paths(read_checkpoint(ckpt_path), str(ckpt_path), allowed=named)
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -235,6 +244,11 @@ class LitAccelCLI(LightningCLI):
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         trainer = super().instantiate_trainer(**kwargs)
+        # Every checkpoint (last, step, best, preemption, divergence, SLURM's hpc) is saved through
+        # the strategy's CheckpointIO: written beside its target and renamed into place. A user's
+        # own CheckpointIO plugin is kept. FSDP2 folder checkpoints bypass it (torch.distributed.checkpoint).
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         if trainer.logger is None:
             # LearningRateMonitor stops `fit` at its start without a logger (--trainer.logger false),
             # and would have nothing to log to: leave it out.
@@ -324,11 +338,13 @@ class LitAccelCLI(LightningCLI):
 def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | None:
     """The file ``--ckpt_path best|last`` names: the newest run's under this experiment's log folder
     (Lightning knows only its own runs). ``last`` is also the newest ``hpc_ckpt_N.ckpt`` that
-    Lightning wrote on SLURM's requeue signal (SIGUSR1) for this experiment.
+    Lightning wrote on SLURM's requeue signal (SIGUSR1) for this experiment; when that file cannot
+    be read (a kill while it was copied in place, a full disk), ``last`` is the newest readable
+    checkpoint of the same run, with one warning naming both.
 
     Raises:
         LitAccelUserError: when there is no such checkpoint (except ``fit`` with ``last``: None,
-            a fresh start).
+            a fresh start), or none of the run's checkpoints can be read.
     """
     root = _log_root_from_config(trainer_config)
     hpc_dir = str(trainer_config.get("default_root_dir") or os.getcwd())
@@ -338,6 +354,8 @@ def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | No
     path = find_checkpoint(root, alias, hpc_dir=hpc_dir, recursive=with_logger)
     where = root if with_logger else os.path.join(root, "checkpoints")
     if path is not None:
+        if alias == "last":
+            path = _readable_last(path, root, hpc_dir, with_logger)
         rank_zero_info(f"--ckpt_path {alias}: using {path}")
         return path
     if subcommand == "fit" and alias == "last":
@@ -349,6 +367,51 @@ def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | No
         f"--ckpt_path {alias}: no {alias!r} checkpoint found under {where}/. Train first with "
         f"'lit-accel fit --config …' (same logger settings), or pass the checkpoint file itself."
     )
+
+
+def _readable_last(path: str, root: str, hpc_dir: str, recursive: bool) -> str:
+    """``path`` when it can be read, else the newest readable checkpoint of its run (one warning).
+
+    Raises:
+        CheckpointError: when none of the run's checkpoints can be read.
+    """
+    try:
+        check_readable(path)
+        return path
+    except CheckpointError as err:
+        problem = err
+    for other in run_checkpoints(path, root, hpc_dir, recursive):
+        try:
+            check_readable(other)
+        except CheckpointError:
+            continue
+        _rank_zero_warning(
+            f"--ckpt_path last: {path} cannot be read ({_first_cause(problem)}); using {other} instead, the newest "
+            "readable checkpoint of the same run."
+        )
+        return other
+    raise CheckpointError(
+        f"--ckpt_path last: {problem} No other checkpoint of that run ({os.path.dirname(path)}) can be read either."
+    )
+
+
+def _first_cause(err: CheckpointError) -> str:
+    """The reason inside a checkpoint message: the cause's first line, else the message's first clause."""
+    cause = err.__cause__
+    if cause is not None and str(cause).strip():
+        return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
+    return "refused: it holds objects other than checkpoint data" if "refused" in str(err) else "incomplete"
+
+
+def _plain(value: Any) -> Any:
+    """A parsed config (jsonargparse Namespaces, nested) as plain dicts and lists."""
+    if isinstance(value, Namespace):
+        value = vars(value)
+    if isinstance(value, dict):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _check_lr_scheduler(

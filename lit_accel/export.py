@@ -36,7 +36,13 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from lit_accel.checkpoints import CHECKPOINT_ALIASES, find_checkpoint, read_checkpoint, verify_distributed_checkpoint
+from lit_accel.checkpoints import (
+    CHECKPOINT_ALIASES,
+    check_import_paths,
+    find_checkpoint,
+    read_checkpoint,
+    verify_distributed_checkpoint,
+)
 from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD
 from lit_accel.data.cifar10 import CIFAR10_CLASSES
 from lit_accel.errors import CheckpointError, LitAccelUserError
@@ -44,7 +50,15 @@ from lit_accel.errors import CheckpointError, LitAccelUserError
 if TYPE_CHECKING:  # for annotations only: load_classifier imports it when called
     from lit_accel.models import ImageClassifier
 
-__all__ = ["CheckpointError", "ServingModel", "export_checkpoint", "export_model", "load_classifier", "main"]
+__all__ = [
+    "CheckpointError",
+    "ServingModel",
+    "check_export_folder",
+    "export_checkpoint",
+    "export_model",
+    "load_classifier",
+    "main",
+]
 
 IMAGE_SIZE = 32
 PT2_NAME = "model.pt2"
@@ -136,8 +150,13 @@ def load_classifier(checkpoint: str) -> ImageClassifier:
     Accepts a ``.ckpt`` file or an FSDP2 checkpoint folder (``.distcp`` shards, from
     ``configs/strategy/fsdp.yaml``), consolidated in memory.
 
+    The classes its hyperparameters name are checked before any is imported
+    (:func:`~lit_accel.checkpoints.check_import_paths`): only those of lit_accel, torch and
+    torchvision are rebuilt.
+
     Raises:
-        CheckpointError: if the checkpoint is missing, unreadable, or does not describe its network.
+        CheckpointError: if the checkpoint is missing, unreadable, names a class outside those
+            packages, or does not describe its network.
     """
     from lit_accel.models import ImageClassifier
 
@@ -158,9 +177,11 @@ def load_classifier(checkpoint: str) -> ImageClassifier:
             f"written by 'lit-accel fit'. For a model built in Python, call "
             f"lit_accel.export.export_model(model.net, out_dir) instead."
         )
+    # Rebuilding imports every class the hyperparameters name: only trusted packages' (no config here).
+    check_import_paths(contents, checkpoint)
     try:
         model = ImageClassifier.load_from_checkpoint(source, map_location="cpu", weights_only=True)
-    except (KeyError, RuntimeError, TypeError, ValueError, ImportError, AttributeError) as err:
+    except (KeyError, RuntimeError, TypeError, ValueError, ImportError, AttributeError, argparse.ArgumentError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(
             f"checkpoint {checkpoint!r} could not be rebuilt as a lit_accel ImageClassifier "
@@ -206,6 +227,7 @@ def export_model(
     input_dtype: Literal["uint8", "float32"] = "uint8",
     source: str = "",
     flip_tta: bool = False,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """Write ``net`` (normalized images → logits) as serving artifacts; returns ``{format: path}``.
 
@@ -215,10 +237,12 @@ def export_model(
     Args:
         net: the network, e.g. ``ImageClassifier.net``.
         out_dir: folder for ``model.pt2``, ``model.torchscript.pt`` and ``metadata.json``, created if
-            needed. The files are written into a temporary folder beside it and moved in only when
-            complete and checked: a failed export leaves the folder as it was. An artifact of a
-            format not written this time (an earlier export's, of other weights) is removed, so the
-            folder holds one export that its ``metadata.json`` describes.
+            needed: a new or empty folder, or one holding only an earlier export (recognized by
+            its ``metadata.json``), see :func:`check_export_folder`. The files are written into a
+            temporary folder beside it and moved in only when complete and checked: a failed export
+            leaves the folder as it was. An artifact of a format not written this time (the earlier
+            export's, of other weights) is removed, so the folder holds one export that its
+            ``metadata.json`` describes.
         classes: class names, in output order (default: the indices).
         mean: normalization mean of [0, 1] pixels, folded into the artifact.
         std: normalization standard deviation, folded into the artifact.
@@ -226,17 +250,22 @@ def export_model(
         input_dtype: the dtype the ``.pt2`` takes (``"uint8"``: 0…255, ``"float32"``: [0, 1]).
         source: where the weights came from, recorded in the metadata.
         flip_tta: fold test-time flip averaging into the artifact (see :class:`ServingModel`).
+        overwrite: also write into a folder holding other files: ``model.pt2``,
+            ``model.torchscript.pt`` and ``metadata.json`` there are replaced (or removed, for a format
+            not written), whoever wrote them; other files are kept.
 
     Raises:
         ValueError: for an unknown format or input dtype, or a ``mean``/``std`` that is not 3 finite
             values (``std`` positive).
-        LitAccelUserError: if ``out_dir`` is a file, lies inside one, or cannot be created.
+        LitAccelUserError: if ``out_dir`` is a file, lies inside one, cannot be created or written,
+            or holds files that are not an earlier export's (without ``overwrite``).
     """
     unknown = [f for f in formats if f not in FORMATS]
     if unknown or not formats:
         raise ValueError(f"formats={list(formats)!r} is not allowed: use one or both of {list(FORMATS)}")
     if input_dtype not in ("uint8", "float32"):
         raise ValueError(f"input_dtype={input_dtype!r} is not allowed: use 'uint8' or 'float32'")
+    check_export_folder(out_dir, overwrite=overwrite)
     # No parameter requires grad: outputs of the artifacts carry no autograd graph when served.
     model = ServingModel(_plain_copy(net), mean, std, flip_tta=flip_tta).eval().requires_grad_(False)
     example = _example_batch(4, input_dtype)
@@ -274,18 +303,67 @@ def export_model(
     return written
 
 
-def _staging_folder(out: Path) -> Path:
-    """A fresh folder beside ``out`` to write the artifacts into before they are moved there.
+def check_export_folder(out_dir: str | os.PathLike[str], overwrite: bool = False) -> None:
+    """Refuse, before any work, an output folder that an export cannot use or must not touch.
+
+    The folder may be new (its missing folders are created), empty, or hold only an earlier export:
+    a ``metadata.json`` that lit-accel-export wrote and the artifacts it lists. Anything else in it
+    is the user's (their own ``model.pt2``, notes, …), and an export would replace or remove it;
+    ``overwrite`` allows that for the export's own three file names. The folder (or, for a new
+    one, the nearest folder that exists) and its parent, where the files are staged, must be
+    writable.
 
     Raises:
-        LitAccelUserError: if ``out`` is a file, or a folder on its way is.
+        LitAccelUserError: naming the folder and what is in the way.
     """
+    out = Path(out_dir)
     for folder in (out, *out.parents):
         if folder.exists() and not folder.is_dir():
             where = "is a file" if folder == out else f"is inside {folder}, which is a file"
             raise LitAccelUserError(
                 f"output folder {out} {where}: pass a folder path with -o (it is created if needed)."
             )
+    absolute = out.absolute()
+    nearest = next(folder for folder in absolute.parents if folder.exists())
+    for folder in (absolute, nearest) if absolute.exists() else (nearest,):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise LitAccelUserError(
+                f"output folder {out} cannot be written: {folder} is not writable (read-only, or no permission). "
+                "Pass a folder you can write in with -o."
+            )
+    if not out.is_dir() or overwrite:
+        return
+    foreign = sorted(set(os.listdir(out)) - _earlier_export(out))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise LitAccelUserError(
+            f"output folder {out} holds files that are not an earlier lit-accel-export's ({shown}): an export there "
+            "would replace or remove them. Pass a new or empty folder with -o, or add --overwrite to replace "
+            f"{PT2_NAME}, {TORCHSCRIPT_NAME} and {METADATA_NAME} there (other files are kept)."
+        )
+
+
+def _earlier_export(out: Path) -> set[str]:
+    """The file names in ``out`` that an earlier export wrote: its ``metadata.json`` and the
+    artifacts that lists, when the metadata is lit-accel-export's; else none."""
+    try:
+        metadata = json.loads((out / METADATA_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return set()
+    own_keys = {"classes", "files", "input", "output", "normalization", "source_checkpoint", "torch_version"}
+    files = metadata.get("files") if isinstance(metadata, dict) else None
+    if not own_keys <= set(metadata) or not isinstance(files, list) or not set(files) <= {PT2_NAME, TORCHSCRIPT_NAME}:
+        return set()
+    return {METADATA_NAME, *files}
+
+
+def _staging_folder(out: Path) -> Path:
+    """A fresh folder beside ``out`` (checked by :func:`check_export_folder`) to write the artifacts
+    into before they are moved there.
+
+    Raises:
+        LitAccelUserError: if it cannot be created.
+    """
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}-export-", dir=out.parent))
@@ -302,8 +380,9 @@ def export_checkpoint(
     formats: Sequence[Format] = FORMATS,
     input_dtype: Literal["uint8", "float32"] = "uint8",
     classes: Sequence[str] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
-    """Export a ``lit-accel fit`` checkpoint (see :func:`export_model`).
+    """Export a ``lit-accel fit`` checkpoint (see :func:`export_model`; ``out_dir`` is checked first).
 
     Class names: ``classes`` when given, else those the checkpoint was trained with
     (``ImageClassifier.class_names``), else, for a checkpoint from before they were saved,
@@ -312,6 +391,7 @@ def export_checkpoint(
     Raises:
         CheckpointError: if the checkpoint is missing, unreadable, or does not describe its network.
     """
+    check_export_folder(out_dir, overwrite=overwrite)
     model = load_classifier(checkpoint)
     num_classes = int(model.hparams.get("num_classes", 10))
     if classes is None:
@@ -327,6 +407,7 @@ def export_checkpoint(
         input_dtype=input_dtype,
         source=str(checkpoint),
         flip_tta=flip_tta,
+        overwrite=overwrite,
     )
 
 
@@ -439,6 +520,12 @@ def _parser() -> argparse.ArgumentParser:
         " without them, CIFAR-10's for 10 classes)",
     )
     parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"write into a folder that holds other files than an earlier export: {PT2_NAME}, {TORCHSCRIPT_NAME} and "
+        f"{METADATA_NAME} there are replaced, other files kept (default: refuse)",
+    )
+    parser.add_argument(
         "--runs_dir",
         default="runs",
         help="where 'best'/'last' are looked for: the newest run of any experiment below it (default: %(default)s)",
@@ -480,9 +567,15 @@ def main(args: Sequence[str] | None = None) -> None:
     options = _parser().parse_args(_modern_flags(sys.argv[1:] if args is None else list(args)))
     formats: tuple[Format, ...] = FORMATS if options.format == "both" else (options.format,)
     try:
+        check_export_folder(options.out_dir, overwrite=options.overwrite)
         checkpoint = resolve_checkpoint(options.checkpoint, options.runs_dir)
         written = export_checkpoint(
-            checkpoint, options.out_dir, formats=formats, input_dtype=options.input_dtype, classes=options.classes
+            checkpoint,
+            options.out_dir,
+            formats=formats,
+            input_dtype=options.input_dtype,
+            classes=options.classes,
+            overwrite=options.overwrite,
         )
     except (LitAccelUserError, ValueError) as err:
         print(f"lit-accel-export: error: {err}", file=sys.stderr)

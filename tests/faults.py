@@ -113,3 +113,44 @@ class SignalSelfAtStep(Callback):
         if not self._sent and trainer.global_step >= self.step and self.rank in (-1, trainer.global_rank):
             self._sent = True
             os.kill(os.getpid(), self.signum)
+
+
+class KillAtCheckpointMove(Callback):
+    """SIGKILL this process at the ``save``-th time a file named ``name`` is being put in place.
+
+    "In place" is the step that makes the new bytes the file's: ``os.replace`` onto it (a kill just
+    before the rename), or, where a save moves its file across filesystems, ``shutil.copyfile`` into
+    it (Lightning's save from a TMPDIR on tmpfs; the kill comes after half the bytes, as a kill
+    during the copy would). Installed when the Trainer sets up; a process killed so never returns.
+    """
+
+    def __init__(self, save: int = 2, name: str = "last.ckpt") -> None:
+        self.save = save
+        self.name = name
+        self._seen = 0
+
+    def _arrived(self, target: Any) -> bool:
+        if os.path.basename(os.fspath(target)) != self.name:
+            return False
+        self._seen += 1
+        return self._seen >= self.save
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import shutil
+
+        replace, copyfile = os.replace, shutil.copyfile
+
+        def replace_or_die(src: Any, dst: Any, **kwargs: Any) -> None:
+            if self._arrived(dst):
+                os.kill(os.getpid(), signal.SIGKILL)
+            replace(src, dst, **kwargs)
+
+        def copy_or_die(src: Any, dst: Any, **kwargs: Any) -> Any:
+            if not self._arrived(dst):
+                return copyfile(src, dst, **kwargs)
+            with open(src, "rb") as source, open(dst, "wb") as target:
+                target.write(source.read()[: os.path.getsize(src) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        os.replace = replace_or_die  # type: ignore[assignment]
+        shutil.copyfile = copy_or_die  # type: ignore[assignment]

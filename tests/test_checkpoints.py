@@ -2,14 +2,30 @@
 check_checkpoint on a network of another shape; find_checkpoint picks the newest run, and its best
 as the run recorded it."""
 
+import errno
+import io
+import logging
 import os
+import shutil
+import signal
+import sys
+import tempfile
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from lit_accel.checkpoints import LastAfterEveryValidation, check_checkpoint, find_checkpoint
+from helpers import TINY_CLI_ARGS
+from lit_accel.checkpoints import (
+    LastAfterEveryValidation,
+    check_checkpoint,
+    find_checkpoint,
+    read_checkpoint,
+    run_checkpoints,
+)
+from lit_accel.cli import LitAccelCLI, main
 from lit_accel.errors import CheckpointError
 from lit_accel.models import ImageClassifier, LiteCNN
 
@@ -184,6 +200,25 @@ def _record(path, best_model_path: str, key: str = "LastAfterEveryValidation{'mo
     torch.save({"state_dict": {}, "callbacks": {key: state}}, path)
 
 
+def test_best_of_two_runs_that_each_recorded_one_is_the_newer_runs(tmp_path):
+    """Each run's last.ckpt records its own best, named so that no best-*.ckpt fallback can answer:
+    the newer run's record decides, whichever run folder sorts first."""
+    root = tmp_path / "runs"
+    runs = {}
+    for version, when in ((0, 2_000_000), (1, 1_000_000)):  # version_0 ran last (a resumed run)
+        folder = root / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        best = folder / f"top-run{version}.ckpt"
+        best.write_bytes(b"x")
+        _record(folder / "last.ckpt", str(best))
+        for path in (best, folder / "last.ckpt"):
+            os.utime(path, (when, when))
+        runs[version] = str(best)
+    assert find_checkpoint(str(root), "best") == runs[0]
+    os.utime(root / "version_1" / "checkpoints" / "last.ckpt", (3_000_000, 3_000_000))
+    assert find_checkpoint(str(root), "best") == runs[1]
+
+
 def test_a_record_naming_a_file_outside_the_run_or_no_file_is_not_used(tmp_path):
     """The record is trusted only for a file that is there, in the run's folder; otherwise the newest
     best-*.ckpt, as before."""
@@ -274,3 +309,139 @@ def test_reading_the_best_record_runs_nothing_in_a_crafted_checkpoint(tmp_path, 
         torch.save(crafted, os.path.join(run["last"], "meta.pt"))
     assert find_checkpoint(str(root), "best") == run["best"]
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ atomic saves: a kill, a full disk
+TESTS_DIR = Path(__file__).resolve().parent
+STEP_SAVES = ["--trainer.limit_train_batches", "3", "--step_checkpoint.every_n_train_steps", "1"]
+
+
+def _last(root: Path) -> Path:
+    return root / "runs" / "cifar10" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.skipif(
+    not os.path.isdir("/dev/shm"), reason="needs a tmpfs at /dev/shm for a TMPDIR on another filesystem"
+)
+def test_a_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one_readable(tmp_path):
+    """TMPDIR on tmpfs, as on many clusters: a save that stages its file there must copy it into
+    place, and a SIGKILL during that copy truncates last.ckpt. The run is killed at the moment its
+    second last.ckpt is put in place (faults.KillAtCheckpointMove); the first stays readable."""
+    shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
+    try:
+        assert os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "TMPDIR must be on another filesystem"
+        pid = os.fork()  # a child of this process: no second interpreter to start
+        if pid == 0:
+            try:
+                os.chdir(tmp_path)
+                tempfile.tempdir = str(shm)
+                sys.path.insert(0, str(TESTS_DIR))
+                kill = ["--trainer.callbacks+=faults.KillAtCheckpointMove", "--trainer.callbacks.save", "2"]
+                LitAccelCLI(args=["fit", *TINY_CLI_ARGS, *STEP_SAVES, *kill])
+            finally:
+                os._exit(1)  # only if the kill never came
+        _, status = os.waitpid(pid, 0)
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        staged = list(shm.iterdir())
+    finally:
+        shutil.rmtree(shm, ignore_errors=True)
+    assert read_checkpoint(str(_last(tmp_path)))["global_step"] == 1
+    assert staged == [], "nothing is staged in TMPDIR"
+
+
+@pytest.fixture(scope="module")
+def full_disk_run(tmp_path_factory) -> dict:
+    """A fit whose disk fills up while its second last.ckpt is written (os.write raises ENOSPC
+    for that file's temporary copy); the first last.ckpt is written normally."""
+    root = tmp_path_factory.mktemp("full_disk")
+    real_open, real_write = os.open, os.write
+    failing: set[int] = set()
+
+    def tracking_open(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if os.path.basename(os.fspath(path)).startswith(".last.ckpt.") and _last(root).exists():
+            failing.add(fd)
+        return fd
+
+    def full_write(fd, data):
+        if fd in failing:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(root)
+        patch.setattr(sys, "argv", ["lit-accel"])
+        patch.setattr(os, "open", tracking_open)
+        patch.setattr(os, "write", full_write)
+        stderr = io.StringIO()
+        patch.setattr(sys, "stderr", stderr)
+        try:
+            main(["fit", *TINY_CLI_ARGS, *STEP_SAVES])
+            code = 0
+        except SystemExit as exit_info:
+            code = exit_info.code
+    return {"code": code, "stderr": stderr.getvalue(), "root": root, "failed_writes": len(failing)}
+
+
+def test_a_full_disk_mid_run_is_one_message_and_keeps_the_previous_checkpoint(full_disk_run):
+    last = _last(full_disk_run["root"])
+    assert full_disk_run["failed_writes"] == 1
+    assert full_disk_run["code"] == 2, full_disk_run["stderr"][-3000:]
+    errors = [line for line in full_disk_run["stderr"].splitlines() if line.startswith("lit-accel: error:")]
+    assert errors == [
+        f"lit-accel: error: checkpoint {last} could not be saved (ENOSPC: No space left on device); the previous "
+        f"last.ckpt, if any, is unchanged. Free space or fix the permissions of {last.parent} (or choose another "
+        "--checkpoint.dirpath), then run the same command with --ckpt_path last to resume."
+    ]
+    assert "Traceback" not in full_disk_run["stderr"]
+    assert read_checkpoint(str(last))["global_step"] == 1
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.ckpt"], "the temporary file is removed"
+
+
+# ------------------------------------------------------------------ --ckpt_path last when last.ckpt is unreadable
+def test_last_falls_back_to_the_newest_readable_checkpoint_of_the_run(
+    full_disk_run, tmp_path, monkeypatch, caplog, capsys
+):
+    folder = _last(tmp_path).parent
+    folder.mkdir(parents=True)
+    older, newer = folder / "best-epoch000-acc0.1000.ckpt", folder / "step-2.ckpt"
+    shutil.copy(_last(full_disk_run["root"]), older)
+    newer.write_bytes(b"")  # newer, unreadable too
+    (folder / "last.ckpt").write_bytes(b"")  # what a kill during a cross-filesystem copy left
+    for when, path in ((1_000_000, older), (2_000_000, newer), (3_000_000, folder / "last.ckpt")):
+        os.utime(path, (when, when))
+    other_run = _last(tmp_path).parents[1].with_name("version_1") / "checkpoints"
+    other_run.mkdir(parents=True)
+    shutil.copy(older, other_run / "other.ckpt")
+    os.utime(other_run / "other.ckpt", (500_000, 500_000))  # readable, but another run's
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="lit_accel.cli"):
+        cli = LitAccelCLI(args=["test", *TINY_CLI_ARGS, "--ckpt_path", "last"])
+    warned = [r.getMessage() for r in caplog.records if r.name == "lit_accel.cli"]
+    assert warned == [
+        f"--ckpt_path last: {os.path.relpath(folder / 'last.ckpt')} cannot be read (ValueError: not a torch checkpoint "
+        f"archive); using {older} instead, the newest readable checkpoint of the same run."
+    ]
+    assert cli.config_init["test"]["ckpt_path"] == str(older)
+
+    older.write_bytes(b"")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["test", *TINY_CLI_ARGS, "--ckpt_path", "last"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "Traceback" not in err, err
+    assert "No other checkpoint of that run (runs/cifar10/version_0/checkpoints) can be read either." in err, err
+
+
+def test_the_run_of_an_unreadable_hpc_checkpoint_is_the_experiments_newest(tmp_path):
+    """SLURM's hpc_ckpt_<n>.ckpt lies in default_root_dir; when it cannot be read, which run wrote it
+    cannot be read either: the other candidates are the experiment's hpc files and newest run's files."""
+    root = tmp_path / "runs"
+    old = _fake_run(root, 0, "best-a.ckpt", when=1_000_000)
+    new = _fake_run(root, 1, "best-b.ckpt", when=2_000_000)
+    hpc = tmp_path / "hpc_ckpt_1.ckpt"
+    hpc.write_bytes(b"")
+    assert set(run_checkpoints(str(hpc), str(root), hpc_dir=str(tmp_path))) == set(new.values())
+    assert run_checkpoints(new["last"], str(root), hpc_dir=str(tmp_path)) == [new["best"]]
+    assert old["last"] not in run_checkpoints(str(hpc), str(root), hpc_dir=str(tmp_path))

@@ -116,15 +116,21 @@ def test_the_check_admits_a_real_folder_and_refuses_each_crafted_one(kind, check
 
 
 def test_a_shard_item_stored_outside_the_folder_is_refused(checkpoint_file, tmp_path):
+    """The item points at a real, readable file outside the folder (a copy of its own shard): only
+    the where-check refuses it; the read itself would succeed."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
 
     folder = _as_folder(checkpoint_file, tmp_path / "last.ckpt", extra={"note": "hello"})
     metadata = pickle.loads((folder / ".metadata").read_bytes())
+    moved = 0
     for index, info in metadata.storage_data.items():
         if isinstance(metadata.state_dict_metadata[index.fqn], BytesStorageMetadata):
+            shutil.copy(folder / info.relative_path, tmp_path / "elsewhere.distcp")
             info.relative_path = "../elsewhere.distcp"
+            moved += 1
+    assert moved == 1
     (folder / ".metadata").write_bytes(pickle.dumps(metadata))
-    with pytest.raises(CheckpointError, match="stored outside the folder"):
+    with pytest.raises(CheckpointError, match="item note is stored outside the folder"):
         verify_distributed_checkpoint(str(folder))
 
 
