@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -16,6 +17,7 @@ from helpers import config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.data import CIFAR10_CLASSES
 from lit_accel.data.augment import normalize
+from lit_accel.errors import LitAccelUserError
 from lit_accel.export import PT2_NAME, TORCHSCRIPT_NAME, export_checkpoint, export_model, main
 from lit_accel.models import ImageClassifier
 
@@ -239,6 +241,19 @@ def _write_checkpoint_without_net(path: Path) -> str:
     return str(path)
 
 
+def _write_checkpoint_of_an_unknown_class(path: Path) -> str:
+    """A trusted package's class that does not exist: the rebuild fails in the argument parser."""
+    import lightning
+
+    hparams = {
+        "net": {"class_path": "lit_accel.models.NoSuchNet"},
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",
+    }
+    contents = {"state_dict": {}, "hyper_parameters": hparams, "pytorch-lightning_version": lightning.__version__}
+    torch.save(contents, path)
+    return str(path)
+
+
 @pytest.mark.parametrize(
     ("make_argument", "message"),
     [
@@ -250,8 +265,12 @@ def _write_checkpoint_without_net(path: Path) -> str:
         (lambda d: str(d), "is a folder, not a checkpoint"),
         (lambda d: _write_checkpoint_without_net(d / "python.ckpt"), "does not record its network .*export_model"),
         (lambda d: "best", "no 'best' checkpoint found under .*runs/"),
+        (
+            lambda d: _write_checkpoint_of_an_unknown_class(d / "unknown.ckpt"),
+            r"could not be rebuilt as a lit_accel ImageClassifier \(ArgumentError: ",
+        ),
     ],
-    ids=["missing", "corrupt", "plain-folder", "no-network", "no-run"],
+    ids=["missing", "corrupt", "plain-folder", "no-network", "no-run", "unknown-class"],
 )
 def test_user_errors_are_one_message_and_exit_status_2(tmp_path, make_argument, message, capsys) -> None:
     argument = make_argument(tmp_path)
@@ -259,7 +278,7 @@ def test_user_errors_are_one_message_and_exit_status_2(tmp_path, make_argument, 
         main([argument, "--out_dir", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert err.startswith("lit-accel-export: error: ") and "Traceback" not in err
+    assert err.startswith("lit-accel-export: error: ") and "Traceback" not in err and err.count("error:") == 1, err
     assert re.search(message, err), err
 
 
@@ -306,3 +325,62 @@ def test_a_failed_export_leaves_the_previous_artifacts_as_they_were(
         main([str(checkpoint), "-o", str(out), "--classes", *renamed])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before, "no new model.pt2 beside an old TorchScript"
     assert [p.name for p in tmp_path.iterdir()] == ["exported"], "no staging folder left behind"
+
+
+# ------------------------------------------------------------------ the output folder: checked first, the user's kept
+def test_a_folder_holding_the_users_own_files_is_refused_before_any_work(checkpoint: Path, tmp_path: Path, capsys):
+    out = tmp_path / "serving"
+    out.mkdir()
+    (out / PT2_NAME).write_bytes(b"the user's own model")
+    (out / "metadata.json").write_text('{"owner": "the user"}')
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), "--format", "torchscript", "-o", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"lit-accel-export: error: output folder {out} holds files that are not an earlier lit-accel-export's "
+        f"(metadata.json, {PT2_NAME}): an export there would replace or remove them. Pass a new or empty folder with "
+        f"-o, or add --overwrite to replace {PT2_NAME}, {TORCHSCRIPT_NAME} and metadata.json there (other files are "
+        "kept).\n"
+    )
+    assert (out / PT2_NAME).read_bytes() == b"the user's own model"
+    assert (out / "metadata.json").read_text() == '{"owner": "the user"}'
+
+
+@pytest.mark.filterwarnings(r"ignore:`torch.jit.load` is deprecated:FutureWarning")
+def test_overwrite_replaces_the_exports_file_names_and_keeps_the_rest(tmp_path: Path) -> None:
+    (tmp_path / PT2_NAME).write_bytes(b"the user's own model")
+    (tmp_path / "notes.txt").write_text("keep me")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 32 * 32, 2))
+    with pytest.raises(LitAccelUserError, match=f"not an earlier lit-accel-export's \\({PT2_NAME}, notes.txt\\)"):
+        export_model(net, tmp_path, formats=["torchscript"])
+    export_model(net, tmp_path, formats=["torchscript"], overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metadata.json", TORCHSCRIPT_NAME, "notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_an_output_folder_that_cannot_be_written_is_one_message_before_any_work(
+    checkpoint: Path, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """As root, mode bits stop nothing; os.access does report a read-only mount. The check asks it."""
+    import lit_accel.export as export
+
+    real_access = os.access
+    read_only = tmp_path / "mounted"
+    read_only.mkdir()
+
+    def access(path, mode, **kwargs):
+        if Path(path) == read_only and mode & os.W_OK:
+            return False
+        return real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    monkeypatch.setattr(export, "load_classifier", lambda *a: pytest.fail("the checkpoint was loaded first"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(checkpoint), "-o", str(read_only / "new" / "out")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"lit-accel-export: error: output folder {read_only / 'new' / 'out'} cannot be written: {read_only} is not "
+        "writable (read-only, or no permission). Pass a folder you can write in with -o.\n"
+    )
+    assert list(read_only.iterdir()) == []

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import config, run_cli
-from lit_accel.checkpoints import verify_distributed_checkpoint
+from lit_accel.checkpoints import check_import_paths, verify_distributed_checkpoint
 from lit_accel.cli import LitAccelCLI
 from lit_accel.cli import main as cli_main
 from lit_accel.errors import CheckpointError
@@ -211,3 +213,103 @@ def test_an_alias_never_picks_a_folder_that_is_not_a_checkpoint(checkpoint_file,
         cli_main(["test", *SMOKE, "--ckpt_path", "last"])
     assert "holds Python objects other than checkpoint data" in capsys.readouterr().err
     assert not (tmp_path / "ran").exists()
+
+
+# ------------------------------------------------------------------ a checkpoint never picks code to import
+@pytest.fixture
+def marker_module(tmp_path, monkeypatch):
+    """A module on the path (name, marker file) whose import creates the marker; it re-exports
+    LiteCNN and AdamW, so a run that imported it could go on."""
+    name = f"lit_accel_marker_{os.getpid()}"
+    folder = tmp_path / "site"
+    folder.mkdir()
+    marker = tmp_path / "imported"
+    (folder / f"{name}.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from lit_accel.models import LiteCNN\n"
+        "from torch.optim import AdamW as Opt\n"
+    )
+    monkeypatch.syspath_prepend(str(folder))
+    yield name, marker
+    sys.modules.pop(name, None)
+
+
+def _naming(checkpoint: Path, folder: Path, key: str, value) -> Path:
+    """The checkpoint with ``hyper_parameters[key]`` set to ``value`` (a class path dict or a string)."""
+    contents = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    contents["hyper_parameters"][key] = value
+    crafted = folder / f"names-{key}.ckpt"
+    torch.save(contents, crafted)
+    return crafted
+
+
+CRAFTED_NAMES = {
+    "test": ("net", lambda m: {"class_path": f"{m}.LiteCNN", "init_args": {"width": 16}}, "net.class_path"),
+    "fit": ("optimizer", lambda m: {"class_path": f"{m}.Opt", "init_args": {"lr": 0.004}}, "optimizer.class_path"),
+    "predict": ("net", lambda m: f"{m}.LiteCNN", "net"),  # a plain string: a class path too, to jsonargparse
+}
+
+
+@pytest.mark.parametrize("command", list(CRAFTED_NAMES))
+def test_a_class_the_checkpoint_names_is_refused_before_it_is_imported(
+    command, marker_module, checkpoint_file, tmp_path, monkeypatch, capsys
+):
+    name, marker = marker_module
+    key, value, where = CRAFTED_NAMES[command]
+    crafted = _naming(checkpoint_file, tmp_path, key, value(name))
+    class_name = f"{name}.{'Opt' if key == 'optimizer' else 'LiteCNN'}"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, *SMOKE, "--ckpt_path", str(crafted)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert (
+        f"checkpoint {crafted} names '{class_name}' at hyper_parameters.{where}: refused, and nothing was imported"
+        in err
+    )
+    assert f"name it yourself (e.g. --model.{key} {class_name})" in err
+    assert "Traceback" not in err and err.count("error:") == 1, err
+    assert not marker.exists() and name not in sys.modules, "the checkpoint's module was imported"
+
+
+def test_export_refuses_a_class_the_checkpoint_names_in_one_message(marker_module, checkpoint_file, tmp_path, capsys):
+    name, marker = marker_module
+    crafted = _naming(checkpoint_file, tmp_path, "net", {"class_path": f"{name}.LiteCNN"})
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([str(crafted), "-o", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lit-accel-export: error: checkpoint {crafted} names '{name}.LiteCNN' at ") and (
+        "Traceback" not in err
+    )
+    assert not marker.exists() and name not in sys.modules
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_class_the_users_own_command_names_is_allowed(marker_module, checkpoint_file, tmp_path, monkeypatch):
+    """Naming the class on the command line is the user's own choice of code: the checkpoint may then name it."""
+    name, marker = marker_module
+    crafted = _naming(checkpoint_file, tmp_path, "net", {"class_path": f"{name}.LiteCNN", "init_args": {"width": 16}})
+    monkeypatch.chdir(tmp_path)
+    cli_main(["test", *SMOKE, "--model.net", f"{name}.LiteCNN", "--ckpt_path", str(crafted)])
+    assert marker.exists()
+
+
+def test_import_paths_are_checked_at_any_depth_against_packages_not_prefixes():
+    hparams = {
+        "net": {"class_path": "lit_accel.models.LiteCNN"},
+        "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"foreach": None}},
+        "_instantiator": "lightning.pytorch.cli.instantiate_module",  # Lightning checks it itself
+        "lr_scheduler_monitor": "val/loss",
+    }
+    check_import_paths({"hyper_parameters": hparams}, "x.ckpt")
+    for key, value, where in (
+        ("lr_scheduler", {"class_path": "torchx.Sched"}, "hyper_parameters.lr_scheduler.class_path"),
+        ("callbacks", [{"init_args": {"inner": {"class_path": "evil.C"}}}], "callbacks[0].init_args.inner.class_path"),
+        ("loss", "os.system", "hyper_parameters.loss"),
+    ):
+        with pytest.raises(CheckpointError, match=re.escape(where)):
+            check_import_paths({"hyper_parameters": {**hparams, key: value}}, "x.ckpt")
+    check_import_paths({"hyper_parameters": {**hparams, "loss": "os.system"}}, "x.ckpt", allowed={"os.system"})
+    with pytest.raises(CheckpointError, match=r"names 'evil\.Data' at datamodule_hyper_parameters\.cls.*--data\.cls"):
+        check_import_paths({"datamodule_hyper_parameters": {"cls": "evil.Data"}}, "x.ckpt")
