@@ -17,8 +17,8 @@ from fnmatch import fnmatch
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.plugins import TorchCheckpointIO
 from torch import nn
 from typing_extensions import override
 
@@ -543,21 +543,26 @@ _IMPORT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
 _LIGHTNING_INSTANTIATOR_KEY = "_instantiator"
 
 
-def import_paths(value: Any, key: str) -> Iterator[tuple[str, str]]:
+def import_paths(value: Any, key: str, plain_strings: bool = True) -> Iterator[tuple[str, str]]:
     """Every ``(key, path)`` in nested data whose string an argument parser could import.
 
-    jsonargparse imports ``class_path`` values, and also a plain dotted string given for an argument
-    typed as a class or a callable (``net: this.LiteCNN``), so every string that reads as a dotted
-    Python name counts, at any depth (``init_args`` of ``init_args``, lists).
+    jsonargparse imports ``class_path`` values, at any depth (``init_args`` of ``init_args``,
+    lists), and, with ``plain_strings``, a plain dotted string is counted too: given for an argument
+    typed as a class or a callable (``net: this.LiteCNN``), it is imported as well.
     """
     if isinstance(value, Mapping):
         for name, item in value.items():
-            if name != _LIGHTNING_INSTANTIATOR_KEY:
-                yield from import_paths(item, f"{key}.{name}" if key else str(name))
+            if name == _LIGHTNING_INSTANTIATOR_KEY:
+                continue
+            where = f"{key}.{name}" if key else str(name)
+            if name in ("class_path", "_class_path") and isinstance(item, str):
+                yield where, item
+            else:
+                yield from import_paths(item, where, plain_strings)
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
-            yield from import_paths(item, f"{key}[{index}]")
-    elif isinstance(value, str) and _IMPORT_PATH.fullmatch(value):
+            yield from import_paths(item, f"{key}[{index}]", plain_strings)
+    elif plain_strings and isinstance(value, str) and _IMPORT_PATH.fullmatch(value):
         yield key, value
 
 
@@ -567,15 +572,17 @@ def check_import_paths(checkpoint: Mapping[str, Any], path: str, allowed: Collec
     LightningCLI rebuilds the model from a checkpoint's ``hyper_parameters`` (class paths of the
     network, optimizer, scheduler, …), and ``ImageClassifier.load_from_checkpoint`` does too; each
     named module is imported, which runs its import-time code. Call this first: every import path
-    in ``hyper_parameters`` and ``datamodule_hyper_parameters`` must lie in a package of
-    :data:`TRUSTED_MODULES` or be one that the user's own config or command line names (``allowed``).
+    in ``hyper_parameters`` (class paths and dotted strings, see :func:`import_paths`) and every
+    class path in ``datamodule_hyper_parameters`` must lie in a package of :data:`TRUSTED_MODULES`
+    or be one that the user's own config or command line names (``allowed``).
 
     Raises:
         CheckpointError: naming the checkpoint, the key and the class; nothing was imported.
     """
     trusted = set(allowed)
-    for section in ("hyper_parameters", "datamodule_hyper_parameters"):
-        for key, name in import_paths(checkpoint.get(section), section):
+    # The data module's settings hold paths ("data.v2/" reads as a dotted name): only its class paths.
+    for section, plain_strings in (("hyper_parameters", True), ("datamodule_hyper_parameters", False)):
+        for key, name in import_paths(checkpoint.get(section), section, plain_strings):
             if name in trusted or name.split(".")[0] in TRUSTED_MODULES:
                 continue
             option = f"--{'model' if section == 'hyper_parameters' else 'data'}.{(key + '.?').split('.')[1]}"

@@ -24,6 +24,7 @@ from lit_accel.checkpoints import (
     find_checkpoint,
     read_checkpoint,
     run_checkpoints,
+    save_atomically,
 )
 from lit_accel.cli import LitAccelCLI, main
 from lit_accel.errors import CheckpointError
@@ -313,7 +314,14 @@ def test_reading_the_best_record_runs_nothing_in_a_crafted_checkpoint(tmp_path, 
 
 # ------------------------------------------------------------------ atomic saves: a kill, a full disk
 TESTS_DIR = Path(__file__).resolve().parent
-STEP_SAVES = ["--trainer.limit_train_batches", "3", "--step_checkpoint.every_n_train_steps", "1"]
+STEP_SAVES = [
+    "--trainer.limit_train_batches",
+    "2",
+    "--trainer.num_sanity_val_steps",
+    "0",
+    "--step_checkpoint.every_n_train_steps",
+    "1",
+]
 
 
 def _last(root: Path) -> Path:
@@ -445,3 +453,18 @@ def test_the_run_of_an_unreadable_hpc_checkpoint_is_the_experiments_newest(tmp_p
     assert set(run_checkpoints(str(hpc), str(root), hpc_dir=str(tmp_path))) == set(new.values())
     assert run_checkpoints(new["last"], str(root), hpc_dir=str(tmp_path)) == [new["best"]]
     assert old["last"] not in run_checkpoints(str(hpc), str(root), hpc_dir=str(tmp_path))
+
+
+def test_a_save_replaces_the_file_whole_and_clears_what_a_killed_save_of_it_left(tmp_path):
+    target = tmp_path / "last.ckpt"
+    save_atomically({"state_dict": {"w": torch.ones(1)}}, target)
+    stale = tmp_path / ".last.ckpt.0badc0de.partial"  # a save killed before its rename
+    stale.write_bytes(b"half a checkpoint")
+    another = tmp_path / ".best.ckpt.0badc0de.partial"  # another file's: not this save's to remove
+    another.write_bytes(b"x")
+    save_atomically({"state_dict": {"w": torch.zeros(1)}}, target)
+    assert torch.equal(read_checkpoint(str(target))["state_dict"]["w"], torch.zeros(1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [another.name, "last.ckpt"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask, "permissions as a plain open() would give"

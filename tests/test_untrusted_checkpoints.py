@@ -311,5 +311,10 @@ def test_import_paths_are_checked_at_any_depth_against_packages_not_prefixes():
         with pytest.raises(CheckpointError, match=re.escape(where)):
             check_import_paths({"hyper_parameters": {**hparams, key: value}}, "x.ckpt")
     check_import_paths({"hyper_parameters": {**hparams, "loss": "os.system"}}, "x.ckpt", allowed={"os.system"})
-    with pytest.raises(CheckpointError, match=r"names 'evil\.Data' at datamodule_hyper_parameters\.cls.*--data\.cls"):
-        check_import_paths({"datamodule_hyper_parameters": {"cls": "evil.Data"}}, "x.ckpt")
+    data = {"data_dir": "cifar10.v2", "transform": {"class_path": "evil.Data"}}  # a folder name is no class
+    with pytest.raises(
+        CheckpointError,
+        match=r"names 'evil\.Data' at datamodule_hyper_parameters\.transform\.class_path.*--data\.transform",
+    ):
+        check_import_paths({"datamodule_hyper_parameters": data}, "x.ckpt")
+    check_import_paths({"datamodule_hyper_parameters": {"data_dir": "cifar10.v2"}}, "x.ckpt")
