@@ -17,8 +17,9 @@ import pytest
 import torch
 from lightning.pytorch.demos.boring_classes import BoringModel
 
-from helpers import TINY_CLI_ARGS
+from helpers import TINY_CLI_ARGS, config
 from lit_accel.checkpoints import (
+    AtomicCheckpointIO,
     LastAfterEveryValidation,
     check_checkpoint,
     find_checkpoint,
@@ -468,3 +469,13 @@ def test_a_save_replaces_the_file_whole_and_clears_what_a_killed_save_of_it_left
     umask = os.umask(0)
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask, "permissions as a plain open() would give"
+
+
+@pytest.mark.parametrize("strategy", ["ddp.yaml", "fsdp.yaml"])
+def test_the_cli_saves_atomically_under_every_cpu_strategy(strategy, tmp_path, monkeypatch):
+    """The kill and full-disk tests above run one process; DDP and FSDP2 save through their own
+    strategy objects (FSDP2 only when consolidating: its folder checkpoints bypass CheckpointIO)."""
+    monkeypatch.chdir(tmp_path)
+    args = [*TINY_CLI_ARGS, *config(f"strategy/{strategy}"), "--trainer.devices", "2"]
+    cli = LitAccelCLI(args=args, run=False)
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
