@@ -396,7 +396,7 @@ def _readable_last(path: str, root: str, hpc_dir: str, recursive: bool) -> str:
 
 
 def _first_cause(err: CheckpointError) -> str:
-    """The reason inside a checkpoint message: the cause's first line, else the message's first clause."""
+    """The reason inside a checkpoint message: its cause's first line, else "refused" or "incomplete"."""
     cause = err.__cause__
     if cause is not None and str(cause).strip():
         return f"{type(cause).__name__}: {str(cause).strip().splitlines()[0]}"
