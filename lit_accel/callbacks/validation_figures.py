@@ -44,7 +44,8 @@ class ValidationFigures(Callback):
     for any reason (``max_epochs``, ``max_steps``, ``max_time``, ``EarlyStopping`` or another
     callback's ``should_stop``): the callback keeps each validation's figures until the next one
     and draws the last kept at the end of ``fit`` (``on_train_end``), at that validation's step,
-    unless it was drawn already. Nothing is drawn when ``fit`` ends in an exception.
+    unless it was drawn already. Nothing is drawn when ``fit`` ends in an exception or never
+    validates (``limit_val_batches: 0``).
 
     Confusion matrix (``val/confusion_matrix``): rows are the true classes, columns the predicted
     ones; each cell shows its count and is shaded by its share of the row (the class's recall on
@@ -66,10 +67,11 @@ class ValidationFigures(Callback):
     each image is stretched to its own min–max range.
 
     Cost per validation of ``fit``: a softmax and a ``C×C`` count per batch (on the device, no
-    host sync), at most ``misclassified`` images copied to the CPU on rank 0, and under several
-    processes two small all-reduces (the matrix size, then the ``C×C`` counts). Drawing (rank 0,
-    a few times per run) uses Pillow: two pictures and no plotting library. Sanity-check
-    validation is skipped.
+    host sync); on rank 0, until ``misclassified`` mistakes are found (usually the first batch or
+    two), a host sync per batch and those images copied to the CPU; the matrix size read once (a
+    host sync), and under several processes two small all-reduces (that size, then the counts).
+    Drawing (rank 0, a few times per run) uses Pillow: two pictures, no plotting library.
+    Sanity-check validation is skipped.
 
     Needs a ``TensorBoardLogger`` and Pillow (a dependency of torchvision); without either it warns
     once and does nothing. To switch it off, leave it out of ``trainer.callbacks`` or set
