@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI, instantiate_class
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.plugins import TorchCheckpointIO
@@ -66,6 +66,18 @@ class _ConciseParser(LightningArgumentParser):
     def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
         prog = self.prog.replace(" [options]", "")
         (file or sys.stderr).write(f"usage: {prog} [--config CONFIG ...] [options]\n")
+
+
+class _VersionProgressBar(RichProgressBar):
+    """Lightning's default progress bar, with the run's version shown as it is (``v_num: 0``): the
+    rich bar prints every number in its metrics format, ``.3f`` (``v_num: 0.000``)."""
+
+    @override
+    def get_metrics(self, trainer: Trainer, pl_module: Any) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        if "v_num" in items:
+            items["v_num"] = str(items["v_num"])
+        return items
 
 
 class LitAccelCLI(LightningCLI):
@@ -253,6 +265,11 @@ class LitAccelCLI(LightningCLI):
             # LearningRateMonitor stops `fit` at its start without a logger (--trainer.logger false),
             # and would have nothing to log to: leave it out.
             trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, LearningRateMonitor)]  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
+        bar = trainer.progress_bar_callback
+        if type(bar) is RichProgressBar:
+            # The same bar with its settings (Lightning's default or one configured), only its
+            # v_num text differs: the subclass adds no state. A subclass of the user's is left alone.
+            bar.__class__ = _VersionProgressBar
         return trainer
 
     def before_fit(self) -> None:

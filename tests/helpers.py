@@ -52,8 +52,17 @@ def config(*names: str) -> list[str]:
     return args
 
 
+# The recipe's ValidationFigures switched off (it does no work at all then). On the command line
+# `--trainer.callbacks.init_args.…` sets the last callback of the list: the recipe's figures.
+FIGURES_OFF_ARGS = [
+    "--trainer.callbacks.init_args.confusion_matrix",
+    "false",
+    "--trainer.callbacks.init_args.misclassified",
+    "0",
+]
+
 # The least `lit-accel` trains, validates and tests: the smoke recipe, quiet, one batch of each split
-# of a small synthetic set.
+# of a small synthetic set, no figures (tests/callbacks/test_validation_figures.py draws them).
 TINY_CLI_ARGS = [
     *config("cifar10.yaml", "smoke.yaml"),
     "--trainer.enable_progress_bar",
@@ -72,6 +81,7 @@ TINY_CLI_ARGS = [
     "1",
     "--trainer.limit_test_batches",
     "1",
+    *FIGURES_OFF_ARGS,
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import lightning.pytorch as pl
@@ -19,10 +20,32 @@ from typing_extensions import override
 __all__ = ["ValidationFigures"]
 
 _MAX_MISCLASSIFIED = 256  # a grid beyond this is unreadable in TensorBoard and slow to draw
+_MIN_TILE = 64  # pixels: smaller images (CIFAR's 32) are enlarged, nearest-neighbour, to be seen
+_MAX_NUMBERED_CLASSES = 30  # beyond this the counts no longer fit in the confusion matrix's cells
+# The ends of matplotlib's "Blues" colour map: a share of 0 is near white, 1 is dark blue.
+_LIGHT, _DARK = (247, 251, 255), (8, 48, 107)
+
+
+@dataclass
+class _Collected:
+    """What one validation gathered for drawing: rank 0's mistakes and the counts over all ranks."""
+
+    step: int
+    counts: Tensor | None
+    wrong: list[tuple[Tensor, Tensor, Tensor, Tensor]]
 
 
 class ValidationFigures(Callback):
     """At the end of validation, draws a confusion matrix and a grid of misclassified images into TensorBoard.
+
+    When it draws: after the validation of every ``every_n_epochs``-th training epoch; after the
+    last validation of ``fit``, whatever its length, so every run has pictures; and after every
+    ``validate`` run. The last validation of ``fit`` is the one that ran last when training ended,
+    for any reason (``max_epochs``, ``max_steps``, ``max_time``, ``EarlyStopping`` or another
+    callback's ``should_stop``): the callback keeps each validation's figures until the next one
+    and draws the last kept at the end of ``fit`` (``on_train_end``), at that validation's step,
+    unless it was drawn already. Nothing is drawn when ``fit`` ends in an exception or never
+    validates (``limit_val_batches: 0``).
 
     Confusion matrix (``val/confusion_matrix``): rows are the true classes, columns the predicted
     ones; each cell shows its count and is shaded by its share of the row (the class's recall on
@@ -30,36 +53,42 @@ class ValidationFigures(Callback):
     counts are summed over all ranks (under DDP the distributed sampler pads the last batch, so a
     few images may count twice, as in torchmetrics). Misclassified images
     (``val/misclassified``): up to ``misclassified`` images from rank 0's shard, the first ones in
-    validation order, each titled with its true and predicted class and the predicted class's
-    probability.
+    validation order, in one picture, each labelled with its true and predicted class and the
+    predicted class's probability.
 
     Predictions: when ``validation_step`` returns the logits ``(N, num_classes)`` (a tensor, or a
-    dict with key ``"logits"``), they are used as they are; otherwise the callback runs the
-    model's forward on the batch once more, without gradients, on drawing epochs only. Batches are
-    ``(images, labels)`` as the model sees them (normalized); ``mean``/``std`` undo the
-    normalization for display, else each image is stretched to its own min–max range.
+    dict with key ``"logits"``; ImageClassifier does), they are used as they are, at every
+    validation of ``fit``. Otherwise the callback runs the model's forward on the batch once more,
+    without gradients, and only on validations it can tell in advance may be drawn: every n-th
+    epoch, ``validate``, and while fitting the last epoch by ``max_epochs``, validations after
+    ``max_steps`` is reached or once ``should_stop`` is set; a run stopped by a callback after some
+    other validation then has no figures of its last validation. Batches are ``(images, labels)``
+    as the model sees them (normalized); ``mean``/``std`` undo the normalization for display, else
+    each image is stretched to its own min–max range.
 
-    Cost: nothing on epochs that are not drawn. On a drawing epoch: a ``C×C`` count per batch, two
-    small all-reduces (the matrix size, then ``C×C`` counts), and on rank 0 the images kept on the
-    CPU (``misclassified`` × 3×32×32 floats) and about a second of matplotlib drawing.
+    Cost per validation of ``fit``: a softmax and a ``C×C`` count per batch (on the device, no
+    host sync); on rank 0, until ``misclassified`` mistakes are found (usually the first batch or
+    two), a host sync per batch and those images copied to the CPU; the matrix size read once (a
+    host sync), and under several processes two small all-reduces (that size, then the counts).
+    Drawing (rank 0, a few times per run) uses Pillow: two pictures, no plotting library.
     Sanity-check validation is skipped.
 
-    Needs a ``TensorBoardLogger`` and matplotlib (``pip install matplotlib``); without either it
-    warns once and does nothing.
+    Needs a ``TensorBoardLogger`` and Pillow (a dependency of torchvision); without either it warns
+    once and does nothing. To switch it off, leave it out of ``trainer.callbacks`` or set
+    ``confusion_matrix: false`` and ``misclassified: 0``; it then does no work at all.
 
     Args:
-        every_n_epochs: draw after the validation of every n-th training epoch (``validate`` runs
-            always draw).
+        every_n_epochs: also draw after the validation of every n-th training epoch.
         confusion_matrix: draw the confusion matrix.
         misclassified: the most misclassified images in the grid (0: no grid).
         mean: per-channel mean the images were normalized with, e.g. CIFAR-10's
             ``[0.4914, 0.4822, 0.4465]``; give it together with ``std``.
         std: per-channel standard deviation the images were normalized with.
-        class_names: names for the axes and titles; default: the datamodule's ``classes``
+        class_names: names for the axes and labels; default: the datamodule's ``classes``
             attribute, else the class indices.
 
-    Logged keys (TensorBoard images, at ``trainer.global_step``): ``val/confusion_matrix``,
-    ``val/misclassified``.
+    Logged keys (TensorBoard images, at the ``trainer.global_step`` of the validation drawn):
+    ``val/confusion_matrix``, ``val/misclassified``.
 
     Raises:
         ValueError: for ``every_n_epochs`` not an integer ≥ 1, ``misclassified`` not an integer in
@@ -120,10 +149,14 @@ class ValidationFigures(Callback):
         self.std = list(std) if std is not None else None
         self.class_names = list(class_names) if class_names is not None else None
         self._active = False
-        self._drawing = False
+        self._collecting = False  # this validation gathers counts and mistakes
+        self._draw_now = False  # ... and draws them when it ends
+        self._rerun = False  # ... running the forward again where validation_step gives no logits
+        self._complete = True  # every batch of this validation was counted
         self._counts: Tensor | None = None
         self._wrong: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []
         self._wrong_count = 0
+        self._undrawn: _Collected | None = None  # the latest validation of fit, not drawn yet
         self._warned_batch = False
 
     @property
@@ -136,29 +169,40 @@ class ValidationFigures(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage not in (TrainerFn.FITTING, TrainerFn.VALIDATING):
             return
+        self._undrawn = None
         has_logger = _tensorboard(trainer) is not None
-        has_matplotlib = importlib.util.find_spec("matplotlib") is not None
+        has_pillow = importlib.util.find_spec("PIL") is not None
         wanted = self.confusion_matrix or self.misclassified > 0
         # Same on every rank in any sane setup; reduced anyway, because a rank that skipped the
         # all-reduce in on_validation_epoch_end would hang the others.
-        self._active = bool(
-            trainer.strategy.reduce_boolean_decision(wanted and has_logger and has_matplotlib, all=True)
-        )
+        self._active = bool(trainer.strategy.reduce_boolean_decision(wanted and has_logger and has_pillow, all=True))
         if wanted and not has_logger:
             rank_zero_warn(
                 "ValidationFigures draws into TensorBoard only: no TensorBoardLogger in trainer.loggers, so it is off."
             )
-        elif wanted and not has_matplotlib:
-            rank_zero_warn("ValidationFigures needs matplotlib to draw (pip install matplotlib); it is off.")
+        elif wanted and not has_pillow:
+            rank_zero_warn("ValidationFigures needs Pillow to draw (pip install pillow); it is off.")
 
     @override
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._drawing = self._active and is_drawing_epoch(
-            trainer.current_epoch,
-            self.every_n_epochs,
-            fitting=trainer.state.fn == TrainerFn.FITTING,
-            sanity_checking=trainer.sanity_checking,
+        # Rank independent (the Trainer's settings and counters), so every rank joins the
+        # all-reduces at the end of the same validations.
+        self._collecting = self._active and not trainer.sanity_checking
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        self._draw_now = self._collecting and is_drawing_epoch(
+            trainer.current_epoch, self.every_n_epochs, fitting=fitting, sanity_checking=trainer.sanity_checking
         )
+        self._rerun = self._draw_now or (
+            self._collecting
+            and may_be_last_validation(
+                trainer.current_epoch,
+                trainer.max_epochs,
+                trainer.global_step,
+                trainer.max_steps,
+                should_stop=trainer.should_stop,
+            )
+        )
+        self._complete = True
         self._counts = None
         self._wrong, self._wrong_count = [], 0
 
@@ -172,7 +216,7 @@ class ValidationFigures(Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        if not self._drawing or dataloader_idx != 0:
+        if not self._collecting or dataloader_idx != 0:
             return
         if not _is_images_and_labels(batch):
             if not self._warned_batch:
@@ -182,6 +226,9 @@ class ValidationFigures(Callback):
         images, labels = batch[0], batch[1]
         logits = _logits_from(outputs, images.shape[0])
         if logits is None:
+            if not self._rerun:
+                self._complete = False
+                return
             with torch.no_grad(), trainer.precision_plugin.val_step_context():
                 logits = pl_module(images)
         probabilities = torch.softmax(logits.detach().float(), dim=-1)
@@ -204,31 +251,46 @@ class ValidationFigures(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not self._drawing:
+        if not self._collecting:
             return
-        # Every rank gets here on a drawing epoch (the decision is rank independent), so every rank
-        # joins the all-reduces.
+        # Every rank gets here after the same validations (see on_validation_epoch_start), so
+        # every rank joins the all-reduces.
         counts = _sum_over_ranks(trainer, self._counts, pl_module.device) if self.confusion_matrix else None
-        if trainer.is_global_zero:
-            self._draw(trainer, counts)
-        self._wrong, self._counts = [], None
+        self._counts = None
+        if not trainer.is_global_zero:
+            return
+        collected = _Collected(trainer.global_step, counts, self._wrong)
+        self._wrong = []
+        if self._draw_now:
+            self._draw(trainer, collected)
+            self._undrawn = None
+        elif trainer.state.fn == TrainerFn.FITTING:
+            # Drawn at the end of fit if no validation follows; an incomplete count (no logits and
+            # no second forward) is not drawn, nor is an earlier validation in its place.
+            self._undrawn = collected if self._complete else None
 
-    def _draw(self, trainer: pl.Trainer, counts: Tensor | None) -> None:
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self._undrawn is not None and trainer.is_global_zero:
+            self._draw(trainer, self._undrawn)
+        self._undrawn = None
+
+    def _draw(self, trainer: pl.Trainer, collected: _Collected) -> None:
         # Not None: setup() turns drawing on only with a TensorBoardLogger.
         experiment = _tensorboard(trainer).experiment  # type: ignore[union-attr]
-        step = trainer.global_step
+        counts = collected.counts
         if counts is not None and counts.numel():
             names = self._names(trainer, counts.shape[0])
-            experiment.add_image("val/confusion_matrix", draw_confusion_matrix(counts.cpu(), names), step)
-        if self._wrong:
-            images, labels, predicted, confidence = (torch.cat(parts) for parts in zip(*self._wrong))
+            experiment.add_image("val/confusion_matrix", draw_confusion_matrix(counts.cpu(), names), collected.step)
+        if collected.wrong:
+            images, labels, predicted, confidence = (torch.cat(parts) for parts in zip(*collected.wrong))
             names = self._names(trainer, int(max(labels.max(), predicted.max())) + 1)
             titles = [
                 f"true: {_name(names, t)}\npred: {_name(names, p)} {c:.2f}"
                 for t, p, c in zip(labels.tolist(), predicted.tolist(), confidence.tolist())
             ]
             experiment.add_image(
-                "val/misclassified", draw_image_grid(to_display(images, self.mean, self.std), titles), step
+                "val/misclassified", draw_image_grid(to_display(images, self.mean, self.std), titles), collected.step
             )
 
     def _names(self, trainer: pl.Trainer, num_classes: int) -> list[str]:
@@ -240,18 +302,37 @@ class ValidationFigures(Callback):
 
 # ----------------------------------------------------------------------------- pure functions
 def is_drawing_epoch(epoch: int, every_n_epochs: int, fitting: bool, sanity_checking: bool) -> bool:
-    """Whether this validation is drawn: not the sanity check; while fitting, every n-th epoch (1-based)."""
+    """Whether this validation is drawn when it ends: not the sanity check; while fitting, every
+    n-th epoch (1-based); always outside fit (``validate``)."""
     if sanity_checking:
         return False
     return not fitting or (epoch + 1) % every_n_epochs == 0
 
 
+def may_be_last_validation(
+    epoch: int, max_epochs: int | None, global_step: int, max_steps: int, should_stop: bool
+) -> bool:
+    """Whether a validation of ``fit`` starting now can be known to be among the run's last: in the
+    last epoch by ``max_epochs``, after ``max_steps`` optimizer steps, or with ``should_stop``
+    already set. ``None`` or ``-1`` means no limit, as in the Trainer. A stop decided after the
+    validation (``EarlyStopping``) cannot be known here."""
+    last_epoch = max_epochs is not None and max_epochs >= 0 and epoch + 1 >= max_epochs
+    steps_done = max_steps >= 0 and global_step >= max_steps
+    return last_epoch or steps_done or should_stop
+
+
 def confusion_counts(labels: Tensor, predicted: Tensor, num_classes: int) -> Tensor:
-    """``(C, C)`` counts: row = true class, column = predicted class. Labels outside 0…C-1 are ignored."""
+    """``(C, C)`` counts: row = true class, column = predicted class. Labels outside 0…C-1 are ignored.
+
+    Computed on the tensors' device without a host sync (no boolean indexing): ignored labels are
+    counted in one extra bin that is dropped."""
     labels = labels.long()
     keep = (labels >= 0) & (labels < num_classes)
-    flat = labels[keep] * num_classes + predicted.long()[keep]
-    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+    cells = num_classes * num_classes
+    flat = torch.where(keep, labels * num_classes + predicted.long(), cells)
+    counts = torch.zeros(cells + 1, dtype=torch.long, device=labels.device)
+    counts.index_add_(0, flat, torch.ones_like(flat))
+    return counts[:cells].view(num_classes, num_classes)
 
 
 def to_display(images: Tensor, mean: Sequence[float] | None, std: Sequence[float] | None) -> Tensor:
@@ -269,70 +350,113 @@ def to_display(images: Tensor, mean: Sequence[float] | None, std: Sequence[float
 
 
 def draw_confusion_matrix(counts: Tensor, class_names: Sequence[str]) -> Tensor:
-    """A ``(C, C)`` count matrix → an RGB uint8 picture ``(3, H, W)`` with labelled axes and counts."""
-    from matplotlib.figure import Figure
+    """A ``(C, C)`` count matrix → an RGB uint8 picture ``(3, H, W)``: a title with the accuracy,
+    the true classes down the left, the predicted ones (turned upright) along the top, and each
+    cell shaded by its share of the row, with its count when there are at most 30 classes."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    counts = counts.long()
+    counts = counts.long().cpu()
     size = counts.shape[0]
-    share = counts.float() / counts.sum(dim=1, keepdim=True).clamp_min(1)
-    side = 2.0 + 0.55 * size
-    figure = Figure(figsize=(side + 1.0, side), dpi=100)
-    axes = figure.add_subplot()
-    shading = axes.imshow(share.numpy(), cmap="Blues", vmin=0.0, vmax=1.0)
-    figure.colorbar(shading, ax=axes, fraction=0.046, pad=0.04, label="share of the true class")
-    labels = [str(name) for name in class_names[:size]]
-    axes.set_xticks(range(size), labels=labels, rotation=45, ha="right")
-    axes.set_yticks(range(size), labels=labels)
-    axes.set_xlabel("predicted")
-    axes.set_ylabel("true")
-    total = int(counts.sum())
-    correct = int(counts.diag().sum())
-    axes.set_title(f"{correct}/{total} correct ({correct / max(total, 1):.1%})")
-    if size <= 30:  # beyond that the numbers overlap
-        for row in range(size):
-            for col in range(size):
-                axes.text(
-                    col,
-                    row,
-                    str(int(counts[row, col])),
-                    ha="center",
-                    va="center",
-                    fontsize=7,
-                    color="white" if share[row, col] > 0.5 else "black",
-                )
-    figure.tight_layout()
-    return _render(figure)
+    share = (counts.float() / counts.sum(dim=1, keepdim=True).clamp_min(1)).tolist()
+    values = counts.tolist()
+    labels = [str(class_names[i]) if i < len(class_names) else str(i) for i in range(size)]
+    font = ImageFont.load_default()
+    numbered = size <= _MAX_NUMBERED_CLASSES
+    label_width = max(_text_size(font, label)[0] for label in labels)
+    line = _text_size(font, "Ag")[1]
+    cell = max(_text_size(font, str(int(counts.max())))[0] + 8, 2 * line) if numbered else line + 2
+    total, correct = int(counts.sum()), int(counts.diag().sum())
+    title = f"{correct}/{total} correct ({correct / max(total, 1):.1%}); shade: share of the true class"
+    margin = 6
+    left = margin + line + margin + label_width + margin  # "true", then the row labels
+    top = margin + line + margin + line + margin + label_width + margin  # title, "predicted", column labels
+    width = max(left + size * cell + margin, margin + _text_size(font, title)[0] + margin)
+    height = top + size * cell + margin
+    picture = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(picture)
+    draw.text((margin, margin), title, fill="black", font=font)
+    draw.text((left, margin + line + margin), "predicted", fill="black", font=font)
+    _paste_upright(picture, "true", (margin, top), font)
+    for i, label in enumerate(labels):
+        y = top + i * cell + (cell - line) // 2
+        draw.text((left - margin - _text_size(font, label)[0], y), label, fill="black", font=font)
+        _paste_upright(picture, label, (left + i * cell + (cell - line) // 2, top - margin), font, bottom=True)
+    for row in range(size):
+        for col in range(size):
+            x, y = left + col * cell, top + row * cell
+            fraction = share[row][col]
+            colour = tuple(round(a + (b - a) * fraction) for a, b in zip(_LIGHT, _DARK))
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=colour)
+            if numbered:
+                text = str(values[row][col])
+                text_width = _text_size(font, text)[0]
+                ink = "white" if fraction > 0.5 else "black"
+                draw.text((x + (cell - text_width) // 2, y + (cell - line) // 2), text, fill=ink, font=font)
+    return _to_tensor(picture)
 
 
 def draw_image_grid(images: Tensor, titles: Sequence[str], columns: int = 8) -> Tensor:
-    """``(N, C, H, W)`` images in [0, 1] with a title each → an RGB uint8 picture ``(3, H, W)``."""
-    from matplotlib.figure import Figure
+    """``(N, C, H, W)`` images in [0, 1] with a title each → one RGB uint8 mosaic ``(3, H, W)``:
+    ``columns`` tiles per row, each image enlarged (nearest-neighbour) to at least 64 pixels with
+    its title's lines under it. One channel is shown as gray; beyond three, the first three."""
+    from PIL import Image, ImageDraw, ImageFont
 
-    count = images.shape[0]
+    count, channels, height, width = images.shape
     columns = max(1, min(columns, count))
     rows = (count + columns - 1) // columns
-    figure = Figure(figsize=(1.5 * columns, 1.85 * rows), dpi=100)
+    scale = max(1, math.ceil(_MIN_TILE / max(height, width)))
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.expand(-1, 3, -1, -1) if channels == 1 else pixels[:, :3]
+    # (N, H, W, 3), each pixel repeated scale × scale times: the canvas is height × width × RGB, as Pillow's
+    pixels = pixels.permute(0, 2, 3, 1)[:, :, None, :, None, :].expand(-1, -1, scale, -1, scale, -1)
+    pixels = pixels.reshape(count, height * scale, width * scale, 3)
+    font = ImageFont.load_default()
+    spacing = 2
+    sizes = [_text_size(font, title, spacing) for title in titles[:count]]
+    text_height = max((h for _, h in sizes), default=0)
+    margin = 4
+    tile_width = max(width * scale, *(w for w, _ in sizes)) + 2 * margin
+    tile_height = height * scale + text_height + 3 * margin
+    canvas = torch.full((rows * tile_height, columns * tile_width, 3), 255, dtype=torch.uint8)
     for i in range(count):
-        axes = figure.add_subplot(rows, columns, i + 1)
-        image = images[i]
-        if image.shape[0] == 1:
-            axes.imshow(image[0].numpy(), cmap="gray", vmin=0.0, vmax=1.0)
-        else:
-            axes.imshow(image[:3].permute(1, 2, 0).numpy(), interpolation="nearest")
-        axes.set_title(titles[i], fontsize=7, linespacing=1.1)
-        axes.axis("off")
-    figure.tight_layout()
-    return _render(figure)
+        y = (i // columns) * tile_height + margin
+        x = (i % columns) * tile_width + (tile_width - width * scale) // 2
+        canvas[y : y + height * scale, x : x + width * scale] = pixels[i]
+    picture = Image.fromarray(canvas.numpy())
+    draw = ImageDraw.Draw(picture)
+    for i, title in enumerate(titles[:count]):
+        x = (i % columns) * tile_width + margin
+        y = (i // columns) * tile_height + height * scale + 2 * margin
+        draw.multiline_text((x, y), title, fill="black", font=font, spacing=spacing)
+    return _to_tensor(picture)
 
 
-def _render(figure: Any) -> Tensor:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
+def _text_size(font: Any, text: str, spacing: int = 4) -> tuple[int, int]:
+    """Width and height in pixels of ``text`` (lines split at ``\\n``, ``spacing`` pixels apart, as
+    Pillow's ``multiline_text`` sets them) drawn from its top-left corner."""
+    lines = text.split("\n")
+    width = max(font.getlength(line) for line in lines)
+    line_step = font.getbbox("A")[3] + spacing
+    return math.ceil(width) + 1, int(font.getbbox("Ag")[3]) + (len(lines) - 1) * int(line_step)
 
-    canvas = FigureCanvasAgg(figure)
-    canvas.draw()
-    rgba = torch.frombuffer(bytearray(canvas.buffer_rgba()), dtype=torch.uint8)
-    width, height = canvas.get_width_height()
-    return rgba.view(height, width, 4)[:, :, :3].permute(2, 0, 1).contiguous()
+
+def _paste_upright(picture: Any, text: str, at: tuple[int, int], font: Any, bottom: bool = False) -> None:
+    """Draw ``text`` turned 90° (read bottom to top) with its top-left corner at ``at``, or its
+    bottom-left corner there with ``bottom``."""
+    from PIL import Image, ImageDraw
+
+    width, height = _text_size(font, text)
+    mask = Image.new("L", (width, height), 0)
+    ImageDraw.Draw(mask).text((0, 0), text, fill=255, font=font)
+    mask = mask.rotate(90, expand=True)
+    x, y = at
+    picture.paste((0, 0, 0), (x, y - mask.height if bottom else y), mask)
+
+
+def _to_tensor(picture: Any) -> Tensor:
+    width, height = picture.size
+    rgb = torch.frombuffer(bytearray(picture.convert("RGB").tobytes()), dtype=torch.uint8)
+    return rgb.view(height, width, 3).permute(2, 0, 1).contiguous()
 
 
 def _is_images_and_labels(batch: Any) -> bool:

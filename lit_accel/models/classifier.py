@@ -19,11 +19,14 @@ from lit_accel.errors import ConfigurationError
 from lit_accel.models.nets import SeedCNN
 from lit_accel.schedules import WarmupDecayLR, optimizer_steps_left
 
-__all__ = ["ImageClassifier", "LR_LOG_KEY", "MONITORABLE_METRICS"]
+__all__ = ["EXAMPLE_IMAGE_SIZE", "ImageClassifier", "LR_LOG_KEY", "MONITORABLE_METRICS", "example_batch"]
 
 # The key LearningRateMonitor logs the scheduled learning rate under (the scheduler config's
 # "name"), whatever the optimizer: Lightning's default would be "lr-<OptimizerClass>".
 LR_LOG_KEY = "train/lr"
+# The side of the square images of example_input_array (Lightning's model summary) when the data
+# module gives no image_size: CIFAR-10's.
+EXAMPLE_IMAGE_SIZE = 32
 # The metrics ImageClassifier logs once per epoch: what a ReduceLROnPlateau scheduler can follow.
 MONITORABLE_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc")
 
@@ -62,6 +65,16 @@ class ImageClassifier(LightningModule):
             into the exported model (``export_model(..., flip_tta=True)`` from Python).
         compile: compile the network with ``torch.compile`` (in place: checkpoint keys unchanged).
         compile_options: keyword arguments for ``torch.compile``, e.g. ``{mode: max-autotune}``.
+
+    Lightning's model summary (``trainer.enable_model_summary``, on by default) counts the FLOPs of
+    one forward pass over ``example_input_array``: one blank ``(images, labels)`` batch of one
+    image, as the data loaders yield it (float, ``3×32×32`` or the data module's ``image_size``, in
+    the dtype of a ``*-true`` precision), so "Total FLOPs" is the network's forward FLOPs per
+    image. Lightning passes that batch through the data module's batch hooks like a training
+    batch: with lit_accel's data modules it draws that batch's augmentation (one random flip per
+    run), so a run with the summary on draws other random numbers than the same run with it off;
+    resumes stay exact (RNGStateCheckpoint restores the generators after the summary). Not set
+    with ``compile``, whose first forward would compile the network once more for the summary.
 
     The training data module's ``classes`` (when it has that attribute) are kept as
     ``class_names`` and saved in every checkpoint (``checkpoint["class_names"]``), so prediction
@@ -163,6 +176,7 @@ class ImageClassifier(LightningModule):
             setattr(self, f"{stage}_acc", accuracy)
             setattr(self, f"{stage}_loss", _WeightedMean(nan_strategy="disable"))
         self._configured = False
+        self.example_input_array = None if compile else example_batch(EXAMPLE_IMAGE_SIZE)
 
     @override
     def setup(self, stage: str) -> None:
@@ -176,6 +190,12 @@ class ImageClassifier(LightningModule):
             )
         if stage == "fit" and classes is not None:
             self.class_names = tuple(str(name) for name in classes)
+        if stage == "fit" and self.example_input_array is not None:
+            size = getattr(getattr(self.trainer, "datamodule", None), "image_size", EXAMPLE_IMAGE_SIZE)
+            # A batch as the loaders yield it, in the dtype Lightning makes every float input
+            # (float16 for 16-true): the summary's forward skips that conversion.
+            images, labels = example_batch(int(size))
+            self.example_input_array = (self.trainer.precision_plugin.convert_input(images), labels)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -215,7 +235,9 @@ class ImageClassifier(LightningModule):
             self.net.compile(**self.compile_options)
 
     @override
-    def forward(self, images: Tensor) -> Tensor:
+    def forward(self, images: Tensor, labels: Tensor | None = None) -> Tensor:
+        """The logits ``(N, num_classes)`` of ``images``. ``labels`` is not used: it lets Lightning's
+        model summary call the module with a whole ``(images, labels)`` batch."""
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return self.net(images)
@@ -321,6 +343,13 @@ class ImageClassifier(LightningModule):
                 total = max(scheduler.last_epoch, 0) + steps_left
                 if 1 <= steps_left < math.inf and total != scheduler.total_steps:
                     scheduler.plan(total)
+
+
+def example_batch(image_size: int) -> tuple[Tensor, Tensor]:
+    """One blank ``(images, labels)`` batch of one image: float32 ``(1, 3, size, size)`` zeros and
+    label 0, the shape and dtype a data loader yields (a uint8 batch would fail in a network fed by
+    the DataLoader pipeline, whose batches are already normalized floats)."""
+    return torch.zeros(1, 3, image_size, image_size), torch.zeros(1, dtype=torch.long)
 
 
 def scheduler_interval(scheduler: Any, interval: str | None) -> str:

@@ -15,12 +15,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
 
 import lit_accel.callbacks.validation_figures as module
+from helpers import FIGURES_OFF_ARGS, TINY_CLI_ARGS
 from lit_accel.callbacks.validation_figures import (
     ValidationFigures,
     confusion_counts,
     draw_confusion_matrix,
     draw_image_grid,
     is_drawing_epoch,
+    may_be_last_validation,
     to_display,
 )
 
@@ -42,6 +44,23 @@ N = 12  # validation samples; label i % 3; the scripted model errs on every 4th 
 )
 def test_is_drawing_epoch(epoch: int, every: int, fitting: bool, sanity: bool, expected: bool) -> None:
     assert is_drawing_epoch(epoch, every, fitting=fitting, sanity_checking=sanity) is expected
+
+
+@pytest.mark.parametrize(
+    ("epoch", "max_epochs", "step", "max_steps", "should_stop", "expected"),
+    [
+        (2, 3, 6, -1, False, True),  # the last epoch by max_epochs
+        (1, 3, 4, -1, False, False),
+        (0, -1, 2, 2, False, True),  # max_steps reached
+        (0, None, 1, 2, False, False),
+        (0, -1, 1, -1, True, True),  # a stop already decided (max_time, a callback)
+        (5, -1, 10, -1, False, False),  # no limit: cannot be known
+    ],
+)
+def test_may_be_last_validation(
+    epoch: int, max_epochs: int | None, step: int, max_steps: int, should_stop: bool, expected: bool
+) -> None:
+    assert may_be_last_validation(epoch, max_epochs, step, max_steps, should_stop=should_stop) is expected
 
 
 def test_confusion_counts_rows_are_true_classes_and_ignore_unknown_labels() -> None:
@@ -67,6 +86,38 @@ def test_drawings_are_rgb_uint8_pictures() -> None:
         assert picture.dtype == torch.uint8 and picture.ndim == 3 and picture.shape[0] == 3
         assert picture.float().std() > 0  # not a blank canvas
     assert draw_image_grid(torch.rand(1, 1, 8, 8), ["gray"]).shape[0] == 3
+
+
+def _pixels_of(picture: Tensor, rgb: tuple[int, int, int]) -> int:
+    return int((picture == torch.tensor(rgb, dtype=torch.uint8).view(3, 1, 1)).all(dim=0).sum())
+
+
+def test_the_grid_shows_each_image_enlarged_once_in_its_tile() -> None:
+    red, green = torch.zeros(3, 32, 32), torch.zeros(3, 32, 32)
+    red[0], green[1] = 1.0, 1.0
+    red[:, :8, :4] = 0.0  # a black corner: the image is not transposed or flipped
+    grid = draw_image_grid(torch.stack([red, green, red]), ["a", "b", "c"], columns=2)
+    # 32-pixel images enlarged 2x: 64x64 tiles, the corner 16 rows x 8 columns
+    assert _pixels_of(grid, (255, 0, 0)) == 2 * (64 * 64 - 16 * 8)
+    assert _pixels_of(grid, (0, 255, 0)) == 64 * 64
+    rows, cols = (grid[0] == 255).logical_and(grid[1] == 0).nonzero().unbind(1)
+    top, left = int(rows.min()), int(cols.min())  # the first red tile, whose top-left corner is black
+    assert _pixels_of(grid[:, top : top + 16, left : left + 8], (0, 0, 0)) == 16 * 8
+
+
+def test_the_confusion_matrix_shades_each_cell_by_its_share_of_the_row() -> None:
+    matrix = draw_confusion_matrix(torch.tensor([[10, 0], [5, 5]]), ["cat", "dog"])
+    dark, light = (8, 48, 107), (247, 251, 255)  # share 1 and share 0
+    middle = tuple(round(a + (b - a) * 0.5) for a, b in zip(light, dark))
+    cells = {colour: _pixels_of(matrix, colour) for colour in (dark, light, middle)}
+    # one cell each of shares 1 and 0, two of 0.5 (minus the digits drawn on them)
+    assert cells[dark] > 0 and cells[light] > 0
+    assert 1.5 * cells[dark] < cells[middle] < 2.5 * cells[light]
+
+    def columns_of(colour: tuple[int, int, int]) -> Tensor:
+        return (matrix == torch.tensor(colour, dtype=torch.uint8).view(3, 1, 1)).all(dim=0).nonzero()[:, 1]
+
+    assert columns_of(dark).max() < columns_of(light).min(), "true cat, predicted cat (share 1) left of dog (0)"
 
 
 @pytest.mark.parametrize(
@@ -155,18 +206,17 @@ class Recording(ValidationFigures):
         self.out = out
         self.drawn: list[dict[str, Any]] = []
 
-    def _draw(self, trainer: pl.Trainer, counts: Tensor | None) -> None:
-        wrong = [torch.cat(parts) for parts in zip(*self._wrong)] if self._wrong else None
+    def _draw(self, trainer: pl.Trainer, collected: Any) -> None:
+        wrong = [torch.cat(parts) for parts in zip(*collected.wrong)] if collected.wrong else None
         self.drawn.append(
             {
-                "step": trainer.global_step,
-                "epoch": trainer.current_epoch,
-                "counts": None if counts is None else counts.tolist(),
+                "step": collected.step,
+                "counts": None if collected.counts is None else collected.counts.tolist(),
                 "wrong_labels": None if wrong is None else wrong[1].tolist(),
                 "wrong_predicted": None if wrong is None else wrong[2].tolist(),
             }
         )
-        super()._draw(trainer, counts)
+        super()._draw(trainer, collected)
         if self.out is not None:
             torch.save(self.drawn, self.out / f"rank{trainer.global_rank}.pt")
 
@@ -198,8 +248,9 @@ def test_draws_every_n_epochs_with_exact_counts_and_bounded_mistakes(tmp_path: P
     figures = Recording(every_n_epochs=2, misclassified=2, mean=[0.0, 0.0, 0.0], std=[1.0, 1.0, 1.0])
     trainer = _trainer(tmp_path, [figures], max_epochs=4)
     trainer.fit(Scripted(), datamodule=Data())
-    # Epochs 1 and 3 (every 2nd), never the sanity check; 2 optimizer steps per epoch.
-    assert [(d["epoch"], d["step"]) for d in figures.drawn] == [(1, 4), (3, 8)]
+    # Epochs 1 and 3 (every 2nd; 3 is also the last, drawn once), never the sanity check; 2
+    # optimizer steps per epoch.
+    assert [d["step"] for d in figures.drawn] == [4, 8]
     for drawn in figures.drawn:
         assert drawn["counts"] == EXPECTED_COUNTS
         assert drawn["wrong_labels"] == [0, 1] and drawn["wrong_predicted"] == [1, 2]  # the first 2 of 3
@@ -209,14 +260,52 @@ def test_draws_every_n_epochs_with_exact_counts_and_bounded_mistakes(tmp_path: P
     }
 
 
-def test_without_logits_from_validation_step_the_model_runs_again_only_on_drawing_epochs(tmp_path: Path) -> None:
+class StopAfterValidation(pl.Callback):
+    """Stops fit after the validation of ``epoch``, as EarlyStopping does (in on_validation_end)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking and trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
+
+
+@pytest.mark.parametrize(
+    ("limits", "extra", "expected_steps"),
+    [
+        ({"max_epochs": 3}, [], [6]),  # shorter than every_n_epochs: its last epoch
+        ({"max_epochs": 10}, [StopAfterValidation(epoch=1)], [4]),  # stopped after a validation
+        # max_steps mid-epoch: no validation at step 3; the last one was at step 2
+        ({"max_epochs": 10, "max_steps": 3}, [], [2]),
+    ],
+    ids=["max_epochs", "stopped-by-a-callback", "max_steps"],
+)
+def test_the_last_validation_of_fit_is_drawn_once_at_its_step(
+    tmp_path: Path, limits: dict[str, int], extra: list, expected_steps: list[int]
+) -> None:
+    figures = Recording(every_n_epochs=5, misclassified=2)
+    trainer = _trainer(tmp_path, [figures, *extra], **limits)
+    trainer.fit(Scripted(), datamodule=Data())
+    assert [d["step"] for d in figures.drawn] == expected_steps
+    assert figures.drawn[0]["counts"] == EXPECTED_COUNTS and figures.drawn[0]["wrong_labels"] == [0, 1]
+    assert _images_in_tensorboard(trainer.logger.log_dir) == {
+        "val/confusion_matrix": expected_steps,
+        "val/misclassified": expected_steps,
+    }
+
+
+@pytest.mark.parametrize("every_n_epochs", [2, 5], ids=["every-n", "last-epoch"])
+def test_without_logits_from_validation_step_the_model_runs_again_only_on_drawn_validations(
+    tmp_path: Path, every_n_epochs: int
+) -> None:
     model = Scripted(return_logits=False)
-    figures = Recording(every_n_epochs=2, misclassified=0)
+    figures = Recording(every_n_epochs=every_n_epochs, misclassified=0)
     _trainer(tmp_path, [figures], max_epochs=2, limit_train_batches=1).fit(model, datamodule=Data())
     assert [d["counts"] for d in figures.drawn] == [EXPECTED_COUNTS]
     assert figures.drawn[0]["wrong_labels"] is None  # misclassified=0: no grid
     # forward (training_step does not call it): 1 sanity batch + 2 epochs × 3 validation batches,
-    # + 3 by the callback on the one drawn epoch
+    # + 3 by the callback on the one drawn epoch (the 2nd: every 2nd, or the last of max_epochs)
     assert model.forward_calls == 1 + 2 * 3 + 3
 
 
@@ -243,13 +332,13 @@ def test_without_tensorboard_it_warns_once_and_stays_off(tmp_path: Path) -> None
     assert figures.drawn == []
 
 
-def test_without_matplotlib_it_warns_and_stays_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_pillow_it_warns_and_stays_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = module.importlib.util.find_spec
     monkeypatch.setattr(
-        module.importlib.util, "find_spec", lambda name: None if name == "matplotlib" else real_find_spec(name)
+        module.importlib.util, "find_spec", lambda name: None if name == "PIL" else real_find_spec(name)
     )
     figures = Recording()
-    with pytest.warns(UserWarning, match="needs matplotlib"):
+    with pytest.warns(UserWarning, match="needs Pillow"):
         _trainer(tmp_path, [figures], max_epochs=1, limit_train_batches=1).fit(Scripted(), datamodule=Data())
     assert figures.drawn == []
 
@@ -284,3 +373,31 @@ def test_ddp_sums_counts_over_ranks_and_draws_on_rank_0_only(tmp_path: Path) -> 
     assert drawn["counts"] == EXPECTED_COUNTS  # 6 samples per rank, summed
     # Rank 0's shard (the sampler gives it samples 0, 2, 4, …): its mistakes are samples 0, 4, 8.
     assert drawn["wrong_labels"] == [0, 1, 2]
+
+
+# ---------------------------------------------------------------------- the recipe, through the CLI
+def test_a_one_epoch_fit_of_the_recipe_shows_both_figures(in_tmp_dir: Path) -> None:
+    """The recipe draws every 5 epochs; `lit-accel fit --trainer.max_epochs 1` has its figures too."""
+    from lit_accel.cli import LitAccelCLI
+
+    switched_on = ["--trainer.callbacks.init_args.confusion_matrix", "true"]
+    switched_on += ["--trainer.callbacks.init_args.misclassified", "32"]
+    cli = LitAccelCLI(args=["fit", *TINY_CLI_ARGS, *switched_on, "--trainer.max_epochs", "1"])
+    assert cli.trainer.global_step == 1
+    log_dir = in_tmp_dir / "runs" / "cifar10" / "version_0"
+    assert _images_in_tensorboard(str(log_dir)) == {"val/confusion_matrix": [1], "val/misclassified": [1]}
+
+
+def test_the_tests_tiny_cli_arguments_switch_the_recipes_figures_off(in_tmp_dir: Path, capsys) -> None:
+    """Tests that do not test figures leave them out (the suite's time); the switch names the
+    recipe's last callback, so a reordered recipe fails here instead of drawing unnoticed."""
+    import yaml
+
+    from lit_accel.cli import LitAccelCLI
+
+    assert TINY_CLI_ARGS[-len(FIGURES_OFF_ARGS) :] == FIGURES_OFF_ARGS
+    with pytest.raises(SystemExit):
+        LitAccelCLI(args=["fit", *TINY_CLI_ARGS, "--print_config"])
+    callbacks = yaml.safe_load(capsys.readouterr().out)["trainer"]["callbacks"]
+    (figures,) = [c for c in callbacks if c["class_path"] == "lit_accel.callbacks.ValidationFigures"]
+    assert figures["init_args"]["confusion_matrix"] is False and figures["init_args"]["misclassified"] == 0

@@ -3,8 +3,11 @@ from functools import partial
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import ModelSummary
+from torch.utils.flop_counter import FlopCounterMode
 
 from lit_accel import CIFAR10DataModule, ImageClassifier, LiteCNN, SeedCNN
+from lit_accel.models.classifier import EXAMPLE_IMAGE_SIZE
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -206,3 +209,46 @@ def test_validation_and_test_use_flip_averaged_logits(tmp_path):
         assert not torch.isclose(plain, averaged)
         assert with_tta[f"{split}/loss"] == pytest.approx(float(averaged), rel=1e-5)
         assert without[f"{split}/loss"] == pytest.approx(float(plain), rel=1e-5)
+
+
+class _SummaryFlops(ModelSummary):
+    """Lightning's model summary callback, keeping the total FLOPs it would print."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total_flops: int | None = None
+
+    def summarize(self, *args, total_flops: int = 0, **kwargs) -> None:  # type: ignore[override]
+        self.total_flops = total_flops
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "precision", "channels_last"),
+    [("preload", "32-true", True), ("dataloader", "64-true", False)],
+)
+def test_the_model_summary_counts_the_networks_flops_per_image(tmp_path, pipeline, precision, channels_last):
+    """Lightning passes example_input_array through the data module's batch hooks (normalizing uint8
+    images in the preload pipeline, nothing in the DataLoader one) and forwards it in the run's
+    precision; the summary shows the network's FLOPs for one image instead of 0."""
+    net = LiteCNN(width=4)
+    with FlopCounterMode(display=False) as expected:
+        net(torch.zeros(1, 3, 32, 32))
+    summary = _SummaryFlops()
+    model = ImageClassifier(net, channels_last=channels_last)
+    dm = CIFAR10DataModule(synthetic=True, synthetic_size=64, val_size=0, batch_size=32, pipeline=pipeline)
+    trainer = _trainer(
+        tmp_path, callbacks=[summary], enable_model_summary=True, precision=precision, max_steps=1, limit_val_batches=0
+    )
+    trainer.fit(model, dm)
+    assert expected.get_total_flops() > 0 and summary.total_flops == expected.get_total_flops()
+
+
+def test_the_example_batch_is_a_batch_as_the_loaders_yield_it():
+    images, labels = ImageClassifier().example_input_array
+    assert images.shape == (1, 3, EXAMPLE_IMAGE_SIZE, EXAMPLE_IMAGE_SIZE) and images.dtype == torch.float32
+    assert labels.tolist() == [0]
+    # The summary calls the module with the whole batch; the labels are not used.
+    model = ImageClassifier(LiteCNN(width=4)).eval()
+    torch.testing.assert_close(model(images, labels), model(images))
+    # A compiled network would be compiled once more for the summary's forward: no example then.
+    assert ImageClassifier(compile=True, compile_options={"backend": "eager"}).example_input_array is None
