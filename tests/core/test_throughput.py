@@ -7,6 +7,7 @@ import torch
 
 from lit_accel.core import throughput as tp
 from lit_accel.core.throughput import StepTimer, TimedSteps
+from lit_accel.models import SeedCNN
 
 
 class FakeClock:
@@ -314,8 +315,6 @@ def seedcnn_flops_per_sample() -> int:
 
 
 def test_flops_of_a_seedcnn_training_step_equal_the_analytic_count():
-    from lit_accel.models import SeedCNN
-
     assert seedcnn_flops_per_sample() == 23_577_600
     net = SeedCNN()
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
