@@ -8,6 +8,22 @@ from lit_accel.core.checks import check_int, check_name, fmt, is_int, is_number,
 from lit_accel.core.dist import local_tensor
 from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, GROUP_LR_KEYS, scale_learning_rates
 from lit_accel.core.state_keys import adopt_older_state, identity_state_key
+from lit_accel.core.throughput import (
+    BatchFlops,
+    PeakFlops,
+    StepTimer,
+    Tally,
+    Throughput,
+    TimedSteps,
+    device_peak_flops,
+    format_summary,
+    measure_flops,
+    peak_memory_mb,
+    peak_rss_mb,
+    reset_peak_memory,
+    reset_peak_rss,
+    throughput_metrics,
+)
 
 __all__ = [
     "DYNAMIC_LR_SCALE_KEY",
@@ -22,4 +38,19 @@ __all__ = [
     "local_tensor",
     "require",
     "scale_learning_rates",
+    # throughput
+    "BatchFlops",
+    "PeakFlops",
+    "StepTimer",
+    "Tally",
+    "Throughput",
+    "TimedSteps",
+    "device_peak_flops",
+    "format_summary",
+    "measure_flops",
+    "peak_memory_mb",
+    "peak_rss_mb",
+    "reset_peak_memory",
+    "reset_peak_rss",
+    "throughput_metrics",
 ]
