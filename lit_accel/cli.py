@@ -1,9 +1,11 @@
-"""The ``lit-accel`` command: LightningCLI with lit_accel's model, data and defaults.
+"""LightningCLI with lit_accel's model, data and defaults: ``lit-accel fit|validate|test|predict``.
 
-``lit-accel fit|validate|test|predict --config configs/cifar10.yaml [--config overlay.yaml …]``.
-Defaults: TensorBoard logs under ``runs/``, a checkpoint of the best ``val/acc`` and the last epoch,
-the learning rate logged, seed 42. ``--ckpt_path best|last`` finds the newest run's checkpoint under
+``lit-accel fit --config configs/cifar10.yaml [--config overlay.yaml …]``; the ``lit-accel``
+command itself is :mod:`lit_accel.commands`, which also runs ``tune`` and ``export``. Defaults:
+TensorBoard logs under ``runs/``, a checkpoint of the best ``val/acc`` and the last epoch, the
+learning rate logged, seed 42. ``--ckpt_path best|last`` finds the newest run's checkpoint under
 the logger's folder (without a logger: ``default_root_dir/checkpoints/``), also in a fresh process.
+This module imports no command (tune, export): they build on it.
 """
 
 from __future__ import annotations
@@ -117,13 +119,6 @@ class LitAccelCLI(LightningCLI):
             args=args,
             run=run,
         )
-
-    @override
-    def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
-        parser = super().init_parser(**kwargs)
-        # `tune` is not a Trainer subcommand (lit_accel.tune), so LightningCLI does not list it.
-        parser.epilog = "Also: lit-accel tune --config … finds the fastest settings for this machine (--help)."
-        return parser
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -615,19 +610,17 @@ def _logger_from_config(trainer_config: Any) -> Any:
 
 
 def main(args: ArgsType = None) -> None:
-    """Entry point of ``lit-accel``. A user error ends in one message and exit status 2.
+    """Run ``fit``, ``validate``, ``test`` or ``predict``; a user error ends in one message and exit status 2.
 
     User errors are lit_accel's own (missing data, no checkpoint to resume) and Lightning's
     ``MisconfigurationException`` (e.g. a GPU strategy on a machine without a GPU). Configuration
     errors (unknown key, wrong type, missing file) are reported by jsonargparse, also with exit 2.
     A run the DivergenceGuard gave up on exits with 3, SIGTERM/Ctrl-C with 143, both after saving
-    a checkpoint. ``lit-accel tune …`` is :func:`lit_accel.tune.main` (not a Trainer subcommand).
-    """
-    argv = sys.argv[1:] if args is None else args
-    if isinstance(argv, list) and argv[:1] == ["tune"]:
-        from lit_accel.tune import main as tune_main  # imported only for `tune`: it loads tqdm
+    a checkpoint. The ``lit-accel`` command is :func:`lit_accel.commands.main`, which calls this.
 
-        sys.exit(tune_main(argv[1:]))
+    Args:
+        args: the arguments after ``lit-accel``; ``None``: ``sys.argv[1:]``.
+    """
     try:
         LitAccelCLI(args=args)
     except (LitAccelUserError, MisconfigurationException) as err:

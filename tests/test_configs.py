@@ -25,6 +25,13 @@ TWO_PROCESSES = [
     [*SMOKE, "strategy/ddp.yaml", "precision/bf16-mixed.yaml"],
     [*SMOKE, "strategy/fsdp.yaml"],
 ]
+# The two-process runs: most of their cost is starting 4 processes (imports of torch and Lightning);
+# of the rest, epochs cost more than steps (validation, and a checkpoint of every rank at each epoch
+# end). So one long epoch of tiny batches, no sanity check: 384 training images in batches of 8
+# shared by 2 ranks, 24 steps.
+ONE_LONG_EPOCH = ["--data.synthetic_size", "512", "--data.val_size", "128", "--data.batch_size", "8"]
+ONE_LONG_EPOCH += ["--trainer.limit_train_batches", "1.0", "--trainer.num_sanity_val_steps", "0"]
+EPOCH_STEPS = 24
 GPU_RECIPE = ["cifar10.yaml", "gpu.yaml", "smoke.yaml"]
 GPU_ONLY = [[*SMOKE, "strategy/fsdp_gpu.yaml", "precision/16-mixed.yaml"], GPU_RECIPE]
 PROGRESS = [*SMOKE, "dynamic_progress.yaml"]  # needs 2 epochs or more: its own test below
@@ -98,7 +105,7 @@ def test_two_process_strategies_resume_and_stop_a_divergence(names, tmp_path):
     both ranks together and then stops: exit status 3, one message, ``divergence.ckpt`` saved, and
     every rank left at its snapshot, which is where the resumed run started."""
     env = {"PYTHONPATH": os.pathsep.join([str(TESTS_DIR), os.environ.get("PYTHONPATH", "")])}
-    run = ["fit", *config(*names), *QUIET, "--trainer.devices", "2"]
+    run = ["fit", *config(*names), *QUIET, "--trainer.devices", "2", *ONE_LONG_EPOCH]
     dump = ["--trainer.callbacks+=faults.DumpLocalState", "--trainer.callbacks.out", str(tmp_path)]
     first = run_cli([*run, *dump, "--trainer.callbacks.label", "first"], cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -112,12 +119,13 @@ def test_two_process_strategies_resume_and_stop_a_divergence(names, tmp_path):
     else:
         assert last.is_file()
 
-    poison = ["--trainer.callbacks+=faults.PoisonParameters", "--trainer.callbacks.from_step", "8"]
+    # Two healthy steps, then NaN on rank 1 for good: 3 rollbacks and the stop, all in epoch 2.
+    poison = ["--trainer.callbacks+=faults.PoisonParameters", "--trainer.callbacks.from_step", str(EPOCH_STEPS + 2)]
     resumed = run_cli(
         [
             *run,
             "--trainer.max_epochs",
-            "3",
+            "2",
             "--ckpt_path",
             "last",
             *dump,
@@ -141,14 +149,13 @@ def test_two_process_strategies_resume_and_stop_a_divergence(names, tmp_path):
 
     ranks = [(torch.load(tmp_path / f"first-rank{r}.pt"), torch.load(tmp_path / f"resumed-rank{r}.pt")) for r in (0, 1)]
     for first_rank, resumed_rank in ranks:
-        # One epoch: 768 training images in batches of 64 shared by 2 ranks.
-        assert first_rank["end"]["global_step"] == resumed_rank["start"]["global_step"] == 6
+        assert first_rank["end"]["global_step"] == resumed_rank["start"]["global_step"] == EPOCH_STEPS
         # The resumed run starts from exactly the state the first run ended in, optimizer included.
         assert same_state(resumed_rank["start"]["params"], first_rank["end"]["params"])
         assert same_state(resumed_rank["start"]["optimizer"], first_rank["end"]["optimizer"])
         assert not same_state(first_rank["start"]["params"], first_rank["end"]["params"])
         # Rolled back to the snapshot taken when the resumed run started, weights and optimizer.
-        assert resumed_rank["end"]["global_step"] > 8
+        assert resumed_rank["end"]["global_step"] > EPOCH_STEPS + 2
         assert same_state(resumed_rank["end"]["params"], resumed_rank["start"]["params"])
         assert same_state(resumed_rank["end"]["optimizer"], resumed_rank["start"]["optimizer"])
     final = [resumed["end"]["params"] for _, resumed in ranks]

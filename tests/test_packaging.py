@@ -1,7 +1,9 @@
-"""Packaging metadata: one version, an SPDX license with its text, the Lightning range that is tested."""
+"""Packaging metadata: one version, an SPDX license with its text, the Lightning range that is tested,
+the console scripts."""
 
 from __future__ import annotations
 
+import configparser
 import email
 import importlib.metadata
 import shutil
@@ -25,7 +27,7 @@ def test_the_version_is_the_installed_distributions() -> None:
     assert lit_accel.__version__ == importlib.metadata.version("lit-accel")
 
 
-def test_built_metadata_has_one_version_an_spdx_license_and_its_text(tmp_path: Path) -> None:
+def test_built_metadata_has_one_version_an_spdx_license_its_text_and_the_commands(tmp_path: Path) -> None:
     source = tmp_path / "src"
     source.mkdir()
     for name in ("pyproject.toml", "README.md", "LICENSE"):
@@ -37,7 +39,8 @@ def test_built_metadata_has_one_version_an_spdx_license_and_its_text(tmp_path: P
         [sys.executable, "-c", PREPARE_METADATA, str(out)], cwd=source, capture_output=True, text=True, timeout=120
     )
     assert built.returncode == 0, built.stderr[-3000:]
-    metadata = email.message_from_string((out / built.stdout.strip().splitlines()[-1] / "METADATA").read_text())
+    dist_info = out / built.stdout.strip().splitlines()[-1]
+    metadata = email.message_from_string((dist_info / "METADATA").read_text())
 
     assert metadata["Version"] == lit_accel.__version__, "the version is written once, in lit_accel/__init__.py"
     assert metadata["License-Expression"] == "Apache-2.0"
@@ -45,3 +48,10 @@ def test_built_metadata_has_one_version_an_spdx_license_and_its_text(tmp_path: P
     assert (REPO_ROOT / "LICENSE").read_text().split()[:4] == ["Apache", "License", "Version", "2.0,"]
     requirements = metadata.get_all("Requires-Dist")
     assert any(r.replace(" ", "") in ("lightning<2.7,>=2.6", "lightning>=2.6,<2.7") for r in requirements), requirements
+    # One command; lit-accel-export stays as an alias of `lit-accel export` for existing scripts.
+    entry_points = configparser.ConfigParser()
+    entry_points.read(dist_info / "entry_points.txt")
+    assert dict(entry_points["console_scripts"]) == {
+        "lit-accel": "lit_accel.commands:main",
+        "lit-accel-export": "lit_accel.export:main",
+    }

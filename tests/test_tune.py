@@ -14,7 +14,7 @@ import yaml
 
 from helpers import config
 from lit_accel.cli import LitAccelCLI
-from lit_accel.cli import main as cli_main
+from lit_accel.commands import main as cli_main
 from lit_accel.tune import (
     Lever,
     Measured,
