@@ -8,6 +8,7 @@ limits: README, "The callbacks". Imports lightning, torch and :mod:`lit_accel.co
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -31,6 +32,8 @@ __all__ = ["DivergenceError", "DivergenceGuard"]
 
 log = logging.getLogger(__name__)
 
+_Pending = tuple[Verdict, int, "float | None", float]  # a verdict to act on, its step, loss and gradient norm
+
 
 class DivergenceError(RuntimeError):
     """Training diverged beyond what skipping and rolling back could fix (``on_stop="raise"``).
@@ -48,14 +51,10 @@ def _detector_attr(name: str) -> Any:
 class DivergenceGuard(Callback):
     """Skip bad optimizer steps, roll back when they persist, stop with a diagnosis when that fails.
 
-    At every optimizer step (automatic optimization, one optimizer) the loss and the gradient norm
-    before clipping, summed across ranks, go to a
-    :class:`~lit_accel.core.divergence.DivergenceDetector`. A bad step (non-finite loss, gradient
-    norm or parameters; a loss or gradient-norm spike; an early loss spike; a slow drift) is
-    skipped (gradients set to ``None``, so parameters and optimizer state stay bit-for-bit the same,
-    and ``interval="step"`` schedulers are held); ``rollback_after`` in a row restore the last host
-    snapshot and multiply every learning rate by ``lr_backoff``; a rollback needed after
-    ``max_rollbacks`` of them stops. Every rank sees the same numbers and decides alike.
+    Each optimizer step's loss and gradient norm (summed across ranks) go to a
+    :class:`~lit_accel.core.divergence.DivergenceDetector`: a bad step is skipped (parameters and
+    optimizer state untouched), ``rollback_after`` in a row restore the last host snapshot with
+    every learning rate times ``lr_backoff``, and a rollback needed after ``max_rollbacks`` stops.
 
     Args:
         rollback_after: roll back after this many bad steps in a row (1 = at the first bad step).
@@ -63,8 +62,7 @@ class DivergenceGuard(Callback):
             the first rollback, ``None`` never stops.
         lr_backoff: multiply every learning rate by this at each rollback, in ``(0, 1]``.
         snapshot_every: take a snapshot every this many good optimizer steps.
-        window: number of recent good steps that form the baseline for spike detection; a shorter
-            window follows a trend (gradient norms rising with the LR warm-up) more closely.
+        window: number of recent good steps that form the baseline for spike and drift detection.
         warmup: good steps seen before spike detection starts (at most ``window``).
         loss_spike_factor: a loss spike is a loss above this multiple of the baseline median
             (``None`` turns the ratio test off).
@@ -82,9 +80,8 @@ class DivergenceGuard(Callback):
         on_stop: ``"raise"`` raises ``DivergenceError``; ``"stop"`` sets ``trainer.should_stop``.
         save_on_stop: write a checkpoint of the state the guard gave up on.
         checkpoint_path: where; ``None`` means ``<trainer.log_dir>/divergence.ckpt``.
-        name: tells two instances in one Trainer apart in checkpoints (``None``: the class name
-            alone; settings are not part of the key, so a run resumed with other settings keeps
-            this callback's state).
+        name: tells two instances in one Trainer apart in checkpoints (settings are not part of
+            the key: a run resumed with other settings keeps the state).
 
     Logged keys (every ``log_every_n_steps`` optimizer steps and at every event):
         ``guard/skipped_steps``: updates skipped by the guard so far (cumulative, survives resume).
@@ -109,37 +106,13 @@ class DivergenceGuard(Callback):
               init_args: {rollback_after: 3, max_rollbacks: 3, lr_backoff: 0.5, on_stop: raise}
     """
 
-    # Progress (the checkpointed state) and settings live in the detector.
-    skipped_steps = _detector_attr("skipped_steps")
-    rollbacks = _detector_attr("rollbacks")
-    scaler_skips = _detector_attr("scaler_skips")
-    lr_factor = _detector_attr("lr_factor")
-    rewarm_done = _detector_attr("rewarm_done")
-    rewarm_factor = _detector_attr("rewarm_factor")
-    rollback_after = _detector_attr("rollback_after")
-    max_rollbacks = _detector_attr("max_rollbacks")
-    lr_backoff = _detector_attr("lr_backoff")
-    snapshot_every = _detector_attr("snapshot_every")
-    window = _detector_attr("window")
-    warmup = _detector_attr("warmup")
-    loss_spike_factor = _detector_attr("loss_spike_factor")
-    grad_spike_factor = _detector_attr("grad_spike_factor")
-    spike_zscore = _detector_attr("spike_zscore")
-    early_loss_spike_factor = _detector_attr("early_loss_spike_factor")
-    drift_factor = _detector_attr("drift_factor")
-    rewarm_steps = _detector_attr("rewarm_steps")
-    rewarm_start_factor = _detector_attr("rewarm_start_factor")
-    scaler_patience = _detector_attr("scaler_patience")
-
     def __init__(
         self,
         rollback_after: int = 3,
         max_rollbacks: int | None = 3,
         lr_backoff: float = 0.5,
         snapshot_every: int = 100,
-        # 50, not more: a median over 100 steps lagged a healthy climb of the gradient norm during a
-        # OneCycle warm-up and flagged it (BENCHMARKS.md, "DivergenceGuard").
-        window: int = 50,
+        window: int = 50,  # not more: a longer median lags a healthy rise of the norm in an LR warm-up
         warmup: int = 20,
         loss_spike_factor: float | None = 3.0,
         grad_spike_factor: float | None = 10.0,
@@ -202,7 +175,7 @@ class DivergenceGuard(Callback):
         # One fit only; the spike baseline re-warms after a resume.
         self.detector.reset()
         self._loss_acc: Tensor | None = None
-        self._pending: tuple[Verdict, int, float | None, float] | None = None  # verdict, step, loss, grad norm
+        self._pending: _Pending | None = None
         self._decided = False
         self._stopped = False
         self._held: list[Any] = []
@@ -374,9 +347,7 @@ class DivergenceGuard(Callback):
             vars(scheduler).pop("step", None)
         self._held.clear()
 
-    def _roll_back(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: tuple[Verdict, int, float | None, float]
-    ) -> None:
+    def _roll_back(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: _Pending) -> None:
         assert self._snapshot is not None  # taken in on_train_start
         verdict, step, loss, grad_norm = pending
         back_off(self._snapshot, pl_module, trainer.optimizers[0], _schedulers(trainer), self.detector)
@@ -398,13 +369,7 @@ class DivergenceGuard(Callback):
                 "" if detector.max_rollbacks is None else f" of {detector.max_rollbacks}",
             )
 
-    def _stop(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        pending: tuple[Verdict, int, float | None, float],
-        batch_idx: int,
-    ) -> None:
+    def _stop(self, trainer: pl.Trainer, pl_module: pl.LightningModule, pending: _Pending, batch_idx: int) -> None:
         assert self._snapshot is not None
         verdict, step, loss, grad_norm = pending
         path = None
@@ -453,6 +418,11 @@ class DivergenceGuard(Callback):
             metrics["guard/scaler_skips"] = float(d.scaler_skips)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step - 1)
+
+
+# The detector's settings and progress (skipped_steps, rollbacks, lr_factor, ...) read as the guard's.
+for _name in (*inspect.signature(DivergenceDetector).parameters, *DivergenceDetector().state_dict()):
+    setattr(DivergenceGuard, _name, _detector_attr(_name))
 
 
 def _all_sum(trainer: pl.Trainer, vec: Tensor) -> Tensor:

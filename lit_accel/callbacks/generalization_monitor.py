@@ -26,8 +26,8 @@ from lit_accel.core.state_keys import identity_state_key
 
 __all__ = [
     "GeneralizationMonitor",
-    "gap_streak",
     "epoch_gaps",
+    "gap_streak",
     "improved",
     "stop_decision",
     "training_ends_after_epoch",

@@ -5,8 +5,18 @@ in :mod:`lit_accel.callbacks` are thin adapters over them.
 """
 
 from lit_accel.core.checks import check_int, check_name, fmt, is_int, is_number, require
-from lit_accel.core.dist import local_tensor
+from lit_accel.core.dist import all_sum, local_tensor, shard_groups, squared_norm_share, total_norm
+from lit_accel.core.divergence import (
+    Action,
+    DivergenceDetector,
+    Kind,
+    Reason,
+    Verdict,
+    back_off,
+    drop_gradients,
+)
 from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, GROUP_LR_KEYS, scale_learning_rates
+from lit_accel.core.snapshot import Snapshot, host_weights, load_weights
 from lit_accel.core.state_keys import adopt_older_state, identity_state_key
 
 __all__ = [
@@ -22,4 +32,19 @@ __all__ = [
     "local_tensor",
     "require",
     "scale_learning_rates",
+    # Divergence detection and snapshots.
+    "Action",
+    "DivergenceDetector",
+    "Kind",
+    "Reason",
+    "Snapshot",
+    "Verdict",
+    "all_sum",
+    "back_off",
+    "drop_gradients",
+    "host_weights",
+    "load_weights",
+    "shard_groups",
+    "squared_norm_share",
+    "total_norm",
 ]
