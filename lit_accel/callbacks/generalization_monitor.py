@@ -1,23 +1,14 @@
-"""GeneralizationMonitor: report the train/validation gap as it opens, stop when the monitored metric
-stalls or the gap grows too wide, and end training with the weights of the best validation (what
-Keras calls ``restore_best_weights``; Lightning's ``EarlyStopping`` stops but keeps the last weights).
-
-Imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
-``@override``; torch and lightning require it) and :mod:`lit_accel.core` (torch and the standard
-library only), so it can be copied with that package into another project.
-
-Cost: one all-reduce of a few numbers per validation and per validated epoch (none on one device),
-and at each validation that improves the monitored metric a host copy of the parameters and
-buffers, the same again for the restore at the end (timed in BENCHMARKS.md, "Callback costs").
-Checkpoints carry the copy, i.e. one more set of weights next to the model's and the optimizer's
-state.
+"""GeneralizationMonitor: the train/validation gap, a stop when the monitored metric stalls or the
+gap grows too wide, and the best validation's weights back at the end (Keras's
+``restore_best_weights``). How it works, with its limits: README, "The callbacks". The best weights
+are host copies from :mod:`lit_accel.core.snapshot`. Imports lightning, torch and
+:mod:`lit_accel.core` only.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from itertools import chain
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -30,75 +21,33 @@ from torch import Tensor
 from typing_extensions import override
 
 from lit_accel.core.checks import check_int, fmt, is_number
-from lit_accel.core.dist import local_tensor
+from lit_accel.core.snapshot import host_weights, load_weights
 from lit_accel.core.state_keys import identity_state_key
 
-__all__ = ["GeneralizationMonitor"]
+__all__ = [
+    "GeneralizationMonitor",
+    "epoch_gaps",
+    "gap_streak",
+    "improved",
+    "stop_decision",
+    "training_ends_after_epoch",
+]
 
 
 class GeneralizationMonitor(EarlyStopping):
     """Log the generalization gap, stop on a stalled metric or a wide gap, restore the best weights.
 
-    **Gap.** At the end of every training epoch in which validation ran (not the sanity check; an
-    epoch skipped by ``check_val_every_n_epoch`` or ``limit_val_batches=0`` logs nothing), it logs
-    ``gap/loss = val_loss - train_loss`` and ``gap/acc = train_acc - val_acc`` from
-    ``trainer.callback_metrics``: this epoch's training metrics (``on_epoch`` values, including
-    those logged in ``LightningModule.on_train_epoch_end``, as ``ImageClassifier`` does) and the
-    epoch's latest validation. A gap whose two metrics are not both logged is skipped silently.
-    Under DDP each metric is averaged over the ranks first (a no-op for metrics logged with
-    ``sync_dist=True`` or as torchmetrics objects), so every rank logs and decides on the same
-    numbers.
-
-    **Best weights.** After every validation the ``monitor`` metric (averaged over the ranks) is
-    compared with the best so far; it improves when it is better by more than ``min_delta``
-    (NaN never improves). On an improvement, with ``restore_best_weights``, the module's parameters
-    and buffers are copied to host memory, exactly the weights that validation saw. When training
-    ends (``max_epochs``, ``max_steps``, this callback's stop or another callback's) they are
-    copied back into the module, so the model after ``trainer.fit`` holds the best weights. The
-    restore happens in the final epoch's ``on_train_epoch_end``, before ``ModelCheckpoint`` writes
-    that epoch's checkpoints (Lightning runs checkpoint callbacks last), so ``last.ckpt`` holds
-    them too; ``on_train_end`` restores again if training ended where that hook did not see it
-    coming. Only weights are restored: ``last.ckpt`` pairs them with the final epoch's optimizer
-    state and loop progress, which is what evaluation, export and ``--ckpt_path last`` need.
-
-    **Stopping** (decided at the end of each validated training epoch; agreed across ranks with
-    ``trainer.strategy.reduce_boolean_decision``; the reason is logged once on rank zero; like
-    EarlyStopping's, ``patience`` counts validations, mid-epoch ones included):
-
-    * ``patience``: ``monitor`` has not improved at ``patience`` validations in a row;
-    * ``max_gap``: ``gap/loss`` was above ``max_gap`` at ``gap_patience`` validated epochs in a row.
-
-    **Resume.** The best score, its epoch and step, the counters and the best weights (a dict of
-    CPU tensors, loadable with ``torch.load(weights_only=True)``) are in every checkpoint, so a run
-    resumed with ``ckpt_path`` still restores a best epoch from before the interruption. A new
-    ``fit`` without a checkpoint starts from scratch. ``state_key`` is built from ``monitor`` and
-    ``mode`` only, so tuning ``patience``, ``max_gap`` or ``min_delta`` between runs keeps the state.
-
-    **Why a subclass of EarlyStopping.** Lightning runs ``on_train_epoch_end`` of ordinary callbacks
-    *before* ``LightningModule.on_train_epoch_end`` and that of ``EarlyStopping``/``Checkpoint``
-    instances after it (so that EarlyStopping can monitor metrics logged in the module's hook); the
-    gap needs those training metrics. This class overrides every hook and the state of
-    ``EarlyStopping`` (none of its logic runs) and keeps its public attributes ``wait_count``,
-    ``stopped_epoch`` and ``stopping_reason_message`` current; ``best_score`` is a float (or None)
-    here. ``trainer.early_stopping_callback`` may return this callback.
-
-    Limitations:
-        * ``last.ckpt`` holds the best weights when ``ModelCheckpoint`` saves at the end of the
-          training epoch, Lightning's default when validation runs once per epoch. With
-          ``check_val_every_n_epoch > 1`` or ``val_check_interval < 1`` it saves at validation
-          end, before the restore: the model in memory has the best weights, that last checkpoint
-          the final ones. The same holds for a stop decided by an ``EarlyStopping`` listed after
-          this callback; use ``patience`` here instead.
-        * A ``ModelCheckpoint`` top-k file written in the final epoch (its monitor improved there:
-          another metric, or this one by less than ``min_delta``) holds the restored weights under
-          the final epoch's metric values.
-        * FSDP/FSDP2 (``FSDPStrategy``, ``ModelParallelStrategy``): each rank copies and restores
-          its own local shards (all ranks decide alike, so the shards belong to one epoch; tested
-          with FSDP2 on CPU, FSDPStrategy is GPU-only and untested). The
-          copy is left out of checkpoints (Lightning saves callback state from rank zero only, so
-          another rank would get rank zero's shards): after a resume, a best epoch from before
-          the interruption cannot be restored, and a warning says so. DeepSpeed is not supported
-          (ZeRO-3 keeps parameters partitioned outside the forward pass).
+    At the end of every validated training epoch it logs ``gap/loss`` and ``gap/acc`` from this
+    epoch's training metrics and its latest validation (each averaged over the ranks). After every
+    validation the ``monitor`` metric is compared with the best so far; on an improvement (by more
+    than ``min_delta``; NaN never improves) the weights that validation saw are copied to host
+    memory, and when training ends they are copied back, before ``ModelCheckpoint`` writes the
+    final epoch's checkpoints, so ``last.ckpt`` holds them too. The stop (``patience``,
+    ``max_gap``) is agreed across ranks. Progress and the best weights are in every checkpoint
+    (``torch.load(weights_only=True)``-safe); under FSDP/FSDP2 each rank keeps its own shards and
+    the copy stays out of checkpoints. A subclass of ``EarlyStopping`` only for Lightning's hook
+    order (none of its logic runs); ``wait_count``, ``stopped_epoch`` and
+    ``stopping_reason_message`` stay current, ``best_score`` is a float or None.
 
     Args:
         monitor: metric whose best value picks the weights (a key of ``trainer.callback_metrics``).
@@ -281,11 +230,12 @@ class GeneralizationMonitor(EarlyStopping):
             self._missing(trainer, "monitor", [self.monitor])
             return
         self._last_score = score
-        if _improved(score, self.best_score, self.mode, self.min_delta):
+        if improved(score, self.best_score, self.mode, self.min_delta):
             self.best_score, self.best_epoch, self.best_step = score, trainer.current_epoch, trainer.global_step
             self.wait_count = 0
             if self.restore_best_weights:
-                self._best_weights = _host_copy(pl_module)
+                # New tensors every time: a checkpoint being written may still hold the old ones.
+                self._best_weights = host_weights(pl_module)
         else:
             self.wait_count += 1
 
@@ -297,7 +247,7 @@ class GeneralizationMonitor(EarlyStopping):
         if self._validated:
             self._validated = False
             self._check_epoch(trainer, pl_module)
-        if self.restore_best_weights and _training_ends_after_epoch(
+        if self.restore_best_weights and training_ends_after_epoch(
             epoch=trainer.current_epoch,
             global_step=trainer.global_step,
             should_stop=trainer.should_stop,
@@ -317,7 +267,7 @@ class GeneralizationMonitor(EarlyStopping):
 
     def _check_epoch(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         keys = (self.train_loss_key, self.val_loss_key, self.train_acc_key, self.val_acc_key)
-        gaps = _gaps(_reduced_metrics(trainer, keys), *keys)
+        gaps = epoch_gaps(_reduced_metrics(trainer, keys), *keys)
         for name, value in gaps.items():
             # Already equal on every rank; sync_dist only spares Lightning's "use sync_dist" warning.
             pl_module.log(name, value, sync_dist=True)
@@ -326,8 +276,8 @@ class GeneralizationMonitor(EarlyStopping):
         if self.max_gap is not None:
             if "gap/loss" not in gaps:
                 self._missing(trainer, "max_gap", [self.train_loss_key, self.val_loss_key])
-            self.gap_count = _gap_streak(gaps.get("gap/loss"), self.max_gap, self.gap_count)
-        should_stop, reason = _stop_decision(
+            self.gap_count = gap_streak(gaps.get("gap/loss"), self.max_gap, self.gap_count)
+        should_stop, reason = stop_decision(
             monitor=self.monitor,
             best_score=self.best_score,
             best_epoch=self.best_epoch,
@@ -359,7 +309,7 @@ class GeneralizationMonitor(EarlyStopping):
                 "weights. The best checkpoint of a ModelCheckpoint(monitor=...) has them."
             )
             return
-        problem = _load_host_copy(pl_module, self._best_weights)
+        problem = load_weights(pl_module, self._best_weights)
         if problem:
             rank_zero_warn(
                 f"GeneralizationMonitor: cannot restore the weights of {where}: {problem}; keeping the final weights"
@@ -390,7 +340,7 @@ class GeneralizationMonitor(EarlyStopping):
 # ---------------------------------------------------------------------- decisions (pure)
 
 
-def _improved(score: float, best: float | None, mode: str, min_delta: float) -> bool:
+def improved(score: float, best: float | None, mode: str, min_delta: float) -> bool:
     """Whether ``score`` beats ``best`` by more than ``min_delta``; NaN never does."""
     if math.isnan(score):
         return False
@@ -399,7 +349,7 @@ def _improved(score: float, best: float | None, mode: str, min_delta: float) -> 
     return score - min_delta > best if mode == "max" else score + min_delta < best
 
 
-def _gaps(
+def epoch_gaps(
     metrics: Mapping[str, float], train_loss: str, val_loss: str, train_acc: str, val_acc: str
 ) -> dict[str, float]:
     """``gap/loss`` and ``gap/acc`` from the metrics that are there."""
@@ -411,12 +361,12 @@ def _gaps(
     return gaps
 
 
-def _gap_streak(gap: float | None, max_gap: float, streak: int) -> int:
+def gap_streak(gap: float | None, max_gap: float, streak: int) -> int:
     """Validated epochs in a row with ``gap/loss > max_gap`` (an epoch without the gap ends a streak)."""
     return streak + 1 if gap is not None and gap > max_gap else 0
 
 
-def _stop_decision(
+def stop_decision(
     *,
     monitor: str,
     best_score: float | None,
@@ -442,7 +392,7 @@ def _stop_decision(
     return False, ""
 
 
-def _training_ends_after_epoch(
+def training_ends_after_epoch(
     *,
     epoch: int,
     global_step: int,
@@ -465,7 +415,7 @@ def _training_ends_after_epoch(
     return (not min_epochs or epoch + 1 >= min_epochs) and (not min_steps or global_step >= min_steps)
 
 
-# ---------------------------------------------------------------------- tensors and ranks
+# ---------------------------------------------------------------------- ranks
 
 
 def _not_training(trainer: pl.Trainer) -> bool:
@@ -484,32 +434,6 @@ def _reduced_metrics(trainer: pl.Trainer, names: Iterable[str]) -> dict[str, flo
         vec = torch.tensor(pairs, dtype=torch.float64, device=trainer.strategy.root_device)
         pairs = trainer.strategy.reduce(vec, reduce_op="sum").tolist()
     return {name: total / count for name, (total, count) in zip(names, pairs) if count > 0}
-
-
-def _named_tensors(module: torch.nn.Module) -> Iterable[tuple[str, Tensor]]:
-    # Parameters and buffers rather than state_dict(): no gathering under FSDP, no extra state.
-    return chain(module.named_parameters(), module.named_buffers())
-
-
-@torch.no_grad()
-def _host_copy(module: torch.nn.Module) -> dict[str, Tensor]:
-    # New tensors every time: a checkpoint being written (possibly asynchronously) may hold the old ones.
-    return {name: local_tensor(t).detach().to("cpu", copy=True) for name, t in _named_tensors(module)}
-
-
-@torch.no_grad()
-def _load_host_copy(module: torch.nn.Module, weights: Mapping[str, Tensor]) -> str:
-    """Copy ``weights`` into the module in place; returns what does not fit (nothing copied then)."""
-    live = {name: local_tensor(t) for name, t in _named_tensors(module)}
-    missing, unexpected = sorted(live.keys() - weights.keys()), sorted(weights.keys() - live.keys())
-    if missing or unexpected:
-        return f"names differ (missing {missing[:5]}, unexpected {unexpected[:5]})"
-    wrong = [n for n, t in live.items() if t.shape != weights[n].shape]
-    if wrong:
-        return f"shapes differ for {wrong[:5]} (a checkpoint from another model or strategy?)"
-    for name, tensor in live.items():
-        tensor.copy_(weights[name])
-    return ""
 
 
 # ---------------------------------------------------------------------- arguments
