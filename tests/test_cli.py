@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from helpers import TINY_CLI_ARGS, config, read_scalars, run_cli
-from lit_accel.cli import LitAccelCLI, main
+from lit_accel.cli import LitAccelCLI, check_config_file, check_trainer_integers, main
+from lit_accel.errors import ConfigurationError
 
 SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
 
@@ -266,3 +267,70 @@ def test_predicting_no_batch_is_one_clear_error(in_tmp_dir, capsys):
     assert "nothing was predicted: trainer.limit_predict_batches=0 runs no batch, so p.csv was not written" in err
     assert "Traceback" not in err
     assert (in_tmp_dir / "p.csv").read_text() == "kept\n"
+
+
+# ------------------------------------------------------------------ bad values: one message
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("accumulate_grad_batches", 0, "from 1 up"),  # Lightning: ZeroDivisionError
+        ("accumulate_grad_batches", -1, "from 1 up"),  # Lightning: an optimizer step every batch, silently
+        ("check_val_every_n_epoch", 0, "from 1 up"),
+        ("val_check_interval", 0, "from 1 up"),
+        ("log_every_n_steps", -3, "from 0 up"),
+        ("num_sanity_val_steps", -2, "from -1 up"),
+        ("min_epochs", -1, "from 0 up"),
+        ("min_steps", -1, "from 0 up"),
+    ],
+)
+def test_trainer_integers_lightning_divides_by_are_checked(key, value, allowed):
+    with pytest.raises(ConfigurationError) as error:
+        check_trainer_integers({key: value})
+    assert str(error.value).startswith(f"trainer.{key}={value} is not allowed: use an integer {allowed}")
+
+
+def test_trainer_integers_in_range_and_fractions_pass():
+    check_trainer_integers(
+        {
+            "accumulate_grad_batches": 1,
+            "check_val_every_n_epoch": None,
+            "val_check_interval": 0.5,  # a fraction of an epoch
+            "log_every_n_steps": 0,  # never
+            "num_sanity_val_steps": -1,  # all
+            "min_epochs": None,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("", "holds no settings (it is empty"), ("# a comment only\n", "holds no settings"), ("[1, 2]\n", "holds a list")],
+)
+def test_a_config_file_without_settings_is_named(tmp_path, content, expected):
+    path = tmp_path / "overlay.yaml"
+    path.write_text(content)
+    with pytest.raises(TypeError) as error:
+        check_config_file(str(path))
+    assert str(error.value).startswith(f"the config file {path} {expected}")
+    path.write_text("trainer:\n  max_epochs: 3\n")
+    check_config_file(str(path))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # argparse's prefix matching would take it as --trainer.max_epochs, silently.
+        (["--trainer.max_epoch", "3"], "error: unrecognized arguments: --trainer.max_epoch 3"),
+        (["--config", "empty.yaml"], "error: the config file empty.yaml holds no settings"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches=0 is not allowed"),
+    ],
+    ids=["abbreviated-option", "empty-config", "accumulate-0"],
+)
+def test_a_bad_value_is_one_message_before_anything_runs(in_tmp_dir, capsys, args, expected):
+    (in_tmp_dir / "empty.yaml").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMOKE, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert not (in_tmp_dir / "runs").exists()
