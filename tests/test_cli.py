@@ -59,8 +59,11 @@ def test_best_and_last_are_the_newest_of_two_runs(in_tmp_dir):
         assert cli.model.net.features[0].out_channels == 12, "the newest run's network"
 
 
-def test_tensorboard_logs_by_default(in_tmp_dir):
-    LitAccelCLI(args=["fit", *SMOKE])
+def test_tensorboard_logs_by_default_and_resuming_before_any_checkpoint_starts_afresh(in_tmp_dir):
+    """``fit --ckpt_path last`` in a fresh folder trains from scratch: the same command serves the first
+    launch and every relaunch."""
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--ckpt_path", "last"])
+    assert fit.trainer.current_epoch == 1 and fit.trainer.ckpt_path is None
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
     for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "train/lr"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
@@ -124,11 +127,6 @@ def test_a_plateau_scheduler_without_its_metric_is_one_clear_error(in_tmp_dir, c
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (in_tmp_dir / "runs").exists()
-
-
-def test_resume_alias_before_any_checkpoint_starts_afresh(in_tmp_dir):
-    fit = LitAccelCLI(args=["fit", *SMOKE, "--ckpt_path", "last"])
-    assert fit.trainer.current_epoch == 1 and fit.trainer.ckpt_path is None
 
 
 def test_missing_data_without_network_is_one_clear_error(in_tmp_dir, no_network, capsys):
