@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from typing_extensions import override
 
@@ -40,8 +41,9 @@ class PredictionCSVWriter(BasePredictionWriter):
 
     Each rank streams its rows to ``<output_path>.rank<R>.part``; at the end of ``predict`` the
     ranks meet at a barrier and rank 0 merges the parts into ``output_path`` and deletes them. With
-    several machines, ``output_path`` must be on a file system they share. A predict stopped by an
-    error, Ctrl-C or SIGTERM deletes its part files and leaves ``output_path`` as it was.
+    several machines, ``output_path`` must be on a file system they share. SIGTERM stops the predict
+    after the current batch (Lightning's predict loop would run on); a predict stopped by an error,
+    Ctrl-C or SIGTERM deletes its part files and leaves ``output_path`` as it was.
 
     Args:
         output_path: the CSV file to write (folders are created). An existing file is replaced in
@@ -123,6 +125,12 @@ class PredictionCSVWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        # is_last_batch: set by the predict loop on its _BatchProgress (typed as the base _Progress).
+        last = getattr(trainer.predict_loop.batch_progress, "is_last_batch", False)
+        if trainer.received_sigterm and not last:
+            # Lightning's predict loop, unlike its validation loop, runs on after SIGTERM until the
+            # scheduler's SIGKILL; stop here instead, where on_exception can clean up.
+            raise SIGTERMException
         if self._csv is None or not isinstance(prediction, Tensor) or prediction.ndim != 2:
             return
         count = prediction.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 import pickle
 import signal
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
@@ -254,26 +256,30 @@ def test_a_second_predict_replaces_the_file(tmp_path: Path) -> None:
 
 
 class StoppedAtSecondBatch(Scripted):
-    """Predicts the first batch, then stops: an error, or Ctrl-C (KeyboardInterrupt)."""
+    """Predicts the first batch, then is stopped: an error, Ctrl-C (KeyboardInterrupt) or SIGTERM."""
 
-    def __init__(self, stop: type[BaseException]) -> None:
+    def __init__(self, stop: str) -> None:
         super().__init__()
         self.stop = stop
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
-        if batch_idx == 1:
-            raise self.stop("stopped mid-predict")
+        if batch_idx == 1 and self.stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler, in place while predicting, notes it
+        elif batch_idx == 1:
+            raise {"error": RuntimeError, "Ctrl-C": KeyboardInterrupt}[self.stop]("stopped mid-predict")
         return super().predict_step(batch, batch_idx)
 
 
-@pytest.mark.parametrize("stop", [RuntimeError, KeyboardInterrupt])
-def test_a_stopped_predict_removes_its_part_file_and_keeps_the_previous_csv(tmp_path: Path, stop) -> None:
+@pytest.mark.parametrize("stop", ["error", "Ctrl-C", "SIGTERM"])
+def test_a_stopped_predict_removes_its_part_file_and_keeps_the_previous_csv(tmp_path: Path, stop: str) -> None:
+    """10 samples in 3 batches, stopped at the second: nothing of it is left, the older CSV is kept."""
     out = tmp_path / "p.csv"
     out.write_text("the user's older predictions\n")
     sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while it shuts down after one
+    # Lightning exits (status 1) after a KeyboardInterrupt, re-raises anything else.
+    raised = {"error": RuntimeError, "Ctrl-C": SystemExit, "SIGTERM": SIGTERMException}[stop]
     try:
-        # Lightning exits (status 1) after a KeyboardInterrupt, re-raises anything else.
-        with pytest.raises(SystemExit if stop is KeyboardInterrupt else stop):
+        with pytest.raises(raised):
             _predict(tmp_path, PredictionCSVWriter(str(out), top_k=1), StoppedAtSecondBatch(stop), Data(10))
     finally:
         signal.signal(signal.SIGINT, sigint)
