@@ -85,7 +85,7 @@ def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(
         "--model.lr_scheduler.patience",
         "0",
     ]
-    fit = LitAccelCLI(args=["fit", *SMOKE, *plateau, "--trainer.max_epochs", "2"])
+    fit = LitAccelCLI(args=["fit", *TINY, *plateau, "--trainer.max_epochs", "2"])
     (config,) = fit.trainer.lr_scheduler_configs
     assert (config.monitor, config.interval, config.name) == ("val/loss", "epoch", "train/lr")
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
@@ -96,7 +96,8 @@ def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(
 
 
 def test_without_a_scheduler_the_constant_lr_is_logged_under_the_same_key(in_tmp_dir):
-    fit = LitAccelCLI(args=["fit", *SMOKE, "--model.lr_scheduler", "null", "--trainer.max_epochs", "2"])
+    every_step = ["--trainer.log_every_n_steps", "1"]
+    fit = LitAccelCLI(args=["fit", *TINY, *every_step, "--model.lr_scheduler", "null", "--trainer.max_epochs", "2"])
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
     assert not [key for key in scalars if key.startswith("lr-")]
     lrs = [value for _, value in scalars["train/lr"]]
