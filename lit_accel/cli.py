@@ -18,6 +18,7 @@ import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no types (its stubs are a separate package)
 from jsonargparse import Namespace, lazy_instance
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
@@ -62,12 +63,24 @@ warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*
 
 
 class _ConciseParser(LightningArgumentParser):
-    """On a bad argument, print one usage line instead of every option of every class."""
+    """The parser of ``lit-accel`` and of each subcommand: options spelt out in full (argparse's prefix
+    matching would take ``--trainer.max_epoch 3`` as ``max_epochs``), an empty config file named, and
+    on a bad argument one usage line instead of every option of every class."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     @override
     def print_usage(self, file: SupportsWrite[str] | None = None) -> None:
         prog = self.prog.replace(" [options]", "")
         (file or sys.stderr).write(f"usage: {prog} [--config CONFIG ...] [options]\n")
+
+    @override
+    def parse_path(self, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Namespace:
+        """``--config FILE``: a file with no settings in it (empty, or comments only) is named in the message."""
+        check_config_file(path)
+        return super().parse_path(path, *args, **kwargs)
 
 
 class _VersionProgressBar(RichProgressBar):
@@ -207,6 +220,7 @@ class LitAccelCLI(LightningCLI):
             if not (isinstance(threads, int) and threads >= 1):
                 raise ConfigurationError(f"num_threads={threads} is not allowed: use a positive integer or null")
             torch.set_num_threads(threads)
+        check_trainer_integers(trainer_config)
         _check_gpu_available(str(trainer_config.get("accelerator")))
         _check_cpu_devices(trainer_config.get("accelerator"), trainer_config.get("devices"))
         if self.subcommand == "predict":
@@ -282,9 +296,6 @@ class LitAccelCLI(LightningCLI):
 
     def before_predict(self) -> None:
         self._check_before_run("predict")
-        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
-            if isinstance(callback, PredictionCSVWriter):
-                _check_output_file(callback.output_path, "predict_writer.output_path")
         self._keep_checkpoint_folders("predict")
         self._warn_without_checkpoint("predict")
 
@@ -338,13 +349,54 @@ class LitAccelCLI(LightningCLI):
                 )
 
     def _check_before_run(self, subcommand: str) -> None:
-        """Check the log folder and the checkpoint (exists, loads, fits the model) before anything starts."""
-        setting = "trainer.logger.init_args.save_dir" if self.trainer.logger is not None else "trainer.default_root_dir"
-        _check_output_folder(_log_root(self.trainer), setting)
+        """Check every place the run writes, and the checkpoint (exists, loads, fits the model),
+        before anything starts: a folder that cannot be written fails here, not at the first save."""
+        for folder, setting in self._output_folders(subcommand):
+            check_output_folder(folder, setting)
+        for path, setting in self._output_files(subcommand):
+            check_output_file(path, setting)
         ckpt_path = self.config_init[subcommand].get("ckpt_path")
         if ckpt_path is not None:
             sharded = isinstance(self.trainer.strategy, ModelParallelStrategy)
             check_checkpoint(str(ckpt_path), self.model, sharded=sharded)
+
+    def _setting_of(self, subcommand: str, callback: object, key: str) -> str:
+        """The setting a user gives for ``callback``'s ``key``: ``checkpoint.dirpath`` for the CLI's own
+        callbacks, ``trainer.callbacks (ModelCheckpoint) dirpath`` for one from a callbacks list."""
+        for name in ("checkpoint", "step_checkpoint", "predict_writer"):
+            if self.config_init[subcommand].get(name) is callback:
+                return f"{name}.{key}"
+        return f"trainer.callbacks ({type(callback).__name__}) {key}"
+
+    def _output_folders(self, subcommand: str) -> list[tuple[str, str]]:
+        """``(folder, setting)`` for each folder this subcommand writes in: the loggers' folders, and
+        for ``fit`` the checkpoint folders and ``default_root_dir`` (checkpoints without a logger,
+        SLURM's requeue checkpoints). ``predict`` runs without a logger and writes only its CSV."""
+        trainer = self.trainer
+        if subcommand == "predict":
+            return []
+        folders = [(_log_root(trainer), "trainer.logger.init_args.save_dir")] if trainer.loggers else []
+        if subcommand != "fit":
+            return folders
+        if not trainer.loggers or self.config_init[subcommand]["trainer"].get("default_root_dir") is not None:
+            folders.append((str(trainer.default_root_dir), "trainer.default_root_dir"))
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if isinstance(dirpath, str):
+                folders.append((dirpath, self._setting_of(subcommand, callback, "dirpath")))
+        return folders
+
+    def _output_files(self, subcommand: str) -> list[tuple[str, str]]:
+        """``(file, setting)`` for each file this subcommand writes at a path of the user's: the
+        predictions CSV of ``predict``, a DivergenceGuard's ``checkpoint_path`` in ``fit``."""
+        files = []
+        for callback in self.trainer.callbacks:  # type: ignore[attr-defined]  # set by a Lightning connector, undeclared
+            if subcommand == "predict" and isinstance(callback, PredictionCSVWriter):
+                files.append((callback.output_path, self._setting_of(subcommand, callback, "output_path")))
+            path = getattr(callback, "checkpoint_path", None)
+            if subcommand == "fit" and isinstance(path, str):
+                files.append((path, self._setting_of(subcommand, callback, "checkpoint_path")))
+        return files
 
 
 def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | None:
@@ -492,26 +544,100 @@ def _check_finite(owner: str, settings: dict[str, object]) -> None:
             )
 
 
-def _check_output_folder(folder: str, setting: str) -> None:
-    """A folder to write in that is, or lies inside, a file fails here in one message, not mid-run."""
+def check_output_folder(folder: str, setting: str) -> None:
+    """A folder to write in that is, or lies inside, a file, or whose nearest existing folder this
+    user cannot write in, fails here in one message, before any work.
+
+    ``os.access`` answers for the real user, read-only mounts included (root may write anywhere else).
+    """
     path = os.path.abspath(folder)
-    while path and not os.path.exists(path):
+    while not os.path.lexists(path):
         path = os.path.dirname(path)
-    if path and not os.path.isdir(path):
+    if not os.path.isdir(path):
+        what = "a broken symbolic link" if os.path.islink(path) and not os.path.exists(path) else "a file"
         raise ConfigurationError(
-            f"the folder {folder} ({setting}) cannot be created: {path} is a file. Pass a path in {setting} "
+            f"the folder {folder} ({setting}) cannot be created: {path} is {what}. Pass a path in {setting} "
             "whose folders are folders or do not exist yet (they are created)."
+        )
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigurationError(
+            f"the folder {folder} ({setting}) cannot be written: {path} is read-only for this user. Pass a "
+            f"folder you can write in as {setting}."
         )
 
 
-def _check_output_file(path: str, setting: str) -> None:
-    """A file to write that is a folder, or lies inside a file, fails here in one message, before any work."""
+def check_output_file(path: str, setting: str) -> None:
+    """A file to write that is a folder, is read-only, or lies where no file can be written fails here
+    in one message, before any work. A read-only file is the user's way of keeping it: it is not replaced."""
     if os.path.isdir(path):
         raise ConfigurationError(
             f"{setting}={path!r} is an existing folder: pass a file path, e.g. "
             f"--{setting} {os.path.join(path, 'predictions.csv')}"
         )
-    _check_output_folder(os.path.dirname(os.path.abspath(path)), setting)
+    if os.path.isfile(path) and not os.access(path, os.W_OK):
+        raise ConfigurationError(
+            f"{setting}={path!r} is a read-only file, so it is not replaced: make it writable, or pass another "
+            f"file as {setting}."
+        )
+    check_output_folder(os.path.dirname(os.path.abspath(path)), setting)
+
+
+def check_config_file(path: str | os.PathLike[str]) -> None:
+    """A config file that holds no settings (jsonargparse would say only ``Unexpected config:``).
+
+    Raises:
+        TypeError: naming the file (jsonargparse reports a TypeError raised while parsing as an
+            ``error:`` line and exit status 2).
+    """
+    if not os.path.isfile(path):
+        return  # missing, or a URL: jsonargparse's own message says so
+    with open(path, encoding="utf-8", errors="replace") as f:
+        content = f.read()
+    try:
+        settings = yaml.safe_load(content)
+    except yaml.YAMLError:
+        return  # jsonargparse names the line
+    if settings is None:
+        raise TypeError(
+            f"the config file {path} holds no settings (it is empty or only comments): put 'key: value' lines "
+            "in it, or leave out its --config."
+        )
+    if not isinstance(settings, dict):
+        raise TypeError(
+            f"the config file {path} holds a {type(settings).__name__}, not settings: write 'key: value' lines, "
+            "e.g. 'trainer:' with 'max_epochs: 3' indented under it."
+        )
+
+
+# Trainer integers Lightning divides by, or takes out of their range without a word:
+# (setting, smallest allowed value, what the value means). Lightning 2.6.6 raises ZeroDivisionError
+# for accumulate_grad_batches / check_val_every_n_epoch / an integer val_check_interval of 0, and
+# runs negative ones (and log_every_n_steps < 0, num_sanity_val_steps < -1) as if they made sense.
+TRAINER_INTEGERS = (
+    ("accumulate_grad_batches", 1, "batches per optimizer step"),
+    ("check_val_every_n_epoch", 1, "epochs between validations (null: by val_check_interval only)"),
+    ("val_check_interval", 1, "training batches between validations (or a fraction of an epoch in (0, 1])"),
+    ("log_every_n_steps", 0, "steps between logged metrics (0: none)"),
+    ("num_sanity_val_steps", -1, "validation batches before training (-1: all, 0: none)"),
+    ("min_epochs", 0, "epochs"),
+    ("min_steps", 0, "steps"),
+)
+
+
+def check_trainer_integers(trainer_config: Any) -> None:
+    """Each of :data:`TRAINER_INTEGERS` that is set, is an integer (floats are fractions, for
+    ``val_check_interval``) and is below its smallest allowed value is one message, before anything is built.
+
+    Raises:
+        ConfigurationError: naming the setting, the value and what is allowed.
+    """
+    for key, smallest, meaning in TRAINER_INTEGERS:
+        value = trainer_config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value < smallest:
+            raise ConfigurationError(
+                f"trainer.{key}={value} is not allowed: use an integer from {smallest} up ({meaning}), "
+                f"e.g. --trainer.{key} {max(smallest, 1)}."
+            )
 
 
 @rank_zero_only

@@ -9,7 +9,8 @@ import torch
 import yaml
 
 from helpers import TINY_CLI_ARGS, config, read_scalars, run_cli
-from lit_accel.cli import LitAccelCLI, main
+from lit_accel.cli import LitAccelCLI, check_config_file, check_trainer_integers, main
+from lit_accel.errors import ConfigurationError
 
 SMOKE = config("cifar10.yaml", "smoke.yaml") + ["--trainer.enable_progress_bar", "false"]
 
@@ -58,8 +59,11 @@ def test_best_and_last_are_the_newest_of_two_runs(in_tmp_dir):
         assert cli.model.net.features[0].out_channels == 12, "the newest run's network"
 
 
-def test_tensorboard_logs_by_default(in_tmp_dir):
-    LitAccelCLI(args=["fit", *SMOKE])
+def test_tensorboard_logs_by_default_and_resuming_before_any_checkpoint_starts_afresh(in_tmp_dir):
+    """``fit --ckpt_path last`` in a fresh folder trains from scratch: the same command serves the first
+    launch and every relaunch."""
+    fit = LitAccelCLI(args=["fit", *SMOKE, "--ckpt_path", "last"])
+    assert fit.trainer.current_epoch == 1 and fit.trainer.ckpt_path is None
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
     for tag in ("train/loss_step", "train/loss", "train/acc", "val/loss", "val/acc", "train/lr"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
@@ -81,7 +85,7 @@ def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(
         "--model.lr_scheduler.patience",
         "0",
     ]
-    fit = LitAccelCLI(args=["fit", *SMOKE, *plateau, "--trainer.max_epochs", "2"])
+    fit = LitAccelCLI(args=["fit", *TINY, *plateau, "--trainer.max_epochs", "2"])
     (config,) = fit.trainer.lr_scheduler_configs
     assert (config.monitor, config.interval, config.name) == ("val/loss", "epoch", "train/lr")
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
@@ -92,7 +96,8 @@ def test_reduce_lr_on_plateau_follows_val_loss_and_the_lr_is_logged_as_train_lr(
 
 
 def test_without_a_scheduler_the_constant_lr_is_logged_under_the_same_key(in_tmp_dir):
-    fit = LitAccelCLI(args=["fit", *SMOKE, "--model.lr_scheduler", "null", "--trainer.max_epochs", "2"])
+    every_step = ["--trainer.log_every_n_steps", "1"]
+    fit = LitAccelCLI(args=["fit", *TINY, *every_step, "--model.lr_scheduler", "null", "--trainer.max_epochs", "2"])
     scalars = read_scalars(in_tmp_dir / "runs" / "cifar10" / "version_0")
     assert not [key for key in scalars if key.startswith("lr-")]
     lrs = [value for _, value in scalars["train/lr"]]
@@ -123,11 +128,6 @@ def test_a_plateau_scheduler_without_its_metric_is_one_clear_error(in_tmp_dir, c
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err, err
     assert not (in_tmp_dir / "runs").exists()
-
-
-def test_resume_alias_before_any_checkpoint_starts_afresh(in_tmp_dir):
-    fit = LitAccelCLI(args=["fit", *SMOKE, "--ckpt_path", "last"])
-    assert fit.trainer.current_epoch == 1 and fit.trainer.ckpt_path is None
 
 
 def test_missing_data_without_network_is_one_clear_error(in_tmp_dir, no_network, capsys):
@@ -266,3 +266,70 @@ def test_predicting_no_batch_is_one_clear_error(in_tmp_dir, capsys):
     assert "nothing was predicted: trainer.limit_predict_batches=0 runs no batch, so p.csv was not written" in err
     assert "Traceback" not in err
     assert (in_tmp_dir / "p.csv").read_text() == "kept\n"
+
+
+# ------------------------------------------------------------------ bad values: one message
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("accumulate_grad_batches", 0, "from 1 up"),  # Lightning: ZeroDivisionError
+        ("accumulate_grad_batches", -1, "from 1 up"),  # Lightning: an optimizer step every batch, silently
+        ("check_val_every_n_epoch", 0, "from 1 up"),
+        ("val_check_interval", 0, "from 1 up"),
+        ("log_every_n_steps", -3, "from 0 up"),
+        ("num_sanity_val_steps", -2, "from -1 up"),
+        ("min_epochs", -1, "from 0 up"),
+        ("min_steps", -1, "from 0 up"),
+    ],
+)
+def test_trainer_integers_lightning_divides_by_are_checked(key, value, allowed):
+    with pytest.raises(ConfigurationError) as error:
+        check_trainer_integers({key: value})
+    assert str(error.value).startswith(f"trainer.{key}={value} is not allowed: use an integer {allowed}")
+
+
+def test_trainer_integers_in_range_and_fractions_pass():
+    check_trainer_integers(
+        {
+            "accumulate_grad_batches": 1,
+            "check_val_every_n_epoch": None,
+            "val_check_interval": 0.5,  # a fraction of an epoch
+            "log_every_n_steps": 0,  # never
+            "num_sanity_val_steps": -1,  # all
+            "min_epochs": None,
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [("", "holds no settings (it is empty"), ("# a comment only\n", "holds no settings"), ("[1, 2]\n", "holds a list")],
+)
+def test_a_config_file_without_settings_is_named(tmp_path, content, expected):
+    path = tmp_path / "overlay.yaml"
+    path.write_text(content)
+    with pytest.raises(TypeError) as error:
+        check_config_file(str(path))
+    assert str(error.value).startswith(f"the config file {path} {expected}")
+    path.write_text("trainer:\n  max_epochs: 3\n")
+    check_config_file(str(path))
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        # argparse's prefix matching would take it as --trainer.max_epochs, silently.
+        (["--trainer.max_epoch", "3"], "error: unrecognized arguments: --trainer.max_epoch 3"),
+        (["--config", "empty.yaml"], "error: the config file empty.yaml holds no settings"),
+        (["--trainer.accumulate_grad_batches", "0"], "trainer.accumulate_grad_batches=0 is not allowed"),
+    ],
+    ids=["abbreviated-option", "empty-config", "accumulate-0"],
+)
+def test_a_bad_value_is_one_message_before_anything_runs(in_tmp_dir, capsys, args, expected):
+    (in_tmp_dir / "empty.yaml").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *SMOKE, *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert not (in_tmp_dir / "runs").exists()

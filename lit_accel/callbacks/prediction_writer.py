@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from typing_extensions import override
 
@@ -34,11 +35,15 @@ class PredictionCSVWriter(BasePredictionWriter):
     Class names come from ``class_names``, else the LightningModule's ``class_names`` attribute
     (the names it was trained with; lit_accel's ImageClassifier keeps them in its checkpoints),
     else the datamodule's ``classes`` attribute, else the class indices. Probabilities are
-    written with 6 decimals. Rows are sorted by file name (or index).
+    written with 6 decimals. Rows are sorted by file name (or index). A file or class name that
+    starts with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return is written with a ``'`` in
+    front, so a spreadsheet shows it instead of running it as a formula (:func:`spreadsheet_safe`).
 
     Each rank streams its rows to ``<output_path>.rank<R>.part``; at the end of ``predict`` the
     ranks meet at a barrier and rank 0 merges the parts into ``output_path`` and deletes them. With
-    several machines, ``output_path`` must be on a file system they share.
+    several machines, ``output_path`` must be on a file system they share. SIGTERM stops the predict
+    after the current batch (Lightning's predict loop would run on); a predict stopped by an error,
+    Ctrl-C or SIGTERM deletes its part files and leaves ``output_path`` as it was.
 
     Args:
         output_path: the CSV file to write (folders are created). An existing file is replaced in
@@ -120,6 +125,12 @@ class PredictionCSVWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int,
     ) -> None:
+        # is_last_batch: set by the predict loop on its _BatchProgress (typed as the base _Progress).
+        last = getattr(trainer.predict_loop.batch_progress, "is_last_batch", False)
+        if trainer.received_sigterm and not last:
+            # Lightning's predict loop, unlike its validation loop, runs on after SIGTERM until the
+            # scheduler's SIGKILL; stop here instead, where on_exception can clean up.
+            raise SIGTERMException
         if self._csv is None or not isinstance(prediction, Tensor) or prediction.ndim != 2:
             return
         count = prediction.shape[0]
@@ -154,7 +165,12 @@ class PredictionCSVWriter(BasePredictionWriter):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close_part()  # the part files stay, for a look at what was written before the error
+        # An error, Ctrl-C or SIGTERM mid-predict: this rank's rows are an unfinished piece of a file
+        # no one asked for; output_path, untouched until the merge, keeps the user's previous CSV.
+        self._close_part()
+        part = _part_path(self.output_path, trainer.global_rank)
+        if os.path.exists(part):
+            os.remove(part)
 
     def _close_part(self) -> None:
         if self._part is not None:
@@ -210,13 +226,31 @@ def format_rows(
     values, indices = probabilities.topk(k, dim=1)
     rows = []
     for i, sample_id in enumerate(ids):
-        row = [str(sample_id)]
+        row = [spreadsheet_safe(sample_id) if isinstance(sample_id, str) else str(sample_id)]
         if labels is not None:
-            row.append(_name(class_names, int(labels[i])))
+            row.append(spreadsheet_safe(_name(class_names, int(labels[i]))))
         for value, index in zip(values[i].tolist(), indices[i].tolist()):
-            row += [_name(class_names, index), f"{value:.6f}"]
+            row += [spreadsheet_safe(_name(class_names, index)), f"{value:.6f}"]
         rows.append(row)
     return rows
+
+
+# A cell starting with one of these is a formula to a spreadsheet (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """``text`` with a ``'`` in front when it starts like a formula, so a spreadsheet shows it as text.
+
+    File and class names come from users: a class called ``=HYPERLINK(…)`` must not run when the
+    CSV is opened (OWASP's rule for CSV injection). Other text is returned as it is.
+
+    Example::
+
+        spreadsheet_safe("=1+1")  # "'=1+1"
+        spreadsheet_safe("cat")  # "cat"
+    """
+    return f"'{text}" if text.startswith(FORMULA_STARTS) else text
 
 
 def merge_parts(parts: Sequence[str], output_path: str) -> int:

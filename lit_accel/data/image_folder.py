@@ -54,18 +54,32 @@ def read_image_file(path: str, size: int = IMAGE_SIZE) -> Tensor:
 
 
 def list_files(root: str) -> list[str]:
-    """Every regular file below ``root``, as sorted ``/``-separated relative paths.
+    """Every file below ``root``, as sorted ``/``-separated relative paths.
 
-    Hidden files and folders (name starts with ``.``) are left out: editors' and notebooks'
-    droppings, ``.DS_Store``.
+    Regular files are listed, and so are symbolic links that lead nowhere (dangling, or a loop):
+    reading those fails, and :class:`ImageFolderDataset` names them as it names any unreadable
+    image. Hidden files and folders (name starts with ``.``) are left out: editors' and notebooks'
+    droppings, ``.DS_Store``. Other entries are left out with a warning naming them: links to
+    folders (not followed, as they may loop), pipes, sockets and devices (reading a pipe would
+    wait for ever).
     """
     found: list[str] = []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
+        for name in subfolders:
+            if os.path.islink(os.path.join(folder, name)):  # os.walk does not follow them: a link may loop
+                relative = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+                log.warning("skipped %s/: a link to a folder (not followed; link the image files instead)", relative)
         for name in files:
-            if name.startswith(".") or not os.path.isfile(os.path.join(folder, name)):
+            path = os.path.join(folder, name)
+            if name.startswith("."):
                 continue
-            found.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            # exists() is False for a link whose target is missing or loops back (ELOOP).
+            if os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path)):
+                found.append(relative)
+            else:
+                log.warning("skipped %s: not a regular file (a pipe, socket or device)", relative)
     return sorted(found)
 
 

@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import copy
 import csv
+import os
 import pickle
+import signal
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lit_accel.callbacks.prediction_writer import PredictionCSVWriter, format_rows, header, merge_parts
+from lit_accel.callbacks.prediction_writer import (
+    PredictionCSVWriter,
+    format_rows,
+    header,
+    merge_parts,
+    spreadsheet_safe,
+)
 
 NAMES = ["cat", "dog", "fox"]
 
@@ -39,6 +48,23 @@ def test_format_rows_lists_the_top_k_best_first() -> None:
     rows = format_rows([7], probabilities[:1], NAMES, top_k=10, labels=[2])
     assert rows == [["7", "fox", "dog", "0.700000", "fox", "0.200000", "cat", "0.100000"]]
     assert format_rows([0], probabilities[:1], ["only"], top_k=1) == [["0", "1", "0.700000"]]
+
+
+@pytest.mark.parametrize("start", ["=", "+", "-", "@", "\t", "\r"])
+def test_a_cell_that_starts_like_a_formula_gets_a_quote_in_front(start: str) -> None:
+    assert spreadsheet_safe(f"{start}HYPERLINK(1)") == f"'{start}HYPERLINK(1)"
+
+
+def test_file_and_class_names_are_written_spreadsheet_safe_and_numbers_as_they_are() -> None:
+    """OWASP's CSV-injection rule for the names a user chose; probabilities and indices are ours."""
+    names = ['=HYPERLINK("http://x","y")', "+cmd", "cat is-ok"]
+    probabilities = torch.tensor([[0.7, 0.2, 0.1]])
+    assert format_rows(["@a.png"], probabilities, names, top_k=3) == [
+        ["'@a.png", """'=HYPERLINK("http://x","y")""", "0.700000", "'+cmd", "0.200000", "cat is-ok", "0.100000"]
+    ]
+    assert format_rows([3], probabilities, names, top_k=1, labels=[1]) == [
+        ["3", "'+cmd", """'=HYPERLINK("http://x","y")""", "0.700000"]
+    ]
 
 
 def test_merge_parts_sorts_rows_keeps_one_header_and_removes_parts(tmp_path: Path) -> None:
@@ -227,6 +253,38 @@ def test_a_second_predict_replaces_the_file(tmp_path: Path) -> None:
     _predict(tmp_path, writer, Scripted(), Data(10))
     _predict(tmp_path, writer, Scripted(), Data(3))
     assert len(_read(out)) == 4
+
+
+class StoppedAtSecondBatch(Scripted):
+    """Predicts the first batch, then is stopped: an error, Ctrl-C (KeyboardInterrupt) or SIGTERM."""
+
+    def __init__(self, stop: str) -> None:
+        super().__init__()
+        self.stop = stop
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        if batch_idx == 1 and self.stop == "SIGTERM":
+            os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler, in place while predicting, notes it
+        elif batch_idx == 1:
+            raise {"error": RuntimeError, "Ctrl-C": KeyboardInterrupt}[self.stop]("stopped mid-predict")
+        return super().predict_step(batch, batch_idx)
+
+
+@pytest.mark.parametrize("stop", ["error", "Ctrl-C", "SIGTERM"])
+def test_a_stopped_predict_removes_its_part_file_and_keeps_the_previous_csv(tmp_path: Path, stop: str) -> None:
+    """10 samples in 3 batches, stopped at the second: nothing of it is left, the older CSV is kept."""
+    out = tmp_path / "p.csv"
+    out.write_text("the user's older predictions\n")
+    sigint = signal.getsignal(signal.SIGINT)  # Lightning ignores Ctrl-C while it shuts down after one
+    # Lightning exits (status 1) after a KeyboardInterrupt, re-raises anything else.
+    raised = {"error": RuntimeError, "Ctrl-C": SystemExit, "SIGTERM": SIGTERMException}[stop]
+    try:
+        with pytest.raises(raised):
+            _predict(tmp_path, PredictionCSVWriter(str(out), top_k=1), StoppedAtSecondBatch(stop), Data(10))
+    finally:
+        signal.signal(signal.SIGINT, sigint)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.csv"]
+    assert out.read_text() == "the user's older predictions\n"
 
 
 @pytest.mark.slow

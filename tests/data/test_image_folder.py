@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -116,6 +117,32 @@ def test_bad_files_are_reported_by_name_and_dropped(folder: Path, caplog: pytest
     assert names == ["sub/gray.png", "tall.jpg", "wide.png"]
     assert images.shape == (3, 3, 32, 32) and images.dtype == torch.uint8
     assert torch.equal(images[2], read_image_file(str(folder / "wide.png")))
+
+
+def test_links_that_lead_nowhere_are_named_like_unreadable_images(
+    folder: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dangling link and a link loop are listed (reading them fails, and says so by name); a link
+    to a folder and a pipe are not read, but named when left out."""
+    (folder / "gone.png").symlink_to(folder / "deleted.png")
+    (folder / "loop.png").symlink_to(folder / "loop.png")
+    (folder / "linked").symlink_to(folder / "sub")
+    os.mkfifo(folder / "pipe.png")
+    with caplog.at_level(logging.WARNING, logger="lit_accel.data.image_folder"):
+        dataset = ImageFolderDataset(str(folder))
+        items = {name: dataset[i] for i, name in enumerate(dataset.files)}
+    assert [name for name, item in items.items() if item is not None] == ["sub/gray.png", "tall.jpg", "wide.png"]
+    skipped = sorted(r.getMessage() for r in caplog.records)
+    assert [line.split(":")[0] for line in skipped] == [
+        "skipped broken.png",
+        "skipped gone.png",
+        "skipped linked/",
+        "skipped loop.png",
+        "skipped notes.txt",
+        "skipped pipe.png",
+    ], skipped
+    assert "gone.png: not a readable image (FileNotFoundError" in skipped[1]
+    assert "loop.png: not a readable image" in skipped[3] and "symbolic links" in skipped[3]
 
 
 @pytest.mark.parametrize("transform", [None, lambda image: image.float() / 255])
