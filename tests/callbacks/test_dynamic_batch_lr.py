@@ -325,7 +325,9 @@ class LateRestoreStrategy(SingleDeviceStrategy):
 @pytest.mark.parametrize("late_restore", [False, True])
 def test_resume_restores_batch_lr_and_counters(tmp_path, late_restore):
     def make():
-        return DynamicBatchLR(policy="batch_then_lr", patience=1, max_batch_size=8, max_effective_batch_size=16)
+        return DynamicBatchLR(
+            policy="batch_then_lr", patience=1, max_batch_size=8, max_effective_batch_size=16, lr_scaling="linear"
+        )
 
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
     first = ScriptedModule([1.0] * 6)
@@ -334,10 +336,11 @@ def test_resume_restores_batch_lr_and_counters(tmp_path, late_restore):
     strategy = LateRestoreStrategy(device=torch.device("cpu")) if late_restore else "auto"
     trainer = _trainer(tmp_path / "b", [make()], max_epochs=6, strategy=strategy)
     trainer.fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"))
-    # Uninterrupted: plateaus at the end of epochs 1..5 grow 4 -> 8 -> 8×2, then halve the LR twice.
+    # Uninterrupted: plateaus at the end of epochs 1..5 grow 4 -> 8 -> 8×2 (the LR follows), then
+    # halve the LR twice. The checkpoint (end of epoch 2) holds an optimizer at 2× and a plan at 4×.
     assert _batch_sizes(first) + _batch_sizes(resumed) == [4, 4, 8, 8, 8, 8]
     assert [first.accumulate[e] for e in range(3)] + [resumed.accumulate[e] for e in range(3, 6)] == [1, 1, 1, 2, 2, 2]
-    assert _first_lr(first) + _first_lr(resumed) == pytest.approx([0.1, 0.1, 0.1, 0.1, 0.05, 0.025])
+    assert _first_lr(first) + _first_lr(resumed) == pytest.approx([0.1, 0.1, 0.2, 0.4, 0.2, 0.1])
     assert resumed.batch_size == 8
 
 
