@@ -302,15 +302,15 @@ class NaNAt(ScriptedModule):
 @pytest.mark.parametrize("guard_first", [True, False])
 def test_a_divergence_guard_rollback_keeps_the_multiplier(tmp_path, guard_first):
     """The rollback restores the param groups of the step-0 snapshot (taken before or after the
-    multiplier 2 was applied, by callback order) and halves them; the run then needs 4 × 0.5."""
+    multiplier 2 was applied, by callback order) and halves them; the next batch needs 4 × 0.5."""
     no_spikes = {"loss_spike_factor": None, "grad_spike_factor": None, "spike_zscore": None}
     guard = DivergenceGuard(rollback_after=1, **no_spikes)  # only the scripted NaN is bad
     dynamic = DynamicBatchLR(policy="none", batch_size_schedule={0: 8, 1: 16}, lr_scaling="linear")
-    model = NaNAt(5)  # the 2nd step of epoch 1 (4 steps of 8, then 2 of 16)
+    model = NaNAt(4)  # the 1st step of epoch 1 (4 steps of 8, then 2 of 16)
     trainer = _trainer(tmp_path, [guard, dynamic] if guard_first else [dynamic, guard], max_epochs=3)
     trainer.fit(model)
     assert guard.rollbacks == 1 and guard.skipped_steps == 1
-    assert [model.lrs[e] for e in range(3)] == [[0.2] * 4, [0.4, 0.4], [0.2, 0.2]]
+    assert [model.lrs[e] for e in range(3)] == [[0.2] * 4, [0.4, 0.2], [0.2, 0.2]]
     assert trainer.optimizers[0].param_groups[0][DYNAMIC_LR_SCALE_KEY] == 4.0
 
 
