@@ -41,7 +41,7 @@ trainer:
       init_args:
         policy: none
         batch_size_schedule: {1: 96}
-        lr_schedule: {1: 0.5}
+        lr_scaling: linear
 """
 
 

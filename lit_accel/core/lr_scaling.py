@@ -2,11 +2,14 @@
 
 DivergenceGuard (LR back-off and re-warm after a rollback) and DynamicBatchLR (LR decay, batch
 scaling rules) both rescale through :func:`scale_learning_rates`; the one difference between them
-is explicit in its ``floors`` argument. Imports torch and the standard library only.
+is explicit in its ``floors`` argument. :func:`apply_lr_scale` keeps a multiplier on top of any
+schedule, recorded in each param group so that a restorer of older param groups (a rollback)
+and the multiplier never disagree. Imports torch and the standard library only.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection, Iterable
 from typing import Any
 
@@ -15,7 +18,7 @@ from torch import Tensor
 
 from lit_accel.core.checks import is_number
 
-__all__ = ["DYNAMIC_LR_SCALE_KEY", "GROUP_LR_KEYS", "scale_learning_rates"]
+__all__ = ["DYNAMIC_LR_SCALE_KEY", "GROUP_LR_KEYS", "apply_lr_scale", "scale_learning_rates"]
 
 # Learning-rate entries of an optimizer's param groups: the LR itself, the schedulers' starting
 # value (initial_lr), OneCycleLR's peak and end (max_lr, min_lr: derived from initial_lr by its
@@ -26,8 +29,49 @@ SCHEDULER_LR_LISTS = ("base_lrs", "max_lrs", "_last_lr")
 # Lower bounds a user sets on a schedule: min_lrs (ReduceLROnPlateau), eta_min (the cosine schedules).
 SCHEDULER_FLOOR_LISTS = ("min_lrs",)
 SCHEDULER_FLOOR_SCALARS = ("eta_min",)
-# The param-group entry holding the multiplier DynamicBatchLR has baked into that group's LRs.
+# The param-group entry holding the multiplier apply_lr_scale (DynamicBatchLR) has baked into that
+# group's LRs; a group without it holds none (1): a fresh optimizer, or a group added since.
 DYNAMIC_LR_SCALE_KEY = "dynamic_lr_scale"
+
+
+def apply_lr_scale(optimizer: torch.optim.Optimizer, schedulers: Iterable[Any], target: float) -> bool:
+    """Make ``target`` the multiplier baked into every param group's learning rates.
+
+    A group's current multiplier is its :data:`DYNAMIC_LR_SCALE_KEY` entry (1 without one); a
+    group whose entry differs is rescaled by ``target / entry`` with its schedulers' entries, the
+    schedule's floors included (:func:`scale_learning_rates` with ``floors=True``: a schedule for
+    a larger batch is the same schedule at a larger LR), and its entry becomes ``target``. Closed-form
+    and chainable torch schedules then give exactly ``target × schedule(step)``. Call it before
+    every step: a no-op costs one lookup per group, and after another callback restored older param
+    groups (entry included) or multiplied the LRs on its own (entry untouched), the next call again
+    gives ``target ×`` whatever that callback did. A restorer should copy the param groups exactly,
+    removing entries it did not save.
+
+    Args:
+        optimizer: the optimizer whose param groups are brought to ``target``.
+        schedulers: the schedulers stepping it.
+        target: the multiplier, > 0.
+
+    Returns:
+        True if any learning rate changed.
+
+    Example::
+
+        apply_lr_scale(optimizer, [scheduler], plan.lr_scale)  # before each optimizer step
+    """
+    by_ratio: dict[float, list[int]] = {}
+    for index, group in enumerate(optimizer.param_groups):
+        applied = float(group.get(DYNAMIC_LR_SCALE_KEY, 1.0))
+        if not math.isclose(target, applied, rel_tol=1e-12):
+            by_ratio.setdefault(target / applied, []).append(index)
+    if not by_ratio:
+        return False
+    schedulers = list(schedulers)
+    for ratio, indices in by_ratio.items():
+        scale_learning_rates(optimizer, schedulers, ratio, floors=True, groups=indices)
+    for group in optimizer.param_groups:
+        group[DYNAMIC_LR_SCALE_KEY] = target
+    return True
 
 
 def scale_learning_rates(
