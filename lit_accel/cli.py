@@ -187,7 +187,7 @@ class LitAccelCLI(LightningCLI):
         """Parse, then replace ``--ckpt_path best|last`` by the file it names, before anything is built.
 
         LightningCLI rebuilds the model from a ``--ckpt_path`` file's saved hyperparameters right
-        after parsing (its private ``_parse_ckpt_path``, listed in ``lit_accel/_lightning_compat.py``),
+        after parsing (its private ``_parse_ckpt_path``, listed in ``lit_accel/lightning_compat.py``),
         so an alias resolved here behaves exactly like the path it names: a run trained with
         another network is tested with that network. The file is read first, so a damaged or
         crafted one ends in one message, and every class it names is checked before that rebuild

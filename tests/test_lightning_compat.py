@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helpers import REPO_ROOT
-from lit_accel._lightning_compat import PRIVATE_LIGHTNING_MEMBERS, missing_private_members
+from lit_accel.lightning_compat import PRIVATE_LIGHTNING_MEMBERS, missing_private_members
 
 
 def test_every_private_lightning_member_lit_accel_relies_on_exists() -> None:

@@ -179,7 +179,7 @@ class PreemptionCheckpoint(Callback):
         """Put ``_on_requeue_signal`` in front of the handler Lightning installed for SLURM's requeue signal."""
         if self._requeue_signal is not None or threading.current_thread() is not threading.main_thread():
             return
-        environment = trainer._accelerator_connector.cluster_environment  # listed in lit_accel/_lightning_compat.py
+        environment = trainer._accelerator_connector.cluster_environment  # listed in lit_accel/lightning_compat.py
         if not isinstance(environment, SLURMEnvironment) or not environment.auto_requeue:
             return
         signum = environment.requeue_signal or signal.SIGUSR1

@@ -376,7 +376,7 @@ class CIFAR10DataModule(LightningDataModule):
         seed = _run_seed()
         shard = trainer.distributed_sampler_kwargs if trainer is not None else None
         if trainer is not None and not trainer._accelerator_connector.use_distributed_sampler:
-            shard = None  # listed in lit_accel/_lightning_compat.py
+            shard = None  # listed in lit_accel/lightning_compat.py
         if trainer is not None and getattr(trainer, "overfit_batches", 0) > 0:  # set by a connector, undeclared
             shuffle = False
         host_split = TensorBatchDataset(*self._splits[split])

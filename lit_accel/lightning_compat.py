@@ -183,6 +183,6 @@ def missing_private_members(members: tuple[PrivateMember, ...] = PRIVATE_LIGHTNI
             missing.append(
                 f"lightning {lightning.__version__} has no {member} ({type(err).__name__}: {err}), which "
                 f"{member.used_by.split(':')[0]} relies on ({member.used_by.split(': ', 1)[-1]}). Install the "
-                "Lightning that pyproject.toml pins, or port that code and update lit_accel/_lightning_compat.py."
+                "Lightning that pyproject.toml pins, or port that code and update lit_accel/lightning_compat.py."
             )
     return missing
