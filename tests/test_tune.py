@@ -277,8 +277,8 @@ def test_a_trial_that_outlasts_its_time_is_stopped_and_failed(in_tmp_dir):
 def test_each_real_trial_reports_its_own_peak_memory(in_tmp_dir):
     """A large batch, then a small one: the second row is the small trial's own figure, not the
     process's high-water mark (tests/test_measure.py checks the window in both orders)."""
-    trials = FitTrials([*SMOKE, "--data.synthetic_size", "1124", "--data.val_size", "100"], 1, 1)
-    large = Setting("batch_size", "1024", ("--data.batch_size", "1024"), {}, True)
+    trials = FitTrials([*SMOKE, "--data.synthetic_size", "612", "--data.val_size", "100"], 1, 1)
+    large = Setting("batch_size", "512", ("--data.batch_size", "512"), {}, True)
     small = Setting("batch_size", "8", ("--data.batch_size", "8"), {}, True)
     big, little = trials(large, 120.0), trials(small, 120.0)
     assert big.error is None and little.error is None, (big, little)

@@ -17,6 +17,7 @@ from lit_accel.measure.fit import (
     MemoryWindow,
     MetricsWriter,
     batch_samples,
+    fit_in_process_tree,
     memory_in_use_mb,
     quiet,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "alternate",
     "batch_samples",
     "cell",
+    "fit_in_process_tree",
     "markdown_table",
     "median",
     "memory_in_use_mb",

@@ -13,8 +13,12 @@ import io
 import json
 import logging
 import os
+import subprocess
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
@@ -32,6 +36,7 @@ __all__ = [
     "MemoryWindow",
     "MetricsWriter",
     "batch_samples",
+    "fit_in_process_tree",
     "memory_in_use_mb",
     "quiet",
 ]
@@ -291,6 +296,38 @@ class FitTimer(Callback):
         if self.output and trainer.is_global_zero:
             with open(self.output, "w") as f:
                 json.dump(self.result, f)
+
+
+def fit_in_process_tree(
+    fit_args: list[str], warmup_steps: int, timed_steps: int | None, timeout: float, cwd: str | None = None
+) -> dict[str, Any]:
+    """``lit-accel fit FIT_ARGS`` as its own process tree (DDP needs one), timed by a :class:`FitTimer`
+    that reports through a file; its :attr:`FitTimer.result`.
+
+    Args:
+        fit_args: the arguments after ``fit``.
+        warmup_steps: see :class:`FitTimer`.
+        timed_steps: see :class:`FitTimer`.
+        timeout: seconds the process may take.
+        cwd: its working folder (default: this process's).
+
+    Raises:
+        RuntimeError: the process failed or wrote no timing (its last error line in the message).
+        subprocess.TimeoutExpired: it took longer than ``timeout``.
+    """
+    with tempfile.TemporaryDirectory(prefix="lit-accel-timer-") as folder:
+        output = Path(folder) / "timer.json"
+        timer = {
+            "class_path": "lit_accel.measure.FitTimer",
+            "init_args": {"warmup_steps": warmup_steps, "timed_steps": timed_steps, "output": str(output)},
+        }
+        command = [sys.executable, "-m", "lit_accel", "fit", *fit_args, "--trainer.callbacks+=" + json.dumps(timer)]
+        done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        if done.returncode != 0 or not output.exists():
+            lines = done.stderr.strip().splitlines()
+            raise RuntimeError(f"exit {done.returncode}: {lines[-1] if lines else 'no timing written'}")
+        result: dict[str, Any] = json.loads(output.read_text())
+    return result
 
 
 class MetricsWriter(Callback):

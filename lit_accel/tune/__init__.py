@@ -28,8 +28,8 @@ Levers (``--levers``, default: all that apply here, cheapest first):
   is learned** (BatchNorm statistics per process). Runs as a subprocess.
 
 Each trial's training is stopped when the budget runs out (Trainer ``max_time``; a trial cut
-short is shown as failed). ``--unchanged_training_only`` keeps to the levers that leave training unchanged. A setting is
-taken when it is at least ``--min_gain`` faster; the winners of several levers are then measured
+short is shown as failed). ``--unchanged_training_only`` keeps to the levers that leave training
+unchanged. A setting is taken when it is at least ``--min_gain`` faster; the winners of several levers are then measured
 together once (when the budget allows), and kept together only if that is faster than the best
 single one. A trial that fails (out of memory, a setting this machine refuses) is a result, shown
 in the table, not a crash.
@@ -39,9 +39,14 @@ Usage::
     lit-accel tune --config configs/cifar10.yaml --budget_s 120 --output tuned.yaml
     lit-accel fit --config configs/cifar10.yaml --config tuned.yaml
 
-Prints a table (lever, setting, images/s, ratio to the baseline, data wait, peak memory, whether
-training changes) and writes a YAML that composes after the user's configs; each entry carries a
-comment saying what it changes.
+Prints a table (lever, setting, images/s, ratio to the baseline, data wait, the trial's own peak
+memory, whether training changes) and writes a YAML that composes after the user's configs; each
+entry carries a comment saying what it changes. Ctrl-C exits 130, SIGTERM 143, writing nothing.
+
+Modules: :mod:`~lit_accel.tune.levers` (the levers and their settings), :mod:`~lit_accel.tune.search`
+(the search, given a trial runner and a clock), :mod:`~lit_accel.tune.trials` (real trials),
+:mod:`~lit_accel.tune.report` (the table and the YAML); timing, rounds and tables come from
+:mod:`lit_accel.measure`.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from lit_accel.measure import median, rounds
+from lit_accel.measure import median
+from lit_accel.measure import rounds as round_orders
 from lit_accel.tune.levers import Lever, Setting, combine
 
 __all__ = ["Measured", "Report", "Trial", "TrialRunner", "search"]
@@ -98,7 +99,7 @@ def search(
     levers: list[Lever],
     run_trial: TrialRunner,
     budget_s: float,
-    rounds_wanted: int = 3,
+    rounds: int = 3,
     min_gain: float = 0.03,
     clock: Callable[[], float] = time.perf_counter,
 ) -> Report:
@@ -146,7 +147,7 @@ def search(
         )
     baseline.record(first)
     not_measured: set[Setting] = set()
-    for index, order in rounds(settings, rounds_wanted):
+    for index, order in round_orders(settings, rounds):
         if index > 0:
             if not fits(trial_seconds[None]):
                 break

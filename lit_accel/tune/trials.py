@@ -3,20 +3,16 @@ timed by :class:`lit_accel.measure.FitTimer`, in this process (or their own, for
 
 from __future__ import annotations
 
-import json
 import math
-import subprocess
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from lit_accel.measure import TRIAL_FIT_ARGS, FitTimer, quiet
+from lit_accel.measure import TRIAL_FIT_ARGS, FitTimer, fit_in_process_tree, quiet
 from lit_accel.tune.levers import Setting
 from lit_accel.tune.search import Trial
 
@@ -66,7 +62,7 @@ class FitTrials:
             args = [*self.fit_args, *(setting.args if setting else ()), *TRIAL_FIT_ARGS, *where, *length]
             try:
                 if setting is not None and setting.processes > 1:
-                    result = self._in_subprocess(args, folder, seconds_left)
+                    result = self._in_subprocess(args, seconds_left)
                 else:
                     result = self._in_process(args)
                 if not result:
@@ -107,17 +103,6 @@ class FitTrials:
             torch.set_num_threads(threads)
         return dict(timer.result)
 
-    def _in_subprocess(self, args: list[str], folder: str, seconds_left: float) -> dict[str, Any]:
-        output = Path(folder) / "timer.json"
-        timer = {
-            "class_path": "lit_accel.measure.FitTimer",
-            "init_args": {"warmup_steps": self.warmup_steps, "timed_steps": self.timed_steps, "output": str(output)},
-        }
-        command = [sys.executable, "-m", "lit_accel", "fit", *args, "--trainer.callbacks+=" + json.dumps(timer)]
+    def _in_subprocess(self, args: list[str], seconds_left: float) -> dict[str, Any]:
         # max_time bounds the training; start-up and set-up get a minute on top
-        done = subprocess.run(command, capture_output=True, text=True, timeout=seconds_left + 60)
-        if done.returncode != 0 or not output.exists():
-            lines = done.stderr.strip().splitlines()
-            raise RuntimeError(f"exit {done.returncode}: {lines[-1] if lines else 'no timing written'}")
-        result: dict[str, Any] = json.loads(output.read_text())
-        return result
+        return fit_in_process_tree(args, self.warmup_steps, self.timed_steps, timeout=seconds_left + 60)
