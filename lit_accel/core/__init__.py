@@ -18,6 +18,14 @@ from lit_accel.core.divergence import (
 from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, GROUP_LR_KEYS, scale_learning_rates
 from lit_accel.core.snapshot import Snapshot, host_weights, load_weights
 from lit_accel.core.state_keys import adopt_older_state, identity_state_key
+from lit_accel.core.throughput import (
+    StepTimer,
+    TimedSteps,
+    peak_memory_mb,
+    peak_rss_mb,
+    reset_peak_memory,
+    reset_peak_rss,
+)
 
 __all__ = [
     "DYNAMIC_LR_SCALE_KEY",
@@ -47,4 +55,11 @@ __all__ = [
     "shard_groups",
     "squared_norm_share",
     "total_norm",
+    # throughput
+    "StepTimer",
+    "TimedSteps",
+    "peak_memory_mb",
+    "peak_rss_mb",
+    "reset_peak_memory",
+    "reset_peak_rss",
 ]

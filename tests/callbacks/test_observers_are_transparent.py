@@ -22,7 +22,7 @@ import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
-import lit_accel.callbacks.throughput_meter as throughput_meter
+import lit_accel.core.throughput as core_throughput
 from helpers import CONFIGS, quiet_cpu_trainer
 from lit_accel import CIFAR10DataModule, ImageClassifier, LiteCNN
 from lit_accel.callbacks import (
@@ -84,7 +84,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
 def cold_cpu_peak_cache(monkeypatch: pytest.MonkeyPatch) -> None:
     """ThroughputMeter benchmarks the CPU matmul peak once per process; an earlier test may have
     filled that cache. Empty, the benchmark runs inside the fit, as in a user's first run."""
-    monkeypatch.setattr(throughput_meter, "_CPU_PEAK_CACHE", {})
+    monkeypatch.setattr(core_throughput, "CPU_PEAK_CACHE", {})
 
 
 def _nothing(root: Path) -> tuple[list[Callback], dict[str, Any]]:
