@@ -1,74 +1,82 @@
-"""The benchmark must not rot: its quickest mode runs every case and prints a well-formed table."""
+"""The benchmarks must not rot: ``python -m tools.bench CASE --smoke`` runs each case and prints a
+well-formed table (tools/ is a package: nothing edits sys.path)."""
 
 import importlib
-import itertools
 import json
 import re
-import sys
 
-import lightning as L
 import pytest
 import torch
 
 from helpers import REPO_ROOT, config
-from lit_accel import CIFAR10DataModule, ImageClassifier
 from lit_accel.cli import LitAccelCLI
 from lit_accel.models import SeedCNN
-
-
-def _tool(name: str):
-    """A module of tools/, imported as the tools import each other."""
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    return importlib.import_module(name)
+from tools import plain_loop, synthetic_cifar_folder
+from tools.bench import batch_curve, fits, sample_seed, stability, state_copies
+from tools.bench import recipe as bench_recipe
+from tools.bench.__main__ import main as bench_main
 
 
 @pytest.mark.slow
 def test_bench_smoke_prints_a_row_for_every_variant(tmp_path, monkeypatch, capsys):
-    """Every case but ddp (a 1-process and a 2-process lit-accel job, 18 s of the suite's time, so
-    its _subprocess_run is left to the bench's own runs), and two networks. In this process: the
-    bench runs its cases in its own process anyway, and a second interpreter costs seconds."""
+    """The runners for real: the plain loop and a timed in-process fit (overhead), a fit with a
+    training-time budget and validations (networks). The other in-process cases are these fits with
+    other arguments (the next test); ddp's subprocess runner is the one of lit-accel tune's ddp lever."""
     monkeypatch.chdir(tmp_path)
-    bench = _tool("bench")
-    bench.main(
-        [
-            "--smoke",
-            "--cases",
-            "overhead,callbacks,pipeline,precision,networks",
-            "--networks",
-            "SeedCNN:0.05,ResNet9:0.05",
-            "--net",
-            "BatchNormCNN",
-            "--json",
-            str(tmp_path / "bench.json"),
-        ]
+    out = tmp_path / "bench.json"
+    bench_main(
+        ["overhead,networks", "--smoke", "--networks", "ResNet9:0.05", "--net", "BatchNormCNN", "--json", str(out)]
     )
+    assert [row["variant"] for row in json.loads(out.read_text())["rows"]][-1] == "ResNet9 (width 8), lr 0.05"
     main_table, network_table = capsys.readouterr().out.split("\n\n")[-2:]
     rows = [
         line for line in main_table.splitlines() if line.startswith("| ") and not line.startswith(("| case", "| ---"))
     ]
-    cases = {row.split("|")[1].strip() for row in rows}
-    assert cases == {"overhead", "callbacks", "pipeline", "precision", "networks"}
-    assert len(rows) == 13
+    assert [row.split("|")[2].strip() for row in rows] == [
+        "plain PyTorch loop",
+        "lit-accel fit",
+        "ResNet9 (width 8), lr 0.05",
+    ]
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert len(cells) == 8
         assert re.fullmatch(r"[\d,]+", cells[2]), f"images/s must be a number: {row}"
         assert re.fullmatch(r"\d+\.\d{3}", cells[3]), f"ratio must be a number: {row}"
-    network_rows = [r for r in rows if r.startswith("| networks")]
-    assert all(re.fullmatch(r"0\.\d{3}|1\.000", r.strip("|").split("|")[6].strip()) for r in network_rows)
-    time_to_accuracy = network_table.splitlines()[2:]
-    assert len(time_to_accuracy) == len(network_rows) == 2
-    for row in time_to_accuracy:
-        cells = [c.strip() for c in row.strip("|").split("|")]
-        assert re.fullmatch(r"\d+\.\d", cells[2]) and re.fullmatch(r"0\.\d{3}|1\.000", cells[4]), row
-        assert re.fullmatch(r"0\.\d{3}|1\.000", cells[3]), row  # a smoke run's 1 s is within the 15 s
-        assert all(re.fullmatch(r"\d+\.\d|not reached", c) for c in cells[5:]), row
+        assert re.fullmatch(r"[\d,]+", cells[5]), f"peak memory must be a number: {row}"
+    assert re.fullmatch(r"0\.\d{3}|1\.000", rows[2].strip("|").split("|")[6].strip())
+    (time_to_accuracy,) = network_table.splitlines()[2:]
+    cells = [c.strip() for c in time_to_accuracy.strip("|").split("|")]
+    assert re.fullmatch(r"\d+\.\d", cells[2]) and re.fullmatch(r"0\.\d{3}|1\.000", cells[4]), cells
+    assert re.fullmatch(r"0\.\d{3}|1\.000", cells[3]), cells  # a smoke run's 1 s is within the 15 s
+    assert all(re.fullmatch(r"\d+\.\d|not reached", c) for c in cells[5:]), cells
+
+
+def test_the_in_process_cases_are_fits_the_cli_accepts(monkeypatch):
+    """callbacks, pipeline and precision: each variant's arguments parse as ``lit-accel fit`` parses
+    them, and the callbacks case's variant brings the three callbacks."""
+    runs = []
+    monkeypatch.setattr(fits, "timed_fit", lambda s, args, callbacks=None, **_: runs.append((args, callbacks)) or {})
+    s = fits.settings_from_args(fits.parse(["--smoke"]))
+    expected = {
+        "callbacks": ["no callbacks", "meter + guard + dynamic"],
+        "pipeline": ["preload", "dataloader, 0 workers", "dataloader, 1 workers", "dataloader, 2 workers"],
+        "precision": ["32-true", "bf16-mixed", "16-mixed (runs as bf16-mixed on CPU)"],
+    }
+    for case, names in expected.items():
+        variants = importlib.import_module(f"tools.bench.{case}").variants(s)
+        assert list(variants) == names
+        for run in variants.values():
+            run()
+    parsed = [LitAccelCLI(args=args[1:], run=False) for args, _ in runs]
+    assert [cli.datamodule.pipeline for cli in parsed[2:6]] == ["preload", "dataloader", "dataloader", "dataloader"]
+    assert [cli.datamodule.num_workers for cli in parsed[3:6]] == [0, 1, 2]
+    assert [cli.trainer.precision for cli in parsed[6:]] == ["32-true", "bf16-mixed", "bf16-mixed"]
+    assert runs[0][1] is None and [type(c).__name__ for c in runs[1][1]] == [
+        "ThroughputMeter", "DivergenceGuard", "DynamicBatchLR"
+    ]  # fmt: skip
 
 
 def test_plain_loop_trains_without_lit_accel_training_code():
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import plain_loop
-
     from lit_accel.data import make_synthetic_cifar
 
     images, labels = make_synthetic_cifar(256, seed=0)
@@ -76,40 +84,6 @@ def test_plain_loop_trains_without_lit_accel_training_code():
     assert result.images_per_sec > 0 and result.timed_steps == 4
     source = (REPO_ROOT / "tools" / "plain_loop.py").read_text()
     assert "lightning" not in source and "lit_accel.data.augment" not in source and "ImageClassifier" not in source
-
-
-def test_step_timer_stops_at_its_training_time_budget_and_records_the_curve(tmp_path, monkeypatch):
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import bench_timer
-
-    ticks = itertools.count()  # a clock that advances one second per reading
-    monkeypatch.setattr(bench_timer.time, "perf_counter", lambda: float(next(ticks)))
-    timer = bench_timer.StepTimer(warmup_steps=1, budget_seconds=12)
-    data = CIFAR10DataModule(synthetic=True, synthetic_size=512, val_size=64, batch_size=16)
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=100,
-        val_check_interval=2,
-        check_val_every_n_epoch=None,
-        limit_val_batches=1,
-        num_sanity_val_steps=0,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[timer],
-        default_root_dir=tmp_path,
-    )
-    trainer.fit(ImageClassifier(SeedCNN()), data)
-
-    # The fake clock charges each timed step 2 s (read at batch start and end) and each validation
-    # 1 s (read at its start; the reading at its end restarts the clock). Step 1 is the warm-up, so
-    # steps 2-6 (10 s) plus the validations after steps 2 and 4 (2 s) reach the 12 s at step 6.
-    assert trainer.global_step == 6
-    assert [(seconds, step) for seconds, step, _accuracy in timer.result["curve"]] == [(3, 2), (8, 4), (13, 6)]
-    assert all(0.0 <= accuracy <= 1.0 for _seconds, _step, accuracy in timer.result["curve"])
-    with pytest.raises(ValueError, match="budget_seconds=0"):
-        bench_timer.StepTimer(budget_seconds=0)
 
 
 # --------------------------------------------------------------------- the recipe harness
@@ -121,12 +95,11 @@ def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_fold
     root, _ = cifar10_root
     out = tmp_path / "recipes.json"
     monkeypatch.chdir(tmp_path)
-    _tool("bench").main(
+    bench_main(
         [
-            "--cases",
             "recipe",
             "--smoke",
-            "--data-dir",
+            "--data_dir",
             str(root),
             "--recipes",
             "epochs2",  # one recipe (a fit and a test process) keeps the suite short
@@ -149,9 +122,6 @@ def test_recipe_harness_runs_whole_fit_and_test_processes_on_a_cifar_format_fold
 
 
 def test_recipe_harness_rejects_unknown_recipes_and_folders(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import bench_recipe
-
     with pytest.raises(ValueError, match="recipe 'nope' is not known"):
         bench_recipe.parse_recipes("recipe,nope", [])
     with pytest.raises(ValueError, match="use NAME=ARGS with a new NAME"):
@@ -164,9 +134,6 @@ def test_recipe_harness_rejects_unknown_recipes_and_folders(tmp_path):
 
 
 def test_synthetic_set_written_as_a_cifar_folder_reads_back_the_same(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import synthetic_cifar_folder
-
     from lit_accel.data import make_synthetic_cifar
     from lit_accel.data.cifar10 import read_cifar_folder
 
@@ -180,17 +147,9 @@ def test_synthetic_set_written_as_a_cifar_folder_reads_back_the_same(tmp_path):
 
 
 # --------------------------------------------------------------------- the stability harness
-def _bench_stability():
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import bench_stability
-
-    return bench_stability
-
-
 def test_stability_harness_takes_only_the_guard_out_of_the_recipe(tmp_path):
     import yaml
 
-    stability = _bench_stability()
     shipped = yaml.safe_load((REPO_ROOT / "configs" / "cifar10.yaml").read_text())
     unguarded = yaml.safe_load(stability.write_unguarded_recipe(tmp_path).read_text())
     paths = [c["class_path"] for c in shipped["trainer"]["callbacks"]]
@@ -209,7 +168,6 @@ def test_stability_harness_takes_only_the_guard_out_of_the_recipe(tmp_path):
 
 
 def test_stability_harness_reads_the_guard_counters_and_compares_to_the_tuned_run(tmp_path):
-    stability = _bench_stability()
     run = tmp_path / "runs" / "cifar10" / "version_0"
     (run / "checkpoints").mkdir(parents=True)
     assert stability.guard_state(tmp_path) == {"skipped_steps": 0, "rollbacks": 0, "lr_factor": 1.0}
@@ -239,7 +197,7 @@ def test_stability_harness_reads_the_guard_counters_and_compares_to_the_tuned_ru
     assert [r["stopped"] for r in rows] == [0, 0, 1, 0]
     assert "| x40 (0.16) | on | 0.7000 | -0.2000 |" in stability.table(rows, 0.004)
     for bad in ("0", "-1,10", "ten", ""):
-        with pytest.raises(ValueError, match="--lr-multipliers"):
+        with pytest.raises(ValueError, match="--lr_multipliers"):
             stability.parse_multipliers(bad)
 
 
@@ -249,15 +207,14 @@ def test_stability_harness_runs_each_factor_with_and_without_the_guard(tmp_path,
     reaches the table. The guard-free recipe it writes is accepted by the real CLI."""
     import argparse
 
-    stability = _bench_stability()
     calls, unguarded = [], tmp_path / "unguarded.yaml"
 
     def fake_run_recipe(args, data_args, timeout, config, fit_exit_codes, inspect):
         calls.append((args, config, fit_exit_codes))
-        if config != stability.bench_recipe.RECIPE_CONFIG:
+        if config != bench_recipe.RECIPE_CONFIG:
             unguarded.write_text(config.read_text())  # the harness's temporary folder goes away
         lr = float(args[args.index("--model.optimizer.init_args.lr") + 1])
-        guarded = config == stability.bench_recipe.RECIPE_CONFIG
+        guarded = config == bench_recipe.RECIPE_CONFIG
         return {
             "test_acc": 0.9 if guarded or lr < 0.01 else 0.5,
             "val_acc": 0.9,
@@ -267,7 +224,7 @@ def test_stability_harness_runs_each_factor_with_and_without_the_guard(tmp_path,
             **inspect(tmp_path),
         }
 
-    monkeypatch.setattr(stability.bench_recipe, "run_recipe", fake_run_recipe)
+    monkeypatch.setattr(bench_recipe, "run_recipe", fake_run_recipe)
     monkeypatch.chdir(tmp_path)
     args = argparse.Namespace(lr_multipliers="1,10", epochs=2, data_dir=None, recipe_timeout=60)
     rows = stability.run_from_args(argparse.ArgumentParser(), args, 1, True, str(tmp_path / "out.json"))
@@ -279,7 +236,7 @@ def test_stability_harness_runs_each_factor_with_and_without_the_guard(tmp_path,
             base * row["lr_multiplier"]
         )
         assert run_args[run_args.index("--trainer.max_epochs") + 1] == "2" and exit_codes == (0, 3)
-        assert (recipe_file == stability.bench_recipe.RECIPE_CONFIG) is row["guard"]
+        assert (recipe_file == bench_recipe.RECIPE_CONFIG) is row["guard"]
     assert "DivergenceGuard" not in unguarded.read_text()
     assert "| x10 (" in capsys.readouterr().out
     cli = LitAccelCLI(args=["--config", str(unguarded), *config("smoke.yaml")], run=False)
@@ -288,10 +245,7 @@ def test_stability_harness_runs_each_factor_with_and_without_the_guard(tmp_path,
 
 
 def test_state_copies_bench_times_each_copy(capsys):
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import bench_state_copies
-
-    bench_state_copies.main(["--net", "SeedCNN", "--copies", "3"])
+    state_copies.main(["--net", "SeedCNN", "--copies", "3"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [row.split("|")[1].strip() for row in rows[1:]] == [
         "GeneralizationMonitor best-weights copy",
@@ -303,15 +257,8 @@ def test_state_copies_bench_times_each_copy(capsys):
         assert 0 < low <= median
 
 
-def _bench_batch_curve():
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import bench_batch_curve
-
-    return bench_batch_curve
-
-
 def test_batch_curve_model_and_simulation():
-    curve = _bench_batch_curve()
+    curve = batch_curve
     # Points made from a known model (5 ms per step + batch / 10,000 images/s) are fitted back.
     known = {b: curve.images_per_sec(b, 0.005, 10_000.0) for b in (64, 256, 1024)}
     overhead, peak = curve.fit_step_model(known)
@@ -331,9 +278,9 @@ def test_batch_curve_model_and_simulation():
 
 @pytest.mark.slow
 def test_batch_curve_measures_the_recipe_through_the_cli(tmp_path, capsys):
-    curve = _bench_batch_curve()
+    curve = batch_curve
     report = curve.main(
-        ["--batches", "32,64", "--reps", "1", "--steps-images", "192", "--json", str(tmp_path / "c.json")]
+        ["--batches", "32,64", "--reps", "1", "--steps_images", "192", "--json", str(tmp_path / "c.json")]
     )
     out = capsys.readouterr().out
     assert set(report["curve"]) == {"32", "64"} and all(v["median"] > 0 for v in report["curve"].values())
@@ -347,10 +294,17 @@ def test_batch_curve_measures_the_recipe_through_the_cli(tmp_path, capsys):
 
 
 def test_sample_seed_bench_times_both_variants(capsys):
-    sys.path.insert(0, str(REPO_ROOT / "tools"))
-    import bench_sample_seed
-
-    result = bench_sample_seed.main(["--samples", "20", "--reps", "2"])
+    result = sample_seed.main(["--samples", "20", "--reps", "2"])
     out = capsys.readouterr().out
     assert "| seeded |" in out and "| global RNG |" in out and "median paired ratio seeded / global RNG" in out
     assert result["ratio"] > 0 and result["seeded"] > 0 and result["global RNG"] > 0
+
+
+def test_the_bench_entry_names_its_cases_and_refuses_others(capsys):
+    bench_main(["--help"])
+    assert "callback_overhead" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        bench_main(["overhead,recipe"])  # recipe has its own flags: not together with a throughput case
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "'overhead,recipe' is not a case: use one of overhead" in err and len(err.strip().splitlines()) == 1

@@ -2,13 +2,13 @@
 
 Usage::
 
-    python tools/gpu_check.py REPORT_DIR                      # on a CUDA GPU, at most about 8 minutes
-    python tools/gpu_check.py REPORT_DIR --data-dir DIR       # also the GPU recipe on real CIFAR-10
-    python tools/gpu_check.py REPORT_DIR --quick              # on a CPU: the same code paths, tiny sizes
+    python -m tools.gpu_check REPORT_DIR                      # on a CUDA GPU, at most about 8 minutes
+    python -m tools.gpu_check REPORT_DIR --data_dir DIR       # also the GPU recipe on real CIFAR-10
+    python -m tools.gpu_check REPORT_DIR --quick              # on a CPU: the same code paths, tiny sizes
 
 It writes ``REPORT_DIR/report.md`` and ``REPORT_DIR/report.json`` (never over an earlier report),
 after every section, so a check stopped from outside still leaves what it measured. Sections and
-their rows start only while the time budget (``--budget-s``, 480 s) leaves room for them; one that
+their rows start only while the time budget (``--budget_s``, 480 s) leaves room for them; one that
 did not fit says so. A started row runs to its end (the comparisons run in this process), so a
 check can end up to one row past the budget; subprocesses get what is left as their timeout.
 
@@ -19,9 +19,9 @@ check can end up to one row past the budget; subprocesses get what is left as th
    each: exit status, training images/s, data-wait share, MFU (ThroughputMeter) and peak memory.
    On a GPU each fit is its own process; in quick mode they run in this process.
 3. **time to accuracy**: the whole GPU recipe as a user runs it, ``lit-accel fit`` then ``lit-accel
-   test``, each its own process (tools/bench_recipe.py): validation accuracy after each epoch
+   test``, each its own process (the ``recipe`` benchmark's harness): validation accuracy after each epoch
    against training seconds, the seconds to ``--target``, the test accuracy; on the synthetic set
-   and, with ``--data-dir``, on real CIFAR-10.
+   and, with ``--data_dir``, on real CIFAR-10.
 4. **versus a plain loop**: lit-accel against ``tools/plain_loop.py`` on the same device for
    SeedCNN, BatchNormCNN and the GPU recipe's ResNet9 (the plain loop then with the recipe's
    bf16, channels_last and data held on the device), paired and alternating, with and without
@@ -59,17 +59,15 @@ from typing import Any
 
 import torch
 
-TOOLS = Path(__file__).resolve().parent
-ROOT = TOOLS.parent
+from lit_accel.cli import GPU_RECIPE_ON_CPU
+from lit_accel.measure import TRIAL_FIT_ARGS, MemoryWindow, cell, markdown_table, quiet
+from tools import plain_loop
+from tools.bench import fits as bench_fits
+from tools.bench import recipe as bench_recipe
+from tools.bench.networks import seconds_to_accuracy
+
+ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "configs"
-sys.path.insert(0, str(TOOLS))
-
-import bench  # noqa: E402
-import bench_recipe  # noqa: E402
-import plain_loop  # noqa: E402
-
-from lit_accel._measure import TRIAL_FIT_ARGS, quiet  # noqa: E402
-from lit_accel.cli import GPU_RECIPE_ON_CPU  # noqa: E402
 
 RECIPE = ("cifar10.yaml", "gpu.yaml")
 # (row, config files after the recipe's, extra overrides, needs a GPU)
@@ -165,10 +163,8 @@ def _recipe_args(plan: Plan, *extra_configs: str) -> list[str]:
 
 
 def _step_timer(warmup: int, timed: int | None, output: Path) -> str:
-    init: dict[str, Any] = {"warmup_steps": warmup, "output": str(output)}
-    if timed is not None:
-        init["timed_steps"] = timed
-    return "--trainer.callbacks+=" + json.dumps({"class_path": "bench_timer.StepTimer", "init_args": init})
+    init: dict[str, Any] = {"warmup_steps": warmup, "timed_steps": timed, "output": str(output)}
+    return "--trainer.callbacks+=" + json.dumps({"class_path": "lit_accel.measure.FitTimer", "init_args": init})
 
 
 def run_lit_accel(args: list[str], folder: Path, separate_process: bool, timeout_s: float) -> tuple[int, str]:
@@ -178,12 +174,10 @@ def run_lit_accel(args: list[str], folder: Path, separate_process: bool, timeout
     ``lit_accel.cli.main`` in this process, quietly (quick mode), leaving no process group behind.
     """
     if separate_process:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")])}
         try:
             done = subprocess.run(
                 [sys.executable, "-m", "lit_accel", *args],
                 cwd=folder,
-                env=env,
                 capture_output=True,
                 text=True,
                 timeout=max(1.0, timeout_s),
@@ -198,7 +192,7 @@ def run_lit_accel(args: list[str], folder: Path, separate_process: bool, timeout
     # A port of its own: torch keeps the rendezvous port of an in-process DDP run bound after the
     # process group is destroyed, and later DDP runs from this process tree would inherit the
     # MASTER_PORT it took from the environment (EADDRINUSE, or a rank waiting for ever).
-    os.environ["MASTER_PORT"] = str(_free_port())
+    os.environ["MASTER_PORT"] = str(free_port())
     status, message = 0, ""
     try:
         with quiet(), contextlib.chdir(folder):
@@ -218,7 +212,8 @@ def run_lit_accel(args: list[str], folder: Path, separate_process: bool, timeout
     return status, message
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A free TCP port on this machine (an in-process DDP run's rendezvous)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
@@ -303,7 +298,7 @@ def fits(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, Any]]:
         throughput = timed.get("throughput", {})
         row.update(
             images_per_sec=timed["images_per_sec"],
-            data_wait=timed["data_wait_fraction"],
+            data_wait=timed["data_wait"],
             mfu=throughput.get("mfu"),
             peak_memory_mb=timed["peak_memory_mb"],
         )
@@ -340,7 +335,7 @@ def time_to_accuracy(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, A
             images_per_sec=result["images_per_sec"],
             train_seconds=result["train_seconds"],
             curve=curve,
-            seconds_to_target=bench.seconds_to_accuracy(curve, plan.target),
+            seconds_to_target=seconds_to_accuracy(curve, plan.target),
             test_acc=result["test_acc"],
         )
     return rows
@@ -354,10 +349,9 @@ def _plain_variant(plan: Plan, net_name: str, compiled: bool) -> Callable[[], di
     recipe = net_name.startswith("ResNet9")
 
     def run() -> dict[str, Any]:
+        memory = MemoryWindow()
         torch.manual_seed(0)
         net = nets.ResNet9(width=plan.recipe_width) if recipe else getattr(nets, net_name)()
-        if plan.device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
         result = plain_loop.train(
             net,
             images,
@@ -372,13 +366,13 @@ def _plain_variant(plan: Plan, net_name: str, compiled: bool) -> Callable[[], di
             compile=compiled,
             compile_options=plan.compile_options,
         )
-        return {"images_per_sec": result.images_per_sec, "peak_memory_mb": result.peak_memory_mb}
+        return {"images_per_sec": result.images_per_sec, "peak_memory_mb": memory.peak_mb(plan.device)}
 
     return run
 
 
 def _lit_variant(plan: Plan, net_name: str, compiled: bool) -> Callable[[], dict[str, Any]]:
-    settings = bench.Settings(plan.device, plan.versus_batch, plan.versus_warmup, plan.versus_timed, 1, 1.0)
+    settings = bench_fits.Settings(plan.device, plan.versus_batch, plan.versus_warmup, plan.versus_timed, 1, 1.0)
     steps = ["--trainer.max_steps", str(plan.versus_warmup + plan.versus_timed), "--trainer.limit_val_batches", "0"]
     if net_name.startswith("ResNet9"):
         images = (plan.versus_warmup + plan.versus_timed + 2) * plan.versus_batch + 64
@@ -386,10 +380,10 @@ def _lit_variant(plan: Plan, net_name: str, compiled: bool) -> Callable[[], dict
         args += ["--data.synthetic_size", str(images), "--data.val_size", "64", "--data.batch_size"]
         args += [str(plan.versus_batch), "--trainer.max_epochs", "-1"]
     else:
-        args = bench._lit_args(settings, net=net_name)
+        args = bench_fits.lit_args(settings, net=net_name)
     if compiled:
         args += ["--model.compile", "true", "--model.compile_options", json.dumps(plan.compile_options)]
-    return lambda: bench._timed_fit(settings, [*args, *steps])
+    return lambda: bench_fits.timed_fit(settings, [*args, *steps])
 
 
 def versus_plain_loop(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, Any]]:
@@ -407,16 +401,15 @@ def versus_plain_loop(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, 
             if not clock.allows(15 if plan.quick else (150 if compiled else 60)):
                 row["not_run"] = OUT_OF_TIME
                 continue
-            variants = [
-                bench.Variant("plain loop", _plain_variant(plan, net_name, compiled)),
-                bench.Variant("lit-accel", _lit_variant(plan, net_name, compiled)),
-            ]
+            variants = {
+                "plain loop": _plain_variant(plan, net_name, compiled),
+                "lit-accel": _lit_variant(plan, net_name, compiled),
+            }
             try:
-                bench.run_case(variants, plan.versus_reps)
+                plain, lit = bench_fits.measure("versus", variants, plan.versus_reps)
             except Exception as error:  # one failed pair is a row, not the end of the check
                 row["error"] = f"{type(error).__name__}: {error}"[:300]
                 continue
-            plain, lit = bench.summarize("versus", variants)
             row.update(
                 plain_images_per_sec=plain["images_per_sec"],
                 lit_images_per_sec=lit["images_per_sec"],
@@ -427,16 +420,9 @@ def versus_plain_loop(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, 
 
 
 # -------------------------------------------------------------------------------------- report
-def _cell(value: Any, pattern: str) -> str:
-    return "—" if value is None or value != value else pattern.format(value)
-
-
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
     """A Markdown section with one table; a column name ending in ``:`` is right-aligned (a number)."""
-    names = [c.rstrip(":") for c in columns]
-    aligns = ["---:" if c.endswith(":") else "---" for c in columns]
-    lines = ["", f"## {title}", "", "| " + " | ".join(names) + " |", "| " + " | ".join(aligns) + " |"]
-    return lines + ["| " + " | ".join(cells) + " |" for cells in rows]
+    return ["", f"## {title}", "", *markdown_table(columns, rows).splitlines()]
 
 
 def _note(row: dict[str, Any]) -> str:
@@ -478,10 +464,10 @@ def markdown(report: dict[str, Any]) -> str:
             [
                 row["fit"],
                 str(row.get("exit_status", "—")),
-                _cell(row.get("images_per_sec"), "{:,.0f}"),
-                _cell(row.get("data_wait"), "{:.1%}"),
-                _cell(row.get("mfu"), "{:.1%}"),
-                _cell(row.get("peak_memory_mb"), "{:,.0f}"),
+                cell(row.get("images_per_sec"), "{:,.0f}"),
+                cell(row.get("data_wait"), "{:.1%}"),
+                cell(row.get("mfu"), "{:.1%}"),
+                cell(row.get("peak_memory_mb"), "{:,.0f}"),
                 _note(row),
             ]
             for row in sections.get("fits", [])
@@ -495,12 +481,12 @@ def markdown(report: dict[str, Any]) -> str:
             [
                 row["data"],
                 str(row.get("exit_status", "—")),
-                _cell(row.get("fit_seconds"), "{:.1f}"),
-                _cell(row.get("images_per_sec"), "{:,.0f}"),
-                _cell(row.get("train_seconds"), "{:.1f}"),
+                cell(row.get("fit_seconds"), "{:.1f}"),
+                cell(row.get("images_per_sec"), "{:,.0f}"),
+                cell(row.get("train_seconds"), "{:.1f}"),
                 ", ".join(f"{point[2]:.3f}" for point in row.get("curve", [])) or "—",
                 f"{_seconds_to_target(row.get('seconds_to_target'))} (target {row['target']})",
-                _cell(row.get("test_acc"), "{:.4f}"),
+                cell(row.get("test_acc"), "{:.4f}"),
                 _note(row),
             ]
             for row in sections.get("time_to_accuracy", [])
@@ -514,9 +500,9 @@ def markdown(report: dict[str, Any]) -> str:
             [
                 row["network"],
                 "yes" if row["compile"] else "no",
-                _cell(row.get("plain_images_per_sec"), "{:,.0f}"),
-                _cell(row.get("lit_images_per_sec"), "{:,.0f}"),
-                _cell(row.get("ratio"), "{:.3f}"),
+                cell(row.get("plain_images_per_sec"), "{:,.0f}"),
+                cell(row.get("lit_images_per_sec"), "{:,.0f}"),
+                cell(row.get("ratio"), "{:.3f}"),
                 str(row.get("reps", "—")),
                 _note(row),
             ]
@@ -528,7 +514,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _verdict(report: dict[str, Any]) -> str:
+def verdict(report: dict[str, Any]) -> str:
     """``failed`` if anything failed, else ``incomplete`` if the time budget left anything out, else ``passed``."""
     sections = report["sections"]
     tests = sections.get("gpu_tests", {})
@@ -551,7 +537,7 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
     """Every section within the plan's budget; returns the report (also written to ``out_dir``)."""
     clock = Clock(plan.budget_s)
     report: dict[str, Any] = {
-        "machine": bench.machine(),
+        "machine": bench_fits.machine(),
         "mode": "quick (CPU)" if plan.quick else "GPU",
         "command": command,
         "budget_s": plan.budget_s,
@@ -598,18 +584,20 @@ def run(plan: Plan, out_dir: Path, command: str) -> dict[str, Any]:
             alongside.join()
     report["sections"] = {name: report["sections"][name] for name, _ in steps if name in report["sections"]}
     report["seconds"] = time.perf_counter() - clock.started
-    report["verdict"] = _verdict(report)
+    report["verdict"] = verdict(report)
     _write_report(report, out_dir)
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.gpu_check", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("out_dir", help="folder for report.md and report.json (created; must hold no report)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes on a CPU: checks the script itself")
-    parser.add_argument("--data-dir", help="a folder with cifar-10-batches-py/: the GPU recipe on real images too")
+    parser.add_argument("--data_dir", help="a folder with cifar-10-batches-py/: the GPU recipe on real images too")
     parser.add_argument("--target", type=float, default=0.94, help="validation accuracy to time (default 0.94)")
-    parser.add_argument("--budget-s", type=float, default=480.0, help="seconds for every section (default 480)")
+    parser.add_argument("--budget_s", type=float, default=480.0, help="seconds for every section (default 480)")
     args = parser.parse_args(argv)
     out_dir = Path(args.out_dir)
     problem = None
@@ -620,15 +608,15 @@ def main(argv: list[str] | None = None) -> int:
     elif (out_dir / "report.json").exists() or (out_dir / "report.md").exists():
         problem = f"{out_dir} already holds a report: give a new folder (a report is never overwritten)"
     elif args.data_dir and not (Path(args.data_dir) / "cifar-10-batches-py").is_dir():
-        problem = f"--data-dir {args.data_dir}: no cifar-10-batches-py/ folder in it"
+        problem = f"--data_dir {args.data_dir}: no cifar-10-batches-py/ folder in it"
     elif not (0 < args.target <= 1 and args.budget_s > 0):
-        problem = "--target must be in (0, 1] and --budget-s positive"
+        problem = "--target must be in (0, 1] and --budget_s positive"
     if problem:
         print(f"gpu_check: {problem}", file=sys.stderr)
         return 2
     out_dir.mkdir(parents=True, exist_ok=True)
     plan = Plan.for_run(args.quick, args.budget_s, args.target, args.data_dir)
-    command = "python tools/gpu_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m tools.gpu_check " + " ".join(argv if argv is not None else sys.argv[1:])
     report = run(plan, out_dir, command)
     print(markdown(report))
     return 0 if report["verdict"] == "passed" else 1

@@ -3,10 +3,10 @@
 It shares nothing with lit_accel's training code except the network definition (and the synthetic
 data generator, which is data, not training): its own batching, per-sample augmentation (random
 crop with 4-pixel zero padding, horizontal flip), normalization, loss, optimizer and precision
-handling. ``tools/bench.py`` times it against ``lit-accel fit`` with the same settings; used alone
-it prints its own throughput::
+handling. ``python -m tools.bench overhead`` times it against ``lit-accel fit`` with the same
+settings (and measures its memory from outside); used alone it prints its own throughput::
 
-    python tools/plain_loop.py --net SeedCNN --batch-size 128 --steps 100 --precision 32-true
+    python tools/plain_loop.py --net SeedCNN --batch_size 128 --steps 100 --precision 32-true
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ class LoopResult:
     images_per_sec: float  # training images per second over the timed steps
     timed_steps: int
     final_loss: float
-    peak_memory_mb: float
 
 
 def _augment(images: Tensor, padding: int = 4) -> Tensor:
@@ -46,14 +45,6 @@ def _augment(images: Tensor, padding: int = 4) -> Tensor:
     cropped = padded.gather(2, rows.expand(n, c, h, w + 2 * padding)).gather(3, cols.expand(n, c, h, w))
     flip = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
     return torch.where(flip, cropped.flip(3), cropped)
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def train(
@@ -126,14 +117,13 @@ def train(
         images_per_sec=timed_steps * batch_size / elapsed,
         timed_steps=timed_steps,
         final_loss=float(loss.detach()),
-        peak_memory_mb=_peak_memory_mb(dev),
     )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--net", default="SeedCNN", choices=("SeedCNN", "BatchNormCNN", "ResNet9"))
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=100, help="timed steps (after 5 warm-up steps)")
     parser.add_argument("--precision", default="32-true", choices=("32-true", "bf16-mixed", "16-mixed"))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,13 +1,13 @@
 """Write lit_accel's synthetic data set as a folder in CIFAR-10's on-disk format.
 
 So that everything that reads a CIFAR-format folder (``--data.data_dir DIR --data.verify_checksums
-false``, ``python tools/bench.py --cases recipe --data-dir DIR``) can be run offline, and timed as
+false``, ``python -m tools.bench recipe --data_dir DIR``) can be run offline, and timed as
 it is on real files: the data is loaded from disk instead of being generated in every process.
 
 Usage::
 
-    python tools/synthetic_cifar_folder.py /tmp/synthetic-cifar          # 50,000 train + 10,000 test
-    python tools/bench.py --cases recipe --data-dir /tmp/synthetic-cifar
+    python -m tools.synthetic_cifar_folder /tmp/synthetic-cifar          # 50,000 train + 10,000 test
+    python -m tools.bench recipe --data_dir /tmp/synthetic-cifar
 
 Layout written: ``DIR/cifar-10-batches-py/data_batch_1`` … ``data_batch_5``, ``test_batch``,
 ``batches.meta``, each a pickled dict as in the official archive (``data``: uint8 ``(N, 3072)``, the
@@ -57,12 +57,12 @@ def _dump(path: Path, images, labels, name: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the folder to create (cifar-10-batches-py/ goes inside)")
-    parser.add_argument("--train-size", type=int, default=50_000)
-    parser.add_argument("--test-size", type=int, default=10_000)
+    parser.add_argument("--train_size", type=int, default=50_000)
+    parser.add_argument("--test_size", type=int, default=10_000)
     parser.add_argument("--seed", type=int, default=0, help="picks the data set (its class glyphs)")
     args = parser.parse_args(argv)
     if args.train_size < BATCHES or args.test_size < 1:
-        parser.error(f"--train-size must be at least {BATCHES} and --test-size at least 1")
+        parser.error(f"--train_size must be at least {BATCHES} and --test_size at least 1")
     print(write_folder(args.out, args.train_size, args.test_size, args.seed))
 
 

@@ -6,22 +6,22 @@ wall time only through a higher training throughput at the larger batch: the run
 images either way. So measure the curve first:
 
 * ``curve``: ``lit-accel fit`` of the shipped recipe (``configs/cifar10.yaml`` on the synthetic
-  set, in-process, the real CLI) at each batch size, timed by ``tools/bench_timer.StepTimer``,
+  set, in-process, the real CLI) at each batch size, timed by ``lit_accel.measure.FitTimer``,
   batch sizes alternating between repetitions; medians. It also fits the step-time model
   ``seconds per step = overhead + batch / peak`` (least squares), which explains the curve: a
   fixed cost per optimizer step (Python, hooks, the optimizer, kernel launches) that a larger
   batch spreads over more images, and a cost per image.
 * ``simulate``: the training time of a run whose batch follows a growth table, relative to the
   same run at the starting batch, on a step-time model: the one just measured, or one given with
-  ``--overhead-ms`` and ``--peak``. The optimization itself (images seen, accuracy reached) does not
+  ``--overhead_ms`` and ``--peak``. The optimization itself (images seen, accuracy reached) does not
   depend on the device, so a ratio from this model and an accuracy measured on any device
   combine into a time-to-accuracy estimate for that device.
 
 Usage::
 
-    python tools/bench_batch_curve.py --batches 128,256,512,1024 --reps 3
-    python tools/bench_batch_curve.py --simulate --overhead-ms 2 --peak 200000 --growth 0.4:512
-    python tools/bench_batch_curve.py --batches 256,512 --reps 1 --steps-images 1536   # seconds
+    python -m tools.bench batch_curve --batches 128,256,512,1024 --reps 3
+    python -m tools.bench batch_curve --simulate --overhead_ms 2 --peak 200000 --growth 0.4:512
+    python -m tools.bench batch_curve --batches 256,512 --reps 1 --steps_images 1536   # seconds
 """
 
 from __future__ import annotations
@@ -30,24 +30,20 @@ import argparse
 import json
 import math
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
-RECIPE = TOOLS.parent / "configs" / "cifar10.yaml"
+from lit_accel.measure import TRIAL_FIT_ARGS, markdown_table, median, rounds
+from tools.bench.fits import Settings, timed_fit
+
+RECIPE = Path(__file__).resolve().parents[2] / "configs" / "cifar10.yaml"
 
 
 def measure_curve(batches: list[int], reps: int, images_per_run: int) -> dict[int, list[float]]:
     """Images/s of the recipe's training steps at each batch size, ``reps`` times, alternating."""
-    sys.path.insert(0, str(TOOLS))
-    from bench import Settings, _timed_fit
-
-    from lit_accel._measure import TRIAL_FIT_ARGS
-
     results: dict[int, list[float]] = {b: [] for b in batches}
-    for rep in range(reps):
-        for batch in batches if rep % 2 == 0 else batches[::-1]:
+    for rep, order in rounds(batches, reps):
+        for batch in order:
             warmup = 2
             timed = max(3, images_per_run // batch)
             settings = Settings("cpu", batch, warmup, timed, 1, 1.0)
@@ -69,7 +65,7 @@ def measure_curve(batches: list[int], reps: int, images_per_run: int) -> dict[in
                 str(warmup + timed),
                 *TRIAL_FIT_ARGS,  # what lit-accel tune's trials use: nothing written but the timing
             ]
-            result = _timed_fit(settings, args)
+            result = timed_fit(settings, args)
             results[batch].append(float(result["images_per_sec"]))
             print(f"# batch {batch} (rep {rep + 1}/{reps}): {result['images_per_sec']:,.0f} images/s", flush=True)
     return results
@@ -126,12 +122,16 @@ def parse_growth(text: str) -> dict[float, int]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench batch_curve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--batches", default="128,256,512,1024", help="batch sizes to measure, comma-separated")
     parser.add_argument("--reps", type=int, default=3, help="repetitions per batch size (alternating order)")
-    parser.add_argument("--steps-images", type=int, default=6000, help="images per timed run (sets its steps)")
-    parser.add_argument("--simulate", action="store_true", help="only simulate, on --overhead-ms and --peak")
-    parser.add_argument("--overhead-ms", type=float, help="step-time model: fixed milliseconds per step")
+    parser.add_argument("--steps_images", type=int, default=6000, help="images per timed run (sets its steps)")
+    parser.add_argument("--simulate", action="store_true", help="only simulate, on --overhead_ms and --peak")
+    parser.add_argument("--overhead_ms", type=float, help="step-time model: fixed milliseconds per step")
     parser.add_argument("--peak", type=float, help="step-time model: images/s with no per-step overhead")
     parser.add_argument("--start", type=int, default=256, help="the run's starting batch (the recipe's)")
     parser.add_argument("--growth", default="0.4:512", help="FRACTION:BATCH,... (configs/dynamic_progress.yaml)")
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"start": args.start, "growth": growth, "epochs": args.epochs}
     if args.simulate:
         if args.overhead_ms is None or args.peak is None:
-            parser.error("--simulate needs --overhead-ms and --peak (or measure a curve: leave out --simulate)")
+            parser.error("--simulate needs --overhead_ms and --peak (or measure a curve: leave out --simulate)")
         overhead, peak = args.overhead_ms / 1000, args.peak
     else:
         try:
@@ -154,12 +154,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ValueError:
             parser.error(f"--batches {args.batches!r}: use integers, e.g. 128,256,512")
         samples = measure_curve(batches, args.reps, args.steps_images)
-        medians = {b: statistics.median(v) for b, v in samples.items()}
+        medians = {b: median(v) for b, v in samples.items()}
         report["curve"] = {str(b): {"median": medians[b], "all": samples[b]} for b in batches}
-        print("| batch | images/s (median) | ratio to the first |")
-        print("| ---: | ---: | ---: |")
-        for batch in batches:
-            print(f"| {batch} | {medians[batch]:,.0f} | {medians[batch] / medians[batches[0]]:.3f} |")
+        cells = [[str(b), f"{medians[b]:,.0f}", f"{medians[b] / medians[batches[0]]:.3f}"] for b in batches]
+        print(markdown_table(["batch:", "images/s (median):", "ratio to the first:"], cells))
         try:
             overhead, peak = fit_step_model(medians)
         except ValueError as error:  # a noisy machine: the curve is still worth having

@@ -6,14 +6,13 @@ The optimizer state is created by one real SGD-with-momentum step, as in a run.
 
 Usage::
 
-    python tools/bench_state_copies.py                        # LiteCNN width 16 (the recipe's)
-    python tools/bench_state_copies.py --net SeedCNN --copies 100
+    python -m tools.bench state_copies                        # LiteCNN width 16 (the recipe's)
+    python -m tools.bench state_copies --net SeedCNN --copies 100
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
@@ -21,6 +20,7 @@ import torch
 from lit_accel import models
 from lit_accel.callbacks.divergence_guard import _Snapshot
 from lit_accel.callbacks.generalization_monitor import _host_copy
+from lit_accel.measure import markdown_table, median
 
 
 def _times_ms(fn, copies: int) -> list[float]:
@@ -34,7 +34,11 @@ def _times_ms(fn, copies: int) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench state_copies",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--net", default="LiteCNN", help="a network of lit_accel.models")
     parser.add_argument("--width", type=int, default=16, help="network width, for networks that take one")
     parser.add_argument("--copies", type=int, default=50)
@@ -60,10 +64,8 @@ def main(argv: list[str] | None = None) -> None:
         f"# {args.net}: {numbers / 1e6:.2f} M parameter and buffer numbers, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {args.copies} copies"
     )
-    print("| copy | min ms | median ms |")
-    print("| --- | ---: | ---: |")
-    for name, times in rows.items():
-        print(f"| {name} | {min(times):.2f} | {statistics.median(times):.2f} |")
+    cells = [[name, f"{min(times):.2f}", f"{median(times):.2f}"] for name, times in rows.items()]
+    print(markdown_table(["copy", "min ms:", "median ms:"], cells))
 
 
 if __name__ == "__main__":

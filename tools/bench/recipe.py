@@ -14,11 +14,11 @@ next; the table shows medians.
 
 Usage::
 
-    python tools/bench.py --cases recipe --data-dir DIR           # DIR holds cifar-10-batches-py/
-    python tools/bench.py --cases recipe                          # the synthetic set (offline)
-    python tools/bench.py --cases recipe --recipes recipe,epochs3,sgd-old --reps 3
-    python tools/bench.py --cases recipe --recipe "mine=--model.optimizer.init_args.lr 0.004"
-    python tools/bench_recipe.py --list                           # the named recipes
+    python -m tools.bench recipe --data_dir DIR           # DIR holds cifar-10-batches-py/
+    python -m tools.bench recipe                          # the synthetic set (offline)
+    python -m tools.bench recipe --recipes recipe,epochs3,sgd-old --reps 3
+    python -m tools.bench recipe --recipe "mine=--model.optimizer.init_args.lr 0.004"
+    python -m tools.bench recipe --list                   # the named recipes
 
 ``DIR`` is any folder in CIFAR-10's on-disk format (``cifar-10-batches-py/`` with the five
 training batches, ``test_batch`` and ``batches.meta``); nothing is downloaded.
@@ -28,9 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -40,8 +38,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-TOOLS = Path(__file__).resolve().parent
-REPO = TOOLS.parent
+from lit_accel.measure import cell, markdown_table, median, rounds
+
+REPO = Path(__file__).resolve().parents[2]
 RECIPE_CONFIG = REPO / "configs" / "cifar10.yaml"
 SMOKE_CONFIG = REPO / "configs" / "smoke.yaml"
 
@@ -160,17 +159,16 @@ def run_recipe(
     with tempfile.TemporaryDirectory(prefix="lit-accel-recipe-") as folder:
         timer_file, test_file = Path(folder) / "timer.json", Path(folder) / "test.json"
         common = ["--config", str(config), *data_args, *recipe_args, "--trainer.enable_progress_bar", "false"]
-        # bench_timer's callbacks only read clocks and metrics; tools/ is put on the path for them.
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(TOOLS), os.environ.get("PYTHONPATH")]))}
-        fit = [*common, _callback("bench_timer.StepTimer", warmup_steps=0, output=str(timer_file))]
+        timer = _callback("lit_accel.measure.FitTimer", warmup_steps=0, timed_steps=None, output=str(timer_file))
         fit_seconds, fit_exit_code = _run(
-            [sys.executable, "-m", "lit_accel", "fit", *fit], folder, env, timeout, fit_exit_codes
+            [sys.executable, "-m", "lit_accel", "fit", *common, timer], folder, timeout, fit_exit_codes
         )
         tested: dict[str, float] = {}
         test_seconds = float("nan")
         if any(Path(folder).glob("runs/*/version_*/checkpoints/best-*.ckpt")):
-            test = [*common, "--ckpt_path", "best", _callback("bench_timer.MetricsWriter", output=str(test_file))]
-            test_seconds, _ = _run([sys.executable, "-m", "lit_accel", "test", *test], folder, env, timeout)
+            writer = _callback("lit_accel.measure.MetricsWriter", output=str(test_file))
+            test = [*common, "--ckpt_path", "best", writer]
+            test_seconds, _ = _run([sys.executable, "-m", "lit_accel", "test", *test], folder, timeout)
             tested = json.loads(test_file.read_text())
         timer = json.loads(timer_file.read_text()) if timer_file.exists() else _NO_TIMER
         extra = inspect(Path(folder)) if inspect is not None else {}
@@ -188,7 +186,7 @@ def run_recipe(
     }
 
 
-# What a fit that stopped before StepTimer wrote its file (a DivergenceGuard stop) reports.
+# What a fit that stopped before FitTimer wrote its file (a DivergenceGuard stop) reports.
 _NO_TIMER: dict[str, Any] = {
     "final_metrics": {},
     "train_seconds": float("nan"),
@@ -197,11 +195,9 @@ _NO_TIMER: dict[str, Any] = {
 }
 
 
-def _run(
-    command: list[str], cwd: str, env: dict[str, str], timeout: float, exit_codes: tuple[int, ...] = (0,)
-) -> tuple[float, int]:
+def _run(command: list[str], cwd: str, timeout: float, exit_codes: tuple[int, ...] = (0,)) -> tuple[float, int]:
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - started
     if done.returncode not in exit_codes:
         shown = " ".join(shlex.quote(part) for part in command)
@@ -237,7 +233,7 @@ def data_arguments(data_dir: str | None, smoke: bool) -> list[str]:
         folder = Path(data_dir)
         if not (folder / "cifar-10-batches-py").is_dir():
             raise ValueError(
-                f"--data-dir {data_dir}: no cifar-10-batches-py/ folder in it. Give the folder that holds "
+                f"--data_dir {data_dir}: no cifar-10-batches-py/ folder in it. Give the folder that holds "
                 "cifar-10-batches-py/ (data_batch_1..5, test_batch, batches.meta)."
             )
         # verify_checksums false: any CIFAR-format folder, read by the restricted loader
@@ -252,8 +248,8 @@ def data_arguments(data_dir: str | None, smoke: bool) -> list[str]:
 
 def run(recipes: list[Recipe], data_args: list[str], reps: int, timeout: float, log: Any = None) -> None:
     log = log or sys.stderr  # at call time: a caller may have replaced sys.stderr since the import
-    for rep in range(reps):
-        for recipe in recipes if rep % 2 == 0 else recipes[::-1]:
+    for rep, order in rounds(recipes, reps):
+        for recipe in order:
             result = run_recipe(recipe.args, data_args, timeout)
             recipe.results.append(result)
             print(
@@ -278,46 +274,50 @@ def summarize(recipes: list[Recipe]) -> list[dict[str, Any]]:
             "train_seconds",
             "images_per_sec",
         ):
-            row[key] = statistics.median(r[key] for r in results)
+            row[key] = median(r[key] for r in results)
         row["curves"] = [r["curve"] for r in results]
         rows.append(row)
     return rows
 
 
-def _fmt(value: float, pattern: str) -> str:
-    return "—" if value != value else pattern.format(value)
-
-
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [
-        "| recipe | fit s (whole process) | test s | test acc | train acc | val acc | training s | images/s | "
-        "val acc after each epoch @ training s (first rep) | reps |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: |",
-    ]
+    columns = ["recipe", "fit s (whole process):", "test s:", "test acc:", "train acc:", "val acc:", "training s:"]
+    columns += ["images/s:", "val acc after each epoch @ training s (first rep)", "reps:"]
+    cells = []
     for row in rows:
         curve = ", ".join(f"{acc:.3f}@{seconds:.0f}s" for seconds, _step, acc in row["curves"][0])
-        lines.append(
-            f"| {row['recipe']} | {row['fit_seconds']:.1f} | {row['test_seconds']:.1f} | "
-            f"{_fmt(row['test_acc'], '{:.4f}')} | "
-            f"{_fmt(row['train_acc'], '{:.3f}')} | {_fmt(row['val_acc'], '{:.3f}')} | {row['train_seconds']:.1f} | "
-            f"{_fmt(row['images_per_sec'], '{:,.0f}')} | {curve or '—'} | {row['reps']} |"
+        cells.append(
+            [
+                row["recipe"],
+                f"{row['fit_seconds']:.1f}",
+                f"{row['test_seconds']:.1f}",
+                cell(row["test_acc"], "{:.4f}"),
+                cell(row["train_acc"], "{:.3f}"),
+                cell(row["val_acc"], "{:.3f}"),
+                f"{row['train_seconds']:.1f}",
+                cell(row["images_per_sec"]),
+                curve or "—",
+                str(row["reps"]),
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, cells)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: the synthetic set)")
+    parser.add_argument("--data_dir", help="a folder holding cifar-10-batches-py/ (default: the synthetic set)")
     parser.add_argument(
         "--recipes", default=None, help=f"named recipes, comma-separated (default {DEFAULT_RECIPES}); --list shows them"
     )
     parser.add_argument(
         "--recipe", action="append", default=[], metavar="NAME=ARGS", help="an extra recipe: the shipped one plus ARGS"
     )
-    parser.add_argument("--recipe-timeout", type=float, default=1800, help="seconds one fit or test may take")
+    parser.add_argument("--recipe_timeout", type=float, default=1800, help="seconds one fit or test may take")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench recipe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_arguments(parser)
     parser.add_argument("--reps", type=int, default=1, help="repetitions of each recipe (alternating order)")
     parser.add_argument(
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
 def run_from_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, reps: int, smoke: bool, json_path: str | None
 ) -> list[dict[str, Any]]:
-    """Shared by this script and ``tools/bench.py --cases recipe``."""
+    """The case, once its arguments are parsed (``stability`` has its own)."""
     if reps < 1:
         parser.error(f"--reps {reps}: use 1 or more")
     try:

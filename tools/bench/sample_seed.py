@@ -9,18 +9,19 @@ median of the paired ratios (BENCHMARKS.md quotes them).
 
 Usage::
 
-    python tools/bench_sample_seed.py
-    python tools/bench_sample_seed.py --samples 5000 --reps 9
+    python -m tools.bench sample_seed
+    python -m tools.bench sample_seed --samples 5000 --reps 9
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
+from collections.abc import Callable
 
 from lit_accel import CIFAR10DataModule
 from lit_accel.data.datasets import TransformedTensorDataset
+from lit_accel.measure import alternate, markdown_table, median, paired_ratios
 
 
 def _microseconds_per_sample(dataset: TransformedTensorDataset, batch_size: int) -> float:
@@ -30,8 +31,16 @@ def _microseconds_per_sample(dataset: TransformedTensorDataset, batch_size: int)
     return (time.perf_counter() - start) / len(dataset) * 1e6
 
 
+def _fetch(dataset: TransformedTensorDataset, batch_size: int) -> Callable[[], float]:
+    return lambda: _microseconds_per_sample(dataset, batch_size)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench sample_seed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--samples", type=int, default=3000, help="samples fetched per round and variant")
     parser.add_argument("--reps", type=int, default=7, help="rounds; each fetches with and without the seed")
     parser.add_argument("--batch_size", type=int, default=256, help="samples per batched fetch (the recipe's batch)")
@@ -48,18 +57,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "seeded": TransformedTensorDataset(images, labels, transform, seed=0),
         "global RNG": TransformedTensorDataset(images, labels, transform, seed=None),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for rep in range(args.reps):
-        order = list(variants) if rep % 2 == 0 else list(variants)[::-1]
-        for name in order:
-            times[name].append(_microseconds_per_sample(variants[name], args.batch_size))
-    ratio = statistics.median(a / b for a, b in zip(times["seeded"], times["global RNG"]))
-    print("| variant | median us per sample |")
-    print("| --- | ---: |")
-    for name, values in times.items():
-        print(f"| {name} | {statistics.median(values):.1f} |")
+    times = alternate({name: _fetch(dataset, args.batch_size) for name, dataset in variants.items()}, args.reps)
+    ratio = median(paired_ratios(times["seeded"], times["global RNG"]))
+    print(markdown_table(["variant", "median us per sample:"], [[n, f"{median(v):.1f}"] for n, v in times.items()]))
     print(f"median paired ratio seeded / global RNG: {ratio:.3f} ({args.reps} rounds of {args.samples} samples)")
-    return {"ratio": ratio, **{name: statistics.median(values) for name, values in times.items()}}
+    return {"ratio": ratio, **{name: median(values) for name, values in times.items()}}
 
 
 if __name__ == "__main__":

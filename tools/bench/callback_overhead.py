@@ -22,11 +22,11 @@ shared 2-core CPU is several percent per run (DESIGN.md); note the load average 
 
 Usage::
 
-    python tools/bench_callback_overhead.py --callback meter
-    python tools/bench_callback_overhead.py --callback meter --pairs 40 --block 10 --threads 1
-    python tools/bench_callback_overhead.py --callback meter --mode fits --reps 7
-    python tools/bench_callback_overhead.py --callback my_pkg.callbacks:MyCallback --init-args '{"k": 1}'
-    python tools/bench_callback_overhead.py --list
+    python -m tools.bench callback_overhead --callback meter
+    python -m tools.bench callback_overhead --callback meter --pairs 40 --block 10 --threads 1
+    python -m tools.bench callback_overhead --callback meter --mode fits --reps 7
+    python -m tools.bench callback_overhead --callback my_pkg.callbacks:MyCallback --init_args '{"k": 1}'
+    python -m tools.bench callback_overhead --list
 
 Callbacks come from ``REGISTRY`` (name -> class path and default arguments) or any ``module:Class``
 / ``module.Class`` path. Nothing is imported until chosen, so a registered entry whose module does
@@ -40,7 +40,6 @@ import importlib
 import json
 import logging
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -54,6 +53,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from lit_accel.measure import median, rounds
 from lit_accel.models import SeedCNN
 
 # name -> (class path, default init args from the parsed command line). Add other callbacks here as
@@ -86,7 +86,7 @@ def _import(path: str) -> Any:
 
 
 def make_callback(name: str, args: argparse.Namespace) -> Callback:
-    """A fresh callback from a registry name or a ``module:Class`` path; ``--init-args`` override."""
+    """A fresh callback from a registry name or a ``module:Class`` path; ``--init_args`` override."""
     target, defaults = REGISTRY.get(name, (name, lambda _: {}))
     return _import(target)(**{**defaults(args), **args.init_args})
 
@@ -245,7 +245,7 @@ def _run_blocks(args: argparse.Namespace, data: TensorDataset, root: str) -> dic
     for k, r in enumerate(ratios):
         print(f"pair {k:3d}: ratio {r:.4f}", flush=True)
     return {
-        "median_ratio": statistics.median(ratios),
+        "median_ratio": median(ratios),
         "ratios": ratios,
         "hook_share": switched.hook_seconds / on_seconds,
     }
@@ -253,8 +253,7 @@ def _run_blocks(args: argparse.Namespace, data: TensorDataset, root: str) -> dic
 
 def _run_fits(args: argparse.Namespace, data: TensorDataset, root: str) -> dict[str, Any]:
     rows = []
-    for rep in range(args.reps):
-        order = (False, True) if rep % 2 == 0 else (True, False)
+    for rep, order in rounds([False, True], args.reps):
         result = {}
         for with_callback in order:
             schedule, switched, wall = _fit(args, data, args.steps, None, with_callback, root)
@@ -272,26 +271,28 @@ def _run_fits(args: argparse.Namespace, data: TensorDataset, root: str) -> dict[
             flush=True,
         )
     return {
-        "median_ratio": statistics.median(r["ratio"] for r in rows),
-        "median_wall_ratio": statistics.median(r["wall_ratio"] for r in rows),
-        "hook_share": statistics.median(r["hook_share"] for r in rows),
+        "median_ratio": median(r["ratio"] for r in rows),
+        "median_wall_ratio": median(r["wall_ratio"] for r in rows),
+        "hook_share": median(r["hook_share"] for r in rows),
         "reps": rows,
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench callback_overhead", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--callback", default="meter", help=f"one of {sorted(REGISTRY)} or module:Class")
-    parser.add_argument("--init-args", type=json.loads, default={}, help="JSON kwargs for the callback")
+    parser.add_argument("--init_args", type=json.loads, default={}, help="JSON kwargs for the callback")
     parser.add_argument("--mode", choices=("blocks", "fits"), default="blocks")
     parser.add_argument("--pairs", type=int, default=30, help="blocks mode: pairs of (on, off) blocks")
     parser.add_argument("--block", type=int, default=10, help="blocks mode: batches per block")
     parser.add_argument("--reps", type=int, default=7, help="fits mode: pairs of fits (with, without)")
     parser.add_argument("--steps", type=int, default=60, help="fits mode: timed batches per fit")
     parser.add_argument("--skip", type=int, default=10, help="untimed batches at the start (callback on)")
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--samples", type=int, default=4096, help="size of the random in-memory dataset")
-    parser.add_argument("--log-every", type=int, default=10, help="trainer's and meter's log_every_n_steps")
+    parser.add_argument("--log_every", type=int, default=10, help="trainer's and meter's log_every_n_steps")
     parser.add_argument("--precision", default="32-true")
     parser.add_argument("--accelerator", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -309,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if problem is not None:
         parser.error(f"--callback {args.callback!r} cannot be used ({problem}); registered: {sorted(REGISTRY)}")
     if min(args.pairs, args.block, args.reps, args.steps, args.batch_size, args.log_every) < 1 or args.skip < 0:
-        parser.error("--pairs, --block, --reps, --steps, --batch-size, --log-every must be >= 1; --skip >= 0")
+        parser.error("--pairs, --block, --reps, --steps, --batch_size, --log_every must be >= 1; --skip >= 0")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 

@@ -4,16 +4,16 @@ The shipped recipe (``configs/cifar10.yaml``) runs with its peak learning rate m
 factor (default ×1, ×10, ×40), once with the recipe's callbacks as shipped (``DivergenceGuard``
 on) and once with the guard taken out of the recipe (every other callback kept, so the two runs
 differ only by the guard). Each run is ``lit-accel fit`` then ``lit-accel test --ckpt_path best``
-in a fresh folder (tools/bench_recipe.py). Per run it prints the test accuracy, the final val
+in a fresh folder (the ``recipe`` case's harness). Per run it prints the test accuracy, the final val
 accuracy, the gap to the tuned run (×1 with the guard), the guard's skipped steps, rollbacks, LR
 factor and whether it stopped the run (exit 3), and the whole-process seconds of ``fit``.
 
 Usage::
 
-    python tools/bench.py --cases stability --data-dir DIR          # DIR holds cifar-10-batches-py/
-    python tools/bench.py --cases stability                         # the synthetic set (offline)
-    python tools/bench_stability.py --lr-multipliers 1,40 --epochs 3 --reps 2
-    python tools/bench_stability.py --smoke                          # seconds (used by a test)
+    python -m tools.bench stability --data_dir DIR          # DIR holds cifar-10-batches-py/
+    python -m tools.bench stability                         # the synthetic set (offline)
+    python -m tools.bench stability --lr_multipliers 1,40 --epochs 3 --reps 2
+    python -m tools.bench stability --smoke                 # seconds
 
 Factors, guard on/off and repetitions alternate in order; the table shows medians.
 """
@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import statistics
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -33,10 +32,8 @@ from typing import Any
 import torch
 import yaml
 
-TOOLS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS))
-
-import bench_recipe  # noqa: E402
+from lit_accel.measure import cell, markdown_table, median, rounds
+from tools.bench import recipe as bench_recipe
 
 GUARD_CLASS = "lit_accel.callbacks.DivergenceGuard"
 DEFAULT_MULTIPLIERS = "1,10,40"
@@ -94,10 +91,10 @@ def parse_multipliers(text: str) -> list[float]:
         except ValueError:
             value = float("nan")
         if not (math.isfinite(value) and value > 0):
-            raise ValueError(f"--lr-multipliers: {item!r} is not allowed: use positive numbers, e.g. 1,10,40")
+            raise ValueError(f"--lr_multipliers: {item!r} is not allowed: use positive numbers, e.g. 1,10,40")
         values.append(value)
     if not values:
-        raise ValueError("--lr-multipliers: give at least one factor, e.g. 1,10,40")
+        raise ValueError("--lr_multipliers: give at least one factor, e.g. 1,10,40")
     return values
 
 
@@ -113,8 +110,8 @@ def run(
     log = log or sys.stderr  # at call time: a caller may have replaced sys.stderr since the import
     with tempfile.TemporaryDirectory(prefix="lit-accel-stability-") as folder:
         unguarded = write_unguarded_recipe(Path(folder))
-        for rep in range(reps):
-            for item in runs if rep % 2 == 0 else runs[::-1]:
+        for rep, order in rounds(runs, reps):
+            for item in order:
                 args = [
                     "--trainer.max_epochs",
                     str(epochs),
@@ -146,7 +143,7 @@ def summarize(runs: list[StabilityRun]) -> list[dict[str, Any]]:
         results = item.results
         row: dict[str, Any] = {"lr_multiplier": item.lr_multiplier, "guard": item.guard, "reps": len(results)}
         for key in ("test_acc", "val_acc", "train_acc", "fit_seconds", "skipped_steps", "rollbacks", "lr_factor"):
-            row[key] = statistics.median(r[key] for r in results)
+            row[key] = median(r[key] for r in results)
         row["stopped"] = sum(r["fit_exit_code"] == 3 for r in results)
         rows.append(row)
     tuned = [r["test_acc"] for r in rows if r["lr_multiplier"] == 1 and r["guard"]]
@@ -155,30 +152,32 @@ def summarize(runs: list[StabilityRun]) -> list[dict[str, Any]]:
     return rows
 
 
-def _fmt(value: float, pattern: str) -> str:
-    return "—" if value != value else pattern.format(value)
-
-
 def table(rows: list[dict[str, Any]], base_lr: float) -> str:
-    lines = [
-        "| LR | guard | test acc | vs tuned | val acc | train acc | skipped steps | rollbacks | LR factor | stopped "
-        "| fit s | reps |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    columns = ["LR", "guard", "test acc:", "vs tuned:", "val acc:", "train acc:", "skipped steps:", "rollbacks:"]
+    columns += ["LR factor:", "stopped:", "fit s:", "reps:"]
+    cells = [
+        [
+            f"x{row['lr_multiplier']:g} ({base_lr * row['lr_multiplier']:.3g})",
+            "on" if row["guard"] else "off",
+            cell(row["test_acc"], "{:.4f}"),
+            cell(row["vs_tuned"], "{:+.4f}"),
+            cell(row["val_acc"], "{:.3f}"),
+            cell(row["train_acc"], "{:.3f}"),
+            f"{row['skipped_steps']:g}",
+            f"{row['rollbacks']:g}",
+            f"{row['lr_factor']:.3g}",
+            str(row["stopped"]),
+            f"{row['fit_seconds']:.1f}",
+            str(row["reps"]),
+        ]
+        for row in rows
     ]
-    for row in rows:
-        lines.append(
-            f"| x{row['lr_multiplier']:g} ({base_lr * row['lr_multiplier']:.3g}) | {'on' if row['guard'] else 'off'} | "
-            f"{_fmt(row['test_acc'], '{:.4f}')} | {_fmt(row['vs_tuned'], '{:+.4f}')} | "
-            f"{_fmt(row['val_acc'], '{:.3f}')} | "
-            f"{_fmt(row['train_acc'], '{:.3f}')} | {row['skipped_steps']:g} | {row['rollbacks']:g} | "
-            f"{row['lr_factor']:.3g} | {row['stopped']} | {row['fit_seconds']:.1f} | {row['reps']} |"
-        )
-    return "\n".join(lines)
+    return markdown_table(columns, cells)
 
 
 def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
     parser.add_argument(
-        "--lr-multipliers", default=DEFAULT_MULTIPLIERS, help="factors on the recipe's LR (default 1,10,40)"
+        "--lr_multipliers", default=DEFAULT_MULTIPLIERS, help="factors on the recipe's LR (default 1,10,40)"
     )
     parser.add_argument(
         "--epochs", type=int, default=DEFAULT_EPOCHS, help="trainer.max_epochs of every run (default 3)"
@@ -188,7 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any) -> None:
 def run_from_args(
     parser: argparse.ArgumentParser, args: argparse.Namespace, reps: int, smoke: bool, json_path: str | None
 ) -> list[dict[str, Any]]:
-    """Shared by this script and ``tools/bench.py --cases stability``."""
+    """The case, once its arguments are parsed."""
     if reps < 1:
         parser.error(f"--reps {reps}: use 1 or more")
     if args.epochs < 1:
@@ -215,9 +214,13 @@ def run_from_args(
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-dir", help="a folder holding cifar-10-batches-py/ (default: the synthetic set)")
-    parser.add_argument("--recipe-timeout", type=float, default=1800, help="seconds one fit or test may take")
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench stability",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data_dir", help="a folder holding cifar-10-batches-py/ (default: the synthetic set)")
+    parser.add_argument("--recipe_timeout", type=float, default=1800, help="seconds one fit or test may take")
     add_arguments(parser)
     parser.add_argument("--reps", type=int, default=1, help="repetitions of each run (alternating order)")
     parser.add_argument("--smoke", action="store_true", help="seconds: tiny runs (configs/smoke.yaml)")

@@ -12,22 +12,11 @@ Both see the same epochs (same number of training images), so the comparison is 
 final validation accuracy for the same data budget. Runs alternate between the cases (ABBA order
 within each repeat) and the table reports medians, because the machine may be shared.
 
-    python tools/bench_dynamic_batch.py --quick           # ~1-2 minutes on 2 CPU cores
-    python tools/bench_dynamic_batch.py                   # the fuller run (~10-15 minutes)
-    python tools/bench_dynamic_batch.py --json out.json   # also write every run
+    python -m tools.bench dynamic_batch --quick           # ~1-2 minutes on 2 CPU cores
+    python -m tools.bench dynamic_batch                   # the fuller run (~10-15 minutes)
+    python -m tools.bench dynamic_batch --json out.json   # also write every run
 
-Measured (torch 2.14.1, lightning 2.6.6, 2 shared CPU cores at load 4-5, 1 torch thread; SeedCNN,
-SGD+Nesterov lr 0.05, batch 64, 10,000 train / 2,000 val synthetic images, 12 epochs, patience 1,
-factor 2, 3 repeats, medians; the same lr_decay run took 66-137 s, so wall times are ±50%):
-
-    max batch 1024 (default): lr_decay 124.7 s, val acc 0.9710 | batch_growth 124.7 s, 0.9715
-    max batch 256 (--max-growth 4): lr_decay 75.7 s, 0.9710 | batch_growth 91.3 s, 0.9700
-
-Accuracy: a tie (within 0.1-0.3 points, inside the run-to-run spread). Optimizer steps: batch
-growth needs 39-60% fewer (749-1143 vs 1884). Wall time: no gain on this CPU, where images/s do
-not rise with the batch (SeedCNN, one thread: batch 1024 ran slower per image than 64-256); the
-fewer, larger steps pay off where a bigger batch raises throughput (GPUs) or steps cost
-communication (DDP).
+Results and what they mean: BENCHMARKS.md, "Dynamic batch size vs LR decay".
 """
 
 from __future__ import annotations
@@ -35,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -46,6 +34,7 @@ from lightning.pytorch import Trainer, seed_everything
 
 from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR
 from lit_accel.data import CIFAR10DataModule
+from lit_accel.measure import markdown_table, median, rounds, spread
 from lit_accel.models import BatchNormCNN, ImageClassifier, SeedCNN
 
 CASES = ("lr_decay", "batch_growth")
@@ -143,41 +132,50 @@ def run_once(case: str, repeat: int, args: argparse.Namespace) -> Run:
 
 
 def _table(runs: list[Run]) -> str:
-    lines = [
-        "| case | runs | wall s (median) | val acc (median) | val acc (min–max) | val loss (median) |"
-        " optimizer steps | plateau actions | final batch | final lr |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    columns = ["case", "runs:", "wall s (median):", "val acc (median):", "val acc (min–max):", "val loss (median):"]
+    columns += ["optimizer steps:", "plateau actions:", "final batch:", "final lr:"]
+    cells = []
     for case in CASES:
         rs = [r for r in runs if r.case == case]
         if not rs:
             continue
-        med = statistics.median
-        lines.append(
-            f"| {case} | {len(rs)} | {med(r.seconds for r in rs):.1f} | {med(r.val_acc for r in rs):.4f} |"
-            f" {min(r.val_acc for r in rs):.4f}–{max(r.val_acc for r in rs):.4f} |"
-            f" {med(r.val_loss for r in rs):.4f} | {med(r.optimizer_steps for r in rs):.0f} |"
-            f" {med(r.changes for r in rs):.0f} | {med(r.final_batch_size for r in rs):.0f} |"
-            f" {med(r.final_lr for r in rs):.4g} |"
+        acc = spread(r.val_acc for r in rs)
+        cells.append(
+            [
+                case,
+                str(len(rs)),
+                f"{median(r.seconds for r in rs):.1f}",
+                f"{acc.median:.4f}",
+                f"{acc.low:.4f}–{acc.high:.4f}",
+                f"{median(r.val_loss for r in rs):.4f}",
+                f"{median(r.optimizer_steps for r in rs):.0f}",
+                f"{median(r.changes for r in rs):.0f}",
+                f"{median(r.final_batch_size for r in rs):.0f}",
+                f"{median(r.final_lr for r in rs):.4g}",
+            ]
         )
-    return "\n".join(lines)
+    return markdown_table(columns, cells)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m tools.bench dynamic_batch",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="small budget: a few minutes on 2 CPU cores")
     parser.add_argument("--repeats", type=int, default=None, help="runs per case (quick: 2, full: 3)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs per run (quick: 6, full: 12)")
-    parser.add_argument("--train-size", type=int, default=None, help="training images (quick: 4000, full: 10000)")
-    parser.add_argument("--val-size", type=int, default=None, help="validation images (quick: 1000, full: 2000)")
+    parser.add_argument("--train_size", type=int, default=None, help="training images (quick: 4000, full: 10000)")
+    parser.add_argument("--val_size", type=int, default=None, help="validation images (quick: 1000, full: 2000)")
     parser.add_argument("--net", choices=("seedcnn", "bncnn"), default="seedcnn")
     parser.add_argument("--width", type=int, default=16, help="BatchNormCNN width")
-    parser.add_argument("--batch-size", type=int, default=64, help="starting per-device batch")
+    parser.add_argument("--batch_size", type=int, default=64, help="starting per-device batch")
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--factor", type=float, default=2.0, help="batch growth factor = 1 / LR decay factor")
-    parser.add_argument("--max-growth", type=int, default=16, help="max batch = batch-size × this")
+    parser.add_argument("--max_growth", type=int, default=16, help="max batch = batch-size × this")
     parser.add_argument("--patience", type=int, default=1)
-    parser.add_argument("--min-delta", type=float, default=0.0)
+    parser.add_argument("--min_delta", type=float, default=0.0)
     parser.add_argument("--cooldown", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="random crop + flip on the device")
     # On a shared 2-core machine two intra-op threads spin against other processes and run up to
@@ -202,8 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
     print(f"settings: {vars(args)}; torch threads {torch.get_num_threads()}", flush=True)
     runs: list[Run] = []
-    for repeat in range(args.repeats):
-        order = CASES if repeat % 2 == 0 else CASES[::-1]  # ABBA: drift hits both cases alike
+    for repeat, order in rounds(CASES, args.repeats):  # alternating: drift hits both cases alike
         for case in order:
             run = run_once(case, repeat, args)
             runs.append(run)
