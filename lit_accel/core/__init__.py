@@ -19,12 +19,20 @@ from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, GROUP_LR_KEYS, scale
 from lit_accel.core.snapshot import Snapshot, host_weights, load_weights
 from lit_accel.core.state_keys import adopt_older_state, identity_state_key
 from lit_accel.core.throughput import (
+    BatchFlops,
+    PeakFlops,
     StepTimer,
+    Tally,
+    Throughput,
     TimedSteps,
+    device_peak_flops,
+    format_summary,
+    measure_flops,
     peak_memory_mb,
     peak_rss_mb,
     reset_peak_memory,
     reset_peak_rss,
+    throughput_metrics,
 )
 
 __all__ = [
@@ -56,10 +64,18 @@ __all__ = [
     "squared_norm_share",
     "total_norm",
     # throughput
+    "BatchFlops",
+    "PeakFlops",
     "StepTimer",
+    "Tally",
+    "Throughput",
     "TimedSteps",
+    "device_peak_flops",
+    "format_summary",
+    "measure_flops",
     "peak_memory_mb",
     "peak_rss_mb",
     "reset_peak_memory",
     "reset_peak_rss",
+    "throughput_metrics",
 ]

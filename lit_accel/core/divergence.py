@@ -8,6 +8,8 @@ PyTorch or Fabric loop calls it directly. Imports torch and the standard library
 
 Example (a plain loop)::
 
+    from lit_accel.core import Action, DivergenceDetector, Snapshot, back_off, drop_gradients, total_norm
+
     detector = DivergenceDetector(rollback_after=3, max_rollbacks=3)
     snapshot = Snapshot.take(model, optimizer, [], step=0)
     for step, (x, y) in enumerate(loader):
@@ -16,7 +18,7 @@ Example (a plain loop)::
         grad_norm = float(total_norm([p.grad for p in model.parameters()]))
         verdict = detector.check(loss.item(), grad_norm, lambda: float(total_norm(list(model.parameters()))))
         if verdict.drops_update:
-            drop_gradients(optimizer)          # this update does nothing
+            drop_gradients(optimizer)  # this update changes nothing
         optimizer.step()
         optimizer.zero_grad()
         if verdict.snapshot_due:

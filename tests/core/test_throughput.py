@@ -195,8 +195,11 @@ def test_a_step_stopped_without_start_is_counted_as_a_step_not_timed():
     clock = FakeClock()
     meter = tp.Throughput(clock=clock)
     clock.advance(1.0)
-    meter.stop()  # e.g. the step whose FLOPs were counted
-    _steps(meter, clock, [0.25], [1.0])
+    assert not meter.stop()  # e.g. the step whose FLOPs were counted
+    clock.advance(0.25)
+    assert meter.start(4, 400.0)
+    clock.advance(1.0)
+    assert meter.stop()
     assert meter.take_interval() == tp.Tally(samples=4, batches=1, wait=0.25, compute=1.0, flops=400.0)
     assert meter.window_step == 2
 
