@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 
 import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 import lit_accel.core.throughput as throughput
 from lit_accel import CIFAR10DataModule, ImageClassifier
@@ -114,11 +116,20 @@ def test_the_fit_timer_times_its_steps_and_stops_the_fit(tmp_path):
             FitTimer(**bad)
 
 
+class ThreeSecondValidations(Callback):
+    """Each validation batch reads the (fake) clock 3 times: validation takes time, never timed."""
+
+    def on_validation_batch_end(self, *args, **kwargs) -> None:
+        for _ in range(3):
+            time.perf_counter()
+
+
 def test_the_fit_timer_stops_at_its_training_time_budget_and_records_the_curve(tmp_path, monkeypatch):
     ticks = itertools.count()  # a clock that advances one second per reading
     monkeypatch.setattr(throughput.time, "perf_counter", lambda: float(next(ticks)))
     timer = FitTimer(warmup_steps=1, timed_steps=None, budget_seconds=12)
-    trainer = _trainer(tmp_path, timer, val_check_interval=2, check_val_every_n_epoch=None, limit_val_batches=1)
+    validation = {"val_check_interval": 2, "check_val_every_n_epoch": None, "limit_val_batches": 1}
+    trainer = _trainer(tmp_path, timer, callbacks=[timer, ThreeSecondValidations()], **validation)
     trainer.fit(
         ImageClassifier(SeedCNN()), CIFAR10DataModule(synthetic=True, synthetic_size=512, val_size=64, batch_size=16)
     )
