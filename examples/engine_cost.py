@@ -22,8 +22,17 @@ import torch
 import torch.nn.functional as F
 
 from lit_accel import SeedCNN, make_synthetic_cifar
-from lit_accel.core import Action, DivergenceDetector, Snapshot, back_off, drop_gradients, total_norm
-from lit_accel.core.throughput import BatchFlops, Throughput, throughput_metrics
+from lit_accel.core import (
+    Action,
+    BatchFlops,
+    DivergenceDetector,
+    Snapshot,
+    Throughput,
+    back_off,
+    drop_gradients,
+    throughput_metrics,
+    total_norm,
+)
 from lit_accel.measure import alternate, cell, markdown_table, paired_ratios, spread
 
 VARIANTS = {"bare": (False, False), "guard": (True, False), "meter": (False, True), "guard + meter": (True, True)}

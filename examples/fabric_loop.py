@@ -21,14 +21,19 @@ import torch.nn.functional as F
 from lightning.fabric import Fabric
 
 from lit_accel import SeedCNN, make_synthetic_cifar
-from lit_accel.core import Action, DivergenceDetector, Snapshot, back_off, drop_gradients, total_norm
-from lit_accel.core.throughput import (
+from lit_accel.core import (
+    Action,
     BatchFlops,
+    DivergenceDetector,
+    Snapshot,
     Throughput,
+    back_off,
     device_peak_flops,
+    drop_gradients,
     format_summary,
     peak_memory_mb,
     throughput_metrics,
+    total_norm,
 )
 
 
@@ -117,7 +122,7 @@ def main(argv: list[str] | None = None, on_step: Callable[..., None] | None = No
             on_step(step, len(x), model, optimizer, verdict)
         if (step + 1) % args.log_every == 0:
             rate = throughput_metrics(meter.take_interval()).get("samples_per_sec", float("nan"))
-            fabric.print(f"step {step + 1}: loss {mean_loss:.3f}, {rate:,.0f} images/s on rank 0")
+            fabric.print(f"{step + 1} steps: loss {mean_loss:.3f}, {rate:,.0f} images/s on rank 0")
 
     def reduce(values: list[float], op: str) -> list[float]:
         return fabric.all_reduce(torch.tensor(values, device=fabric.device), reduce_op=op).tolist()

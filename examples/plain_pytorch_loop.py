@@ -23,14 +23,19 @@ import torch
 import torch.nn.functional as F
 
 from lit_accel import SeedCNN, make_synthetic_cifar
-from lit_accel.core import Action, DivergenceDetector, Snapshot, back_off, drop_gradients, total_norm
-from lit_accel.core.throughput import (
+from lit_accel.core import (
+    Action,
     BatchFlops,
+    DivergenceDetector,
+    Snapshot,
     Throughput,
+    back_off,
     device_peak_flops,
+    drop_gradients,
     format_summary,
     peak_memory_mb,
     throughput_metrics,
+    total_norm,
 )
 
 
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None, on_step: Callable[..., None] | None = No
             on_step(step, len(x), model, optimizer, verdict)
         if (step + 1) % args.log_every == 0:
             rate = throughput_metrics(meter.take_interval()).get("samples_per_sec", float("nan"))
-            print(f"step {step + 1}: loss {loss.item():.3f}, {rate:,.0f} images/s")
+            print(f"{step + 1} steps: loss {loss.item():.3f}, {rate:,.0f} images/s")
 
     meter.flush()
     peak = device_peak_flops("cpu", "32-true") if args.mfu else None

@@ -63,7 +63,7 @@ class Recorder:
 
 # One run of each example serves every test: NaN at step 4 (skipped); a snapshot after step 3
 # (--snapshot_every 4: steps 0-3 good); steps 5 and 6 train; NaN at 7, 8, 9: the third rolls back to
-# step 3's state. The meter skips 3 warm-up steps; each step is followed by a 10 ms sleep, which the
+# step 3's state. The meter skips 3 warm-up steps; each step is followed by a 20 ms sleep, which the
 # meter counts as data wait.
 STEPS, WARMUP, SKIPPED, ROLLED_BACK = 11, 3, 4, 9
 ARGV = [*TINY, "--steps", str(STEPS), "--warmup", str(WARMUP), "--snapshot_every", "4", "--nan_at", "4", "7", "8", "9"]
@@ -71,7 +71,7 @@ ARGV = [*TINY, "--steps", str(STEPS), "--warmup", str(WARMUP), "--snapshot_every
 
 @pytest.fixture(scope="module", params=NAMES)
 def run(request: pytest.FixtureRequest) -> tuple[Recorder, dict[str, Any]]:
-    rec = Recorder(keep=(3, 4, 5, 6, 9, 10), sleep=0.01)
+    rec = Recorder(keep=(3, 4, 5, 6, 9, 10), sleep=0.02)
     return rec, load(request.param).main(ARGV, rec)
 
 
