@@ -202,7 +202,7 @@ def test_stability_harness_reads_the_guard_counters_and_compares_to_the_tuned_ru
 
 
 def test_stability_harness_runs_each_factor_with_and_without_the_guard(tmp_path, monkeypatch, capsys):
-    """The orchestration, with the fit and test processes stubbed (tools/bench.py --cases recipe runs
+    """The orchestration, with the fit and test processes stubbed (python -m tools.bench recipe runs
     them for real in the recipe-harness test): which runs, with which recipe file and LR, and what
     reaches the table. The guard-free recipe it writes is accepted by the real CLI."""
     import argparse

@@ -307,7 +307,7 @@ def fits(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, Any]]:
 
 def time_to_accuracy(plan: Plan, clock: Clock, folder: Path) -> list[dict[str, Any]]:
     """The whole GPU recipe as a user runs it (``lit-accel fit`` then ``lit-accel test``, each its own
-    process: tools/bench_recipe.py), on the synthetic set and with ``data_dir`` on real images:
+    process: tools/bench/recipe.py), on the synthetic set and with ``data_dir`` on real images:
     validation accuracy per epoch against training seconds, seconds to the target, test accuracy."""
     runs: list[tuple[str, str | None]] = [("synthetic", None)]
     if plan.data_dir:

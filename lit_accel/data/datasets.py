@@ -105,7 +105,7 @@ class TransformedTensorDataset(Dataset):
         epoch = int(self._epoch)
         # The transforms draw from the global RNG: a forked one, seeded per sample, leaves the
         # process's own stream (dropout, the next batch) untouched. One fork per batch: forking
-        # costs about as much as a transform's draws (tools/bench_sample_seed.py).
+        # costs about as much as a transform's draws (python -m tools.bench sample_seed).
         with torch.random.fork_rng(devices=[]):
             return [self._item(index, sample_seed(self.seed, epoch, int(index))) for index in indices]
 

@@ -19,7 +19,7 @@ version of this set (a class-coloured blob), on which the half-width BatchNormCN
 What it is not: a stand-in for real-image accuracy. Its augmentation response differs (its
 pose variation is exactly what crops and flips imitate, so augmentation helps more here than on
 real images at short budgets), and absolute accuracies do not transfer. Choose recipes on real
-images (``python tools/bench.py --cases recipe --data-dir DIR``); BENCHMARKS.md lists what
+images (``python -m tools.bench recipe --data_dir DIR``); BENCHMARKS.md lists what
 the maintainers measured on real images and how this set compares.
 """
 

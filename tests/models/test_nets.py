@@ -83,7 +83,7 @@ def _val_acc_after(steps: int, make_net, lr: float, tmp_path) -> float:
 def test_batchnorm_cnn_is_ahead_of_seed_cnn_after_the_same_early_steps(tmp_path):
     """Under half the compute per image (above) and not behind per step means ahead per second.
 
-    The wall-clock comparison itself is a benchmark (tools/bench.py --cases networks); this checks
+    The wall-clock comparison itself is a benchmark (python -m tools.bench networks); this checks
     its clock-free half early in training, where BatchNorm helps most (later, the two need about
     as many steps per accuracy level: BENCHMARKS.md). SeedCNN runs at the better of the two
     learning rates measured for it: on the current synthetic set after 150 steps 0.403 vs 0.247

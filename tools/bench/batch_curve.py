@@ -92,9 +92,9 @@ def images_per_sec(batch: int, overhead: float, peak: float) -> float:
 
 def growth_epochs(growth: dict[float, int], epochs: int) -> dict[int, int]:
     """The epoch table of a ``batch_size_progress`` growth table (the callback's own rule)."""
-    from lit_accel.callbacks.dynamic_batch_lr import _progress_epochs
+    from lit_accel.core.batch_plan import progress_epochs
 
-    return _progress_epochs(growth, epochs)
+    return progress_epochs(growth, epochs)
 
 
 def simulate(start: int, growth: dict[float, int], epochs: int, overhead: float, peak: float) -> dict[str, Any]:

@@ -18,8 +18,7 @@ import time
 import torch
 
 from lit_accel import models
-from lit_accel.callbacks.divergence_guard import _Snapshot
-from lit_accel.callbacks.generalization_monitor import _host_copy
+from lit_accel.core.snapshot import Snapshot, host_weights
 from lit_accel.measure import markdown_table, median
 
 
@@ -52,11 +51,11 @@ def main(argv: list[str] | None = None) -> None:
     net(torch.randn(8, 3, 32, 32)).sum().backward()
     optimizer.step()
     numbers = sum(t.numel() for t in [*net.parameters(), *net.buffers()])
-    snapshot = _Snapshot.take(net, optimizer, [], 0)
+    snapshot = Snapshot.take(net, optimizer, [], 0)
     rows = {
-        "GeneralizationMonitor best-weights copy": _times_ms(lambda: _host_copy(net), args.copies),
+        "GeneralizationMonitor best-weights copy": _times_ms(lambda: host_weights(net), args.copies),
         "DivergenceGuard snapshot (buffers reused)": _times_ms(
-            lambda: _Snapshot.take(net, optimizer, [], 0, reuse=snapshot), args.copies
+            lambda: Snapshot.take(net, optimizer, [], 0, reuse=snapshot), args.copies
         ),
         "DivergenceGuard restore": _times_ms(lambda: snapshot.restore(net, optimizer, []), args.copies),
     }
