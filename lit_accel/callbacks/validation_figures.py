@@ -17,6 +17,8 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
+from lit_accel.core.checks import is_int, is_number, require
+
 __all__ = ["ValidationFigures"]
 
 _MAX_MISCLASSIFIED = 256  # a grid beyond this is unreadable in TensorBoard and slow to draw
@@ -38,44 +40,13 @@ class _Collected:
 class ValidationFigures(Callback):
     """At the end of validation, draws a confusion matrix and a grid of misclassified images into TensorBoard.
 
-    When it draws: after the validation of every ``every_n_epochs``-th training epoch; after the
-    last validation of ``fit``, whatever its length, so every run has pictures; and after every
-    ``validate`` run. The last validation of ``fit`` is the one that ran last when training ended,
-    for any reason (``max_epochs``, ``max_steps``, ``max_time``, ``EarlyStopping`` or another
-    callback's ``should_stop``): the callback keeps each validation's figures until the next one
-    and draws the last kept at the end of ``fit`` (``on_train_end``), at that validation's step,
-    unless it was drawn already. Nothing is drawn when ``fit`` ends in an exception or never
-    validates (``limit_val_batches: 0``).
-
-    Confusion matrix (``val/confusion_matrix``): rows are the true classes, columns the predicted
-    ones; each cell shows its count and is shaded by its share of the row (the class's recall on
-    the diagonal). Counts cover the whole validation set: each rank counts its shard, then the
-    counts are summed over all ranks (under DDP the distributed sampler pads the last batch, so a
-    few images may count twice, as in torchmetrics). Misclassified images
-    (``val/misclassified``): up to ``misclassified`` images from rank 0's shard, the first ones in
-    validation order, in one picture, each labelled with its true and predicted class and the
-    predicted class's probability.
-
-    Predictions: when ``validation_step`` returns the logits ``(N, num_classes)`` (a tensor, or a
-    dict with key ``"logits"``; ImageClassifier does), they are used as they are, at every
-    validation of ``fit``. Otherwise the callback runs the model's forward on the batch once more,
-    without gradients, and only on validations it can tell in advance may be drawn: every n-th
-    epoch, ``validate``, and while fitting the last epoch by ``max_epochs``, validations after
-    ``max_steps`` is reached or once ``should_stop`` is set; a run stopped by a callback after some
-    other validation then has no figures of its last validation. Batches are ``(images, labels)``
-    as the model sees them (normalized); ``mean``/``std`` undo the normalization for display, else
-    each image is stretched to its own min–max range.
-
-    Cost per validation of ``fit``: a softmax and a ``C×C`` count per batch (on the device, no
-    host sync); on rank 0, until ``misclassified`` mistakes are found (usually the first batch or
-    two), a host sync per batch and those images copied to the CPU; the matrix size read once (a
-    host sync), and under several processes two small all-reduces (that size, then the counts).
-    Drawing (rank 0, a few times per run) uses Pillow: two pictures, no plotting library.
-    Sanity-check validation is skipped.
-
-    Needs a ``TensorBoardLogger`` and Pillow (a dependency of torchvision); without either it warns
-    once and does nothing. To switch it off, leave it out of ``trainer.callbacks`` or set
-    ``confusion_matrix: false`` and ``misclassified: 0``; it then does no work at all.
+    Draws after the validation of every ``every_n_epochs``-th training epoch, after the last
+    validation of ``fit`` whatever ended it (kept until ``on_train_end``, drawn at its own step),
+    and after every ``validate``. Uses the logits ``validation_step`` returns (a tensor, or a dict
+    with ``"logits"``), else runs the forward again on validations that may be drawn. Counts are
+    summed over ranks; images come from rank 0. Needs a ``TensorBoardLogger`` and Pillow, else it
+    warns once and does nothing; ``confusion_matrix: false`` with ``misclassified: 0`` switches it
+    off. README, "ValidationFigures in detail", has when, what and what it costs.
 
     Args:
         every_n_epochs: also draw after the validation of every n-th training epoch.
@@ -117,31 +88,29 @@ class ValidationFigures(Callback):
         std: list[float] | None = None,
         class_names: list[str] | None = None,
     ) -> None:
-        if isinstance(every_n_epochs, bool) or not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs={every_n_epochs!r} is not allowed: use 1 or more (an integer)")
-        if not isinstance(confusion_matrix, bool):
-            raise ValueError(f"confusion_matrix={confusion_matrix!r} is not allowed: use true or false")
-        if class_names is not None and (
-            not isinstance(class_names, (list, tuple)) or not all(isinstance(n, str) for n in class_names)
-        ):
-            raise ValueError(f"class_names={class_names!r} is not allowed: use a list of names, one per class")
-        if (
-            isinstance(misclassified, bool)
-            or not isinstance(misclassified, int)
-            or not 0 <= misclassified <= _MAX_MISCLASSIFIED
-        ):
-            raise ValueError(
-                f"misclassified={misclassified!r} is not allowed: use 0 (off) to {_MAX_MISCLASSIFIED} images"
-            )
+        require(
+            is_int(every_n_epochs) and every_n_epochs >= 1, "every_n_epochs", every_n_epochs, "1 or more (an integer)"
+        )
+        require(isinstance(confusion_matrix, bool), "confusion_matrix", confusion_matrix, "true or false")
+        names_ok = class_names is None or (
+            isinstance(class_names, (list, tuple)) and all(isinstance(n, str) for n in class_names)
+        )
+        require(names_ok, "class_names", class_names, "a list of names, one per class")
+        require(
+            is_int(misclassified) and 0 <= misclassified <= _MAX_MISCLASSIFIED,
+            "misclassified",
+            misclassified,
+            f"0 (off) to {_MAX_MISCLASSIFIED} images",
+        )
+        both = f"mean={mean!r}, std={std!r} is not allowed: "
         if (mean is None) != (std is None):
-            raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: give both or neither")
+            raise ValueError(both + "give both or neither")
         if mean is not None and std is not None:
             if len(mean) != len(std) or not mean:
-                raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: use one value per channel in each")
-            if not all(math.isfinite(v) for v in [*mean, *std]):
-                raise ValueError(f"mean={mean!r}, std={std!r} is not allowed: use finite values")
-            if min(std) <= 0:
-                raise ValueError(f"std={std!r} is not allowed: use positive values")
+                raise ValueError(both + "use one value per channel in each")
+            if not all(is_number(v) for v in [*mean, *std]):
+                raise ValueError(both + "use finite values")
+            require(min(std) > 0, "std", std, "positive values")
         self.every_n_epochs = every_n_epochs
         self.confusion_matrix = confusion_matrix
         self.misclassified = misclassified
