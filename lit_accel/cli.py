@@ -13,8 +13,10 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -52,14 +54,22 @@ from lit_accel.models.classifier import scheduler_interval
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite  # typeshed's type for print_usage's file
 
-__all__ = ["LitAccelCLI", "main"]
+__all__ = ["DEFAULT_RECIPE", "SHIPPED_CONFIGS", "LitAccelCLI", "main", "shipped_config_names", "with_configs_resolved"]
 
 DEFAULT_LOG_DIR = "runs"
+# The recipes, strategy and precision files, shipped as package data (the clone's configs/ is a
+# link to this folder, so each file exists once).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+DEFAULT_RECIPE = "cifar10"  # what fit/validate/test/predict use when no --config is given
+LIGHTNING_SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 log = logging.getLogger(__name__)
 
 # Lightning 2.6.6 calls a pytree API that torch 2.14 deprecated; users can do nothing about it.
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# lit-accel always hands LitAccelCLI its arguments (the command line, its --config names resolved):
+# LightningCLI's warning against passing args while sys.argv holds some is about another use.
+warnings.filterwarnings("ignore", message=r"LightningCLI's args parameter is intended to run from within Python")
 
 
 class _ConciseParser(LightningArgumentParser):
@@ -120,6 +130,8 @@ class LitAccelCLI(LightningCLI):
     """
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
+        if args is None or isinstance(args, list):
+            args = with_configs_resolved(sys.argv[1:] if args is None else args, subcommands=run)
         super().__init__(
             ImageClassifier,
             CIFAR10DataModule,
@@ -397,6 +409,79 @@ class LitAccelCLI(LightningCLI):
             if subcommand == "fit" and isinstance(path, str):
                 files.append((path, self._setting_of(subcommand, callback, "checkpoint_path")))
         return files
+
+
+def shipped_config_names() -> list[str]:
+    """The names ``--config`` accepts without a path: ``cifar10``, ``strategy/ddp``, … (sorted)."""
+    return sorted(
+        path.relative_to(SHIPPED_CONFIGS).with_suffix("").as_posix() for path in SHIPPED_CONFIGS.rglob("*.yaml")
+    )
+
+
+def with_configs_resolved(args: list[str], subcommands: bool = True) -> list[str]:
+    """``args`` with every ``--config`` value that is no file here replaced by the shipped file it
+    names, and the default recipe added when no ``--config`` is given at all.
+
+    A value resolves as a file relative to the working folder first; only if there is none, as the
+    name of a shipped config: ``cifar10``, ``strategy/ddp`` (``.yaml`` optional), or a clone's path
+    ``configs/strategy/ddp.yaml`` (so the README's commands also work after ``pip install``, and
+    where the clone's ``configs`` link is not one, e.g. a Windows checkout). Values that are no
+    path (an inline YAML string) are left to jsonargparse. Without any ``--config`` (before or after
+    the subcommand), ``--config DEFAULT_RECIPE`` is put right after the subcommand (first, with
+    ``subcommands=False``), so that later arguments override it; an explicit ``--config`` replaces
+    the default recipe: ``--config strategy/ddp`` alone is the strategy on Lightning's defaults.
+
+    Args:
+        args: the arguments after ``lit-accel`` (``fit --config cifar10 …``).
+        subcommands: whether ``args`` start with a subcommand (``LitAccelCLI(run=False)``: no).
+
+    Raises:
+        ConfigurationError: a ``--config`` value that is neither a file nor a shipped name (the
+            message lists the shipped names).
+
+    Example::
+
+        with_configs_resolved(["fit", "--data.synthetic", "true"])
+        # ["fit", "--config", ".../lit_accel/configs/cifar10.yaml", "--data.synthetic", "true"]
+    """
+    resolved: list[str] = []
+    given = False
+    pending = False  # the previous argument was --config / -c: this one is its value
+    for arg in args:
+        if pending:
+            resolved.append(_config_path(arg))
+            pending = False
+            continue
+        if arg in ("--config", "-c"):
+            pending = given = True
+        elif arg.startswith("--config="):
+            given = True
+            arg = "--config=" + _config_path(arg.removeprefix("--config="))
+        resolved.append(arg)
+    if given:
+        return resolved
+    recipe = ["--config", str(SHIPPED_CONFIGS / f"{DEFAULT_RECIPE}.yaml")]
+    if not subcommands:
+        return [*recipe, *resolved]
+    at = next((i for i, arg in enumerate(resolved) if arg in LIGHTNING_SUBCOMMANDS), None)
+    return resolved if at is None else [*resolved[: at + 1], *recipe, *resolved[at + 1 :]]
+
+
+def _config_path(value: str) -> str:
+    """A ``--config`` value as a path: the file here, else the shipped config it names (see
+    :func:`with_configs_resolved`)."""
+    if os.path.isfile(value) or not re.fullmatch(r"[\w.\-/\\]+", value):
+        return value  # a file here, or an inline YAML string: jsonargparse reads it
+    name = value.replace("\\", "/")
+    name = name.removeprefix("./").removeprefix("configs/")
+    for suffix in (".yaml", ".yml"):
+        name = name.removesuffix(suffix)
+    if name in shipped_config_names():
+        return str(SHIPPED_CONFIGS / f"{name}.yaml")
+    raise ConfigurationError(
+        f"--config {value}: no such file (in {os.getcwd()}) and no shipped config of that name. Shipped "
+        f"configs, usable as --config NAME: {', '.join(shipped_config_names())}. Or pass the path of your own file."
+    )
 
 
 def _resolve_alias(alias: str, subcommand: str, trainer_config: Any) -> str | None:

@@ -16,7 +16,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import Logger
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = REPO_ROOT / "configs"
+# The shipped configs (the repository's configs/ links here): `--config NAME` resolves in this folder.
+CONFIGS = REPO_ROOT / "lit_accel" / "configs"
 
 
 def lit_accel_command() -> list[str]:
@@ -45,7 +46,7 @@ def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def config(*names: str) -> list[str]:
-    """``--config`` arguments for files under configs/."""
+    """``--config`` arguments for shipped config files (``config("cifar10.yaml", "strategy/ddp.yaml")``)."""
     args: list[str] = []
     for name in names:
         args += ["--config", str(CONFIGS / name)]

@@ -1,13 +1,24 @@
-"""Every YAML file in configs/ runs through the real CLI with a tiny budget."""
+"""Every shipped config file (lit_accel/configs/, linked as configs/) runs through the real CLI with a
+tiny budget; ``--config NAME`` finds them, and no ``--config`` means the recipe."""
 
 import os
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from helpers import CONFIGS, config, run_cli, same_state
-from lit_accel.cli import GPU_RECIPE_ON_CPU, LitAccelCLI, main
+from lit_accel.cli import (
+    DEFAULT_RECIPE,
+    GPU_RECIPE_ON_CPU,
+    SHIPPED_CONFIGS,
+    LitAccelCLI,
+    main,
+    shipped_config_names,
+    with_configs_resolved,
+)
+from lit_accel.errors import ConfigurationError
 
 TESTS_DIR = Path(__file__).resolve().parent  # faults.py, loaded by class path in the CLI runs
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -42,6 +53,60 @@ def test_every_config_file_is_run():
     all_files = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
     covered = {name for combo in [*IN_PROCESS, *TWO_PROCESSES, *GPU_ONLY, *REAL_CIFAR, PROGRESS] for name in combo}
     assert all_files <= covered, f"config files no test runs: {sorted(all_files - covered)}"
+
+
+def test_config_names_resolve_to_the_shipped_files_unless_a_file_is_there(in_tmp_dir):
+    ddp = str(SHIPPED_CONFIGS / "strategy" / "ddp.yaml")
+    recipe = str(SHIPPED_CONFIGS / "cifar10.yaml")
+    for value in ("strategy/ddp", "strategy/ddp.yaml", "configs/strategy/ddp.yaml"):
+        assert with_configs_resolved(["fit", "--config", value]) == ["fit", "--config", ddp], value
+    resolved = with_configs_resolved(["fit", "-c", "cifar10", "--config=precision/bf16-mixed", "--data.synthetic", "1"])
+    assert resolved == [
+        "fit",
+        "-c",
+        recipe,
+        f"--config={SHIPPED_CONFIGS / 'precision' / 'bf16-mixed.yaml'}",
+        "--data.synthetic",
+        "1",
+    ]
+    # A file in the working folder wins over the shipped name; inline YAML is left to jsonargparse.
+    (in_tmp_dir / "cifar10.yaml").write_text("trainer: {max_epochs: 1}\n")
+    assert with_configs_resolved(["fit", "--config", "cifar10.yaml"]) == ["fit", "--config", "cifar10.yaml"]
+    assert with_configs_resolved(["fit", "--config", "{trainer: {max_epochs: 1}}"])[2] == "{trainer: {max_epochs: 1}}"
+    assert set(shipped_config_names()) == {
+        str(p.relative_to(CONFIGS).with_suffix("").as_posix()) for p in CONFIGS.rglob("*.yaml")
+    }
+
+
+def test_an_unknown_config_name_is_one_message_listing_the_shipped_names(in_tmp_dir):
+    with pytest.raises(ConfigurationError) as error:
+        with_configs_resolved(["fit", "--config", "strategy/dpp"])
+    message = str(error.value)
+    assert message.startswith("--config strategy/dpp: no such file") and "\n" not in message
+    assert all(name in message for name in ("cifar10", "gpu", "strategy/ddp", "precision/bf16-mixed")), message
+
+
+def test_no_config_means_the_recipe_and_an_explicit_one_replaces_it():
+    recipe = ["--config", str(SHIPPED_CONFIGS / f"{DEFAULT_RECIPE}.yaml")]
+    for command in ("fit", "validate", "test", "predict"):
+        assert with_configs_resolved([command, "--data.synthetic", "1"]) == [command, *recipe, "--data.synthetic", "1"]
+    assert with_configs_resolved(["--data.synthetic", "1"], subcommands=False) == [*recipe, "--data.synthetic", "1"]
+    assert with_configs_resolved(["fit", "--config", "smoke"]) == ["fit", "--config", str(CONFIGS / "smoke.yaml")]
+    assert with_configs_resolved(["--help"]) == ["--help"], "no command: nothing to add"
+
+
+def test_fit_without_config_prints_the_recipe(in_tmp_dir, capsys):
+    """Parse only: `lit-accel fit --print_config` is the shipped recipe with the command line on top."""
+    with pytest.raises(SystemExit) as exit_info:
+        LitAccelCLI(args=["fit", "--trainer.max_epochs", "2", "--print_config"])
+    assert exit_info.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    shipped = yaml.safe_load((CONFIGS / "cifar10.yaml").read_text())
+    assert [c["class_path"] for c in printed["trainer"]["callbacks"]] == [
+        c["class_path"] for c in shipped["trainer"]["callbacks"]
+    ]
+    assert printed["model"]["lr_scheduler"]["class_path"] == "lit_accel.schedules.WarmupDecayLR"
+    assert printed["trainer"]["max_epochs"] == 2
 
 
 @pytest.mark.parametrize("names", IN_PROCESS, ids=lambda names: "+".join(names))

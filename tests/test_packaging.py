@@ -55,3 +55,14 @@ def test_built_metadata_has_one_version_an_spdx_license_its_text_and_the_command
         "lit-accel": "lit_accel.commands:main",
         "lit-accel-export": "lit_accel.export:main",
     }
+
+
+def test_every_shipped_config_is_package_data() -> None:
+    """pyproject.toml's package-data patterns take every config file into the wheel (``--config
+    NAME`` after a pip install); tools/wheel_smoke.sh (CI) checks a built wheel."""
+    from setuptools.config.pyprojecttoml import read_configuration  # tomllib is Python 3.11+
+
+    patterns = read_configuration(REPO_ROOT / "pyproject.toml")["tool"]["setuptools"]["package-data"]["lit_accel"]
+    packaged = {path for pattern in patterns for path in (REPO_ROOT / "lit_accel").glob(pattern)}
+    shipped = set((REPO_ROOT / "lit_accel" / "configs").rglob("*.yaml"))
+    assert shipped and shipped <= packaged, sorted(map(str, shipped - packaged))

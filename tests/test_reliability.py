@@ -327,7 +327,7 @@ BAD_INPUTS = {
     "zero learning rate": (["fit", *SMOKE, "--model.optimizer.lr", "0"], "use a positive learning rate"),
     "batch size 0": (["fit", *SMOKE, "--data.batch_size", "0"], "batch_size=0 is not allowed"),
     "validation as large as training": (["fit", *SMOKE, "--data.val_size", "1024"], "val_size=1024 is not allowed"),
-    "missing config file": (["fit", "--config", "configs/nope.yaml"], "File does not exist"),
+    "missing config file": (["fit", "--config", "configs/nope.yaml"], "no shipped config of that name"),
     "data missing, no network": (
         ["fit", *config("cifar10.yaml"), *QUIET, "--data.data_dir", "nowhere"],
         "CIFAR-10 not found",
