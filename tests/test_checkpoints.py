@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -339,18 +340,18 @@ def test_a_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one_readable
     shm = Path(tempfile.mkdtemp(dir="/dev/shm"))
     try:
         assert os.stat(shm).st_dev != os.stat(tmp_path).st_dev, "TMPDIR must be on another filesystem"
-        pid = os.fork()  # a child of this process: no second interpreter to start
-        if pid == 0:
-            try:
-                os.chdir(tmp_path)
-                tempfile.tempdir = str(shm)
-                sys.path.insert(0, str(TESTS_DIR))
-                kill = ["--trainer.callbacks+=faults.KillAtCheckpointMove", "--trainer.callbacks.save", "2"]
-                LitAccelCLI(args=["fit", *TINY_CLI_ARGS, *STEP_SAVES, *kill])
-            finally:
-                os._exit(1)  # only if the kill never came
-        _, status = os.waitpid(pid, 0)
-        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+        # A fresh interpreter, not os.fork(): a fork of a process whose torch thread pool is
+        # running can deadlock in the child.
+        child = (
+            "import sys; from helpers import TINY_CLI_ARGS; from lit_accel.cli import LitAccelCLI; "
+            "LitAccelCLI(args=['fit', *TINY_CLI_ARGS, *sys.argv[1:]]); sys.exit(1)"  # exit 1: the kill never came
+        )
+        kill = ["--trainer.callbacks+=faults.KillAtCheckpointMove", "--trainer.callbacks.save", "2"]
+        env = {**os.environ, "TMPDIR": str(shm), "PYTHONPATH": os.pathsep.join([str(TESTS_DIR), *sys.path])}
+        done = subprocess.run(
+            [sys.executable, "-c", child, *STEP_SAVES, *kill], cwd=tmp_path, env=env, capture_output=True, timeout=240
+        )
+        assert done.returncode == -signal.SIGKILL, done.stderr[-2000:]
         staged = list(shm.iterdir())
     finally:
         shutil.rmtree(shm, ignore_errors=True)
