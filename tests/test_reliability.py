@@ -83,7 +83,7 @@ def test_same_config_and_seed_give_identical_metrics(tmp_path, monkeypatch):
     for name in ("first", "second"):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
-        cli = LitAccelCLI(args=["fit", *SMOKE, "--trainer.max_epochs", "2"])
+        cli = LitAccelCLI(args=["fit", *SMOKE, "--trainer.max_epochs", "2", "--trainer.limit_train_batches", "3"])
         results.append({k: float(v) for k, v in cli.trainer.callback_metrics.items()})
     assert results[0] == results[1]
     assert "val/acc" in results[0]
@@ -232,6 +232,10 @@ def test_two_nodes_on_loopback_with_torchrun(tmp_path):
             "2",
             "--trainer.devices",
             "1",
+            "--trainer.limit_train_batches",
+            "2",
+            "--trainer.limit_val_batches",
+            "1",
         ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         nodes.append(
@@ -293,7 +297,7 @@ def finished_run(tmp_path_factory) -> Path:
     before = os.getcwd()
     os.chdir(root)  # in this process: a second interpreter would cost seconds
     try:
-        main(["fit", *SMOKE, "--trainer.enable_progress_bar", "false"])
+        main(["fit", *SMOKE, "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"])
     finally:
         os.chdir(before)
     checkpoints = root / "runs" / "cifar10" / "version_0" / "checkpoints"
