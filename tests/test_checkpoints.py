@@ -342,6 +342,9 @@ def test_a_kill_while_last_ckpt_is_put_in_place_leaves_the_previous_one_readable
         pid = os.fork()  # a child of this process: no second interpreter to start
         if pid == 0:
             try:
+                # The parent's OpenMP pool did not survive the fork: a parallel region would wait on
+                # its threads forever (libgomp is not fork-safe); one thread runs none.
+                torch.set_num_threads(1)
                 os.chdir(tmp_path)
                 tempfile.tempdir = str(shm)
                 sys.path.insert(0, str(TESTS_DIR))
