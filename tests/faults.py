@@ -100,19 +100,22 @@ class DumpLocalState(Callback):
 
 
 class SignalSelfAtStep(Callback):
-    """Send this process ``signum`` (default SIGUSR1, SLURM's requeue signal) at the start of the
-    batch after optimizer step ``step``, on the given rank (-1: all), once."""
+    """Send this process ``signum`` (default SIGUSR1, SLURM's requeue signal) ``times`` times in a
+    row (a Ctrl-C pressed twice) at the start of the batch after optimizer step ``step``, on the
+    given rank (-1: all), once."""
 
-    def __init__(self, step: int, rank: int = -1, signum: int = int(signal.SIGUSR1)) -> None:
+    def __init__(self, step: int, rank: int = -1, signum: int = int(signal.SIGUSR1), times: int = 1) -> None:
         self.step = step
         self.rank = rank
         self.signum = signum
+        self.times = times
         self._sent = False
 
     def on_train_batch_start(self, trainer: pl.Trainer, *args, **kwargs) -> None:
         if not self._sent and trainer.global_step >= self.step and self.rank in (-1, trainer.global_rank):
             self._sent = True
-            os.kill(os.getpid(), self.signum)
+            for _ in range(self.times):
+                os.kill(os.getpid(), self.signum)
 
 
 class KillAtCheckpointMove(Callback):

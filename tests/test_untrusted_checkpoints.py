@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import config, run_cli
+from helpers import config
 from lit_accel.checkpoints import check_import_paths, verify_distributed_checkpoint
 from lit_accel.cli import LitAccelCLI
 from lit_accel.cli import main as cli_main
@@ -162,16 +162,26 @@ def test_a_real_folder_under_a_single_process_strategy_says_how_to_load_it(
     assert "Traceback" not in err and "IsADirectoryError" not in err
 
 
-@pytest.mark.slow
-def test_fsdp_test_refuses_a_crafted_folder_on_every_rank(checkpoint_file, tmp_path):
+def test_fsdp_test_refuses_a_crafted_folder_before_any_rank_starts(checkpoint_file, tmp_path, monkeypatch, capsys):
+    """Under FSDP2 every rank loads the folder: the check runs before the ranks are launched, so
+    none of them ever reads it (the run itself would launch them: here it fails the test)."""
+    from functools import wraps
+
+    from lightning.pytorch import Trainer
+
+    @wraps(Trainer.test)  # the CLI reads its options from the signature
+    def no_run(*args, **kwargs):
+        raise AssertionError("the ranks were launched before the checkpoint was checked")
+
+    monkeypatch.setattr(Trainer, "test", no_run)
     marker = tmp_path / "ran"
     folder = _crafted(".metadata", checkpoint_file, tmp_path, marker)
-    result = run_cli(
-        ["test", *SMOKE, *config("strategy/fsdp.yaml"), "--trainer.devices", "2", "--ckpt_path", str(folder)],
-        cwd=tmp_path,
-    )
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert "holds Python objects other than checkpoint data" in result.stderr
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["test", *SMOKE, *config("strategy/fsdp.yaml"), "--trainer.devices", "2", "--ckpt_path", str(folder)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "holds Python objects other than checkpoint data" in err and "Traceback" not in err
     assert not marker.exists()
 
 
