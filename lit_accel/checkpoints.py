@@ -45,6 +45,9 @@ CHECKPOINT_ALIASES = ("best", "last")
 # ModelCheckpoint's file names, set in lit_accel.cli: "last.ckpt" and one "best-….ckpt" per run.
 # A checkpoint is a file, or a folder of .distcp shards under FSDP2 (ModelParallelStrategy).
 _LAST_NAME = "last.ckpt"
+# A distributed (folder) last.ckpt moved aside while its successor is renamed into place
+# (lit_accel.strategies.swap_into_place): complete, and the run's last when the swap was cut short.
+_LAST_ASIDE = ".last.ckpt.old"
 _BEST_PATTERN = "best-*.ckpt"
 # What Lightning saves on SLURM's requeue signal: <default_root_dir>/hpc_ckpt_<n>.ckpt
 # (lightning.pytorch.trainer.connectors.checkpoint_connector, hpc_save_path).
@@ -84,6 +87,12 @@ def find_checkpoint(root: str, which: str, hpc_dir: str | None = None, recursive
         if recorded is not None:
             return recorded
     found = _in_run_folders(root, _LAST_NAME if which == "last" else _BEST_PATTERN, recursive)
+    if which == "last":
+        found += [
+            aside
+            for aside in _in_run_folders(root, _LAST_ASIDE, recursive)
+            if not os.path.exists(os.path.join(os.path.dirname(aside), _LAST_NAME))
+        ]
     if which == "last" and hpc_dir is not None:
         # Without a logger every run saves its hpc files into default_root_dir: only those whose
         # ModelCheckpoint saved in root/checkpoints/ are this run's.

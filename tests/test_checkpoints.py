@@ -480,3 +480,62 @@ def test_the_cli_saves_atomically_under_every_cpu_strategy(strategy, tmp_path, m
     args = [*TINY_CLI_ARGS, *config(f"strategy/{strategy}"), "--trainer.devices", "2"]
     cli = LitAccelCLI(args=args, run=False)
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+
+
+# --------------------------------------------- FSDP2 folder checkpoints: staged, then swapped in
+def _folder_strategy(monkeypatch, write):
+    """An FSDP2Strategy of one process whose distributed save is ``write(folder)`` (no process group)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_accel.strategies import FSDP2Strategy
+
+    monkeypatch.setattr(ModelParallelStrategy, "save_checkpoint", lambda self, ckpt, path, opts=None: write(Path(path)))
+    strategy = FSDP2Strategy()
+    monkeypatch.setattr(strategy, "broadcast", lambda obj, src=0: obj)
+    monkeypatch.setattr(strategy, "barrier", lambda name=None: None)
+    return strategy
+
+
+def _shards(folder: Path, step: int, complete: bool = True) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "__0_0.distcp").write_text(f"step {step}")
+    if not complete:
+        raise KeyboardInterrupt("killed while writing the shards")
+    (folder / "meta.pt").write_text(f"step {step}")
+
+
+def test_a_folder_checkpoint_killed_while_written_leaves_the_previous_one_whole(tmp_path, monkeypatch):
+    target = tmp_path / "checkpoints" / "last.ckpt"
+    _folder_strategy(monkeypatch, lambda path: _shards(path, 1)).save_checkpoint({}, target)
+    assert (target / "meta.pt").read_text() == "step 1"
+    with pytest.raises(KeyboardInterrupt):
+        _folder_strategy(monkeypatch, lambda path: _shards(path, 2, complete=False)).save_checkpoint({}, target)
+    assert sorted(p.name for p in target.iterdir()) == ["__0_0.distcp", "meta.pt"]
+    assert {p.read_text() for p in target.iterdir()} == {"step 1"}
+    _folder_strategy(monkeypatch, lambda path: _shards(path, 3)).save_checkpoint({}, target)
+    assert {p.read_text() for p in target.iterdir()} == {"step 3"}
+    assert sorted(p.name for p in target.parent.iterdir()) == ["last.ckpt"], "no staging or old folder is left"
+
+
+def test_a_swap_cut_between_its_renames_still_resolves_last(tmp_path, monkeypatch):
+    """Killed after the old folder was moved aside and before the new one was put in place: the
+    folder aside is complete, and --ckpt_path last finds it."""
+    from lit_accel.strategies import swap_into_place
+
+    run = tmp_path / "runs" / "exp" / "version_0" / "checkpoints"
+    _shards(run / "last.ckpt", 1)
+    _shards(run / ".last.ckpt.partial", 2)
+    real_replace = os.replace
+    calls = []
+
+    def replace_then_die(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed between the renames")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        swap_into_place(run / ".last.ckpt.partial", run / "last.ckpt")
+    assert not (run / "last.ckpt").exists()
+    assert find_checkpoint(str(tmp_path / "runs"), "last") == str(run / ".last.ckpt.old")
