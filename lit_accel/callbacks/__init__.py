@@ -1,8 +1,8 @@
 """Reusable Lightning callbacks: thin adapters over the Trainer-free engines of :mod:`lit_accel.core`.
 
 Each module imports only ``lightning``, ``torch``, the standard library, ``typing_extensions`` (for
-``@override``), :mod:`lit_accel.core` and :mod:`lit_accel.callbacks.shared`, so each works with any
-LightningModule and DataModule."""
+``@override``), :mod:`lit_accel.core`, :mod:`lit_accel.callbacks.shared` and (for the pictures)
+:mod:`lit_accel.callbacks.drawing`, so each works with any LightningModule and DataModule."""
 
 from lit_accel.callbacks.divergence_guard import DivergenceError, DivergenceGuard
 from lit_accel.callbacks.dynamic_batch_lr import DynamicBatchLR

@@ -16,15 +16,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import lit_accel.callbacks.validation_figures as module
 from helpers import FIGURES_OFF_ARGS, TINY_CLI_ARGS
-from lit_accel.callbacks.validation_figures import (
-    ValidationFigures,
-    confusion_counts,
-    draw_confusion_matrix,
-    draw_image_grid,
-    is_drawing_epoch,
-    may_be_last_validation,
-    to_display,
-)
+from lit_accel.callbacks.drawing import confusion_counts, draw_confusion_matrix, draw_image_grid, to_display
+from lit_accel.callbacks.validation_figures import ValidationFigures, is_drawing_epoch, may_be_last_validation
 
 C = 3  # classes
 N = 12  # validation samples; label i % 3; the scripted model errs on every 4th sample
