@@ -1,10 +1,5 @@
-"""DivergenceGuard: :class:`lit_accel.core.divergence.DivergenceDetector` behind Lightning's hooks.
-
-The hooks gather the loss and the gradient norm (agreed across ranks in one all-reduce), ask the
-detector for a verdict and act on it: skip the update, roll back to a host snapshot
-(:mod:`lit_accel.core.snapshot`) with a lower learning rate, or stop. How it works, with its
-limits: README, "The callbacks". Imports lightning, torch and :mod:`lit_accel.core` only.
-"""
+"""DivergenceGuard: :class:`lit_accel.core.divergence.DivergenceDetector` behind Lightning's hooks: skip,
+roll back to a :class:`~lit_accel.core.snapshot.Snapshot` with a lower LR, or stop (README, "The callbacks")."""
 
 from __future__ import annotations
 
