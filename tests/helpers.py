@@ -86,6 +86,19 @@ TINY_CLI_ARGS = [
 ]
 
 
+class FakeClock:
+    """A clock that moves only when the test says so (seconds)."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
 class MemoryLogger(Logger):
     """A Lightning logger that keeps every ``log_metrics`` call as ``(step, {key: float})`` in ``rows``.
 

@@ -19,23 +19,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 import lit_accel.callbacks.throughput_meter as tm
 import lit_accel.core.throughput as tp
-from helpers import MemoryLogger
+from helpers import FakeClock, MemoryLogger
 from lit_accel.callbacks.throughput_meter import ThroughputMeter
 
 # --------------------------------------------------------------------------- helpers
-
-
-class FakeClock:
-    """A clock that moves only when the test says so (seconds)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 CLOCK = FakeClock()

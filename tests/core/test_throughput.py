@@ -5,22 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import FakeClock
 from lit_accel.core import throughput as tp
 from lit_accel.core.throughput import StepTimer, TimedSteps
 from lit_accel.models import SeedCNN
-
-
-class FakeClock:
-    """A clock that moves only when the test says so (seconds)."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, seconds: float) -> None:
-        self.t += seconds
 
 
 class FakeEvent:
