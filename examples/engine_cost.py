@@ -48,7 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--snapshot_every", type=int, default=100, help="the guard's (DivergenceDetector's default)")
     p.add_argument("--log_every", type=int, default=50, help="steps between the meter's interval reads")
     p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name in ("batch_size", "steps", "rounds", "snapshot_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: use 1 or more")
+    if args.warmup < 0:
+        p.error(f"--warmup {args.warmup}: use 0 or more")
+    return args
 
 
 class Loop:

@@ -54,6 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.warmup < 1:
         p.error(f"--warmup {args.warmup}: use 1 or more (step 0 counts FLOPs and runs slower)")
+    for name in ("steps", "batch_size", "snapshot_every", "log_every"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} {getattr(args, name)}: use 1 or more")
     return args
 
 

@@ -121,3 +121,20 @@ def test_engine_cost_runs_each_variant_with_its_engines_in_alternating_rounds(ca
     assert {n: len(r) for n, r in out["rates"].items()} == dict.fromkeys(loops, 2)
     assert all(loop.steps == 3 for loop in loops.values())  # warm-up + 2 rounds of 1 step
     assert capsys.readouterr().out.count("| bare | ") == 1
+
+
+@pytest.mark.parametrize(
+    ("name", "argv"),
+    [
+        ("plain_pytorch_loop", ["--steps", "0"]),
+        ("plain_pytorch_loop", ["--snapshot_every", "-1"]),
+        ("fabric_loop", ["--batch_size", "0"]),
+        ("engine_cost", ["--rounds", "0"]),
+        ("engine_cost", ["--warmup", "-1"]),
+    ],
+)
+def test_a_bad_count_is_one_usage_error(name, argv, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        load(name).parse_args(argv)
+    assert stopped.value.code == 2
+    assert f"{argv[0]} {argv[1]}: use" in capsys.readouterr().err
