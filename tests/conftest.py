@@ -117,3 +117,11 @@ def _ctrl_c_not_ignored() -> None:
     the Ctrl-C tests need Python's own handler, in this process and in the runs it starts."""
     if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker, and each process a test starts, computes on one thread: two
+    workers then fill the two cores instead of four threads fighting for them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)

@@ -109,17 +109,23 @@ def test_the_meters_rate_matches_a_clock_read_around_the_same_steps(run) -> None
     assert metrics["flops_per_sample"] > 0 and 0 < metrics["mfu"] < 1
 
 
-def test_engine_cost_runs_each_variant_with_its_engines_in_alternating_rounds(capsys) -> None:
-    out = load("engine_cost").main(["--rounds", "2", "--steps", "1", "--warmup", "1", "--batch_size", "4"])
-    loops = out["loops"]
-    assert [(loops[n].detector is not None, loops[n].meter is not None) for n in loops] == [
-        (False, False),
-        (True, False),
-        (False, True),
-        (True, True),
-    ]
-    assert {n: len(r) for n, r in out["rates"].items()} == dict.fromkeys(loops, 2)
-    assert all(loop.steps == 3 for loop in loops.values())  # warm-up + 2 rounds of 1 step
+def test_engine_cost_runs_each_variant_with_its_engines_in_alternating_rounds(capsys, monkeypatch) -> None:
+    module = load("engine_cost")
+    calls = []
+    for name in ("check", "start"):  # the guard's and the meter's per-step calls
+        owner = module.DivergenceDetector if name == "check" else module.Throughput
+        real = getattr(owner, name)
+        counted = lambda self, *a, real=real, name=name, **k: calls.append(name) or real(self, *a, **k)  # noqa: E731
+        monkeypatch.setattr(owner, name, counted)
+    out = module.main(["--rounds", "2", "--steps", "1", "--warmup", "1", "--batch_size", "4"])
+    # warm-up: bare, guard, meter, both (the meter starts a step before the guard checks it); then
+    # 2 rounds, the second in reverse order
+    listed = ["check", "start", "start", "check"]
+    assert calls == listed + listed + ["start", "check", "start", "check"]
+    assert out["loop"].steps == 12
+    assert {n: len(r) for n, r in out["rates"].items()} == dict.fromkeys(module.VARIANTS, 2)
+    assert all(share == 0.0 for share in out["shares"]["bare"])
+    assert all(0.0 < share < 1.0 for name in ("guard", "meter", "guard + meter") for share in out["shares"][name])
     assert capsys.readouterr().out.count("| bare | ") == 1
 
 

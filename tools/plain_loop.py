@@ -36,7 +36,11 @@ class LoopResult:
 
 
 def _augment(images: Tensor, padding: int = 4) -> Tensor:
+    """Per-sample random crop (zero padding ``padding``; 0: no crop) and horizontal flip."""
     n, c, h, w = images.shape
+    if padding == 0:
+        flip = torch.rand(n, 1, 1, 1, device=images.device) < 0.5
+        return torch.where(flip, images.flip(3), images)
     padded = torch.nn.functional.pad(images, (padding,) * 4)
     dy = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), device=images.device)
     dx = torch.randint(0, 2 * padding + 1, (n, 1, 1, 1), device=images.device)
@@ -63,6 +67,9 @@ def train(
     data_on_device: bool = False,
     compile: bool = False,
     compile_options: dict[str, Any] | None = None,
+    optimizer_name: str = "sgd",
+    weight_decay: float | None = None,
+    random_crop: bool = True,
 ) -> LoopResult:
     """Train ``warmup_steps + timed_steps`` steps; time the last ``timed_steps``.
 
@@ -70,7 +77,11 @@ def train(
     ``channels_last`` keeps the network and inputs in NHWC, ``data_on_device`` copies the images
     to the device once (batches are then cut there), ``compile`` wraps the network in
     ``torch.compile(**compile_options)``: the hand-written counterparts of the GPU recipe's settings.
+    ``optimizer_name`` ``"sgd"`` (momentum 0.9, Nesterov, weight decay 5e-4) or ``"adamw"`` (weight
+    decay 0.01, as the shipped recipe); ``random_crop`` off leaves the flips only (the recipe's).
     """
+    if optimizer_name not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer_name={optimizer_name!r} is not allowed: use 'sgd' or 'adamw'")
     torch.manual_seed(seed)
     dev = torch.device(device)
     net = net.to(dev).train()
@@ -79,7 +90,14 @@ def train(
     model = torch.compile(net, **(compile_options or {})) if compile else net
     if data_on_device:
         images, labels = images.to(dev), labels.to(dev)
-    optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    optimizer: torch.optim.Optimizer
+    if optimizer_name == "adamw":
+        decay = 0.01 if weight_decay is None else weight_decay
+        optimizer = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=decay)
+    else:
+        decay = 5e-4 if weight_decay is None else weight_decay
+        optimizer = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=decay)
+    padding = 4 if random_crop else 0
     loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
     mean = torch.tensor(MEAN, device=dev).view(1, 3, 1, 1)
     std = torch.tensor(STD, device=dev).view(1, 3, 1, 1)
@@ -103,7 +121,7 @@ def train(
         position += batch_size
         x = images[index].to(dev, non_blocking=True)
         y = labels[index].to(dev, non_blocking=True)
-        x = ((_augment(x).float().div_(255) - mean) / std).contiguous(memory_format=memory_format)
+        x = ((_augment(x, padding).float().div_(255) - mean) / std).contiguous(memory_format=memory_format)
         with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)

@@ -21,7 +21,7 @@ from lit_accel.core.dist import all_sum, local_tensor, shard_groups, squared_nor
 from lit_accel.core.divergence import Action, DivergenceDetector, Kind, Verdict, back_off, drop_gradients
 from lit_accel.core.lr_scaling import DYNAMIC_LR_SCALE_KEY, GROUP_LR_KEYS, apply_lr_scale, scale_learning_rates
 from lit_accel.core.snapshot import Snapshot, host_weights, load_weights
-from lit_accel.core.state_keys import adopt_older_state, identity_state_key
+from lit_accel.core.state_keys import identity_state_key
 from lit_accel.core.throughput import (
     BatchFlops,
     PeakFlops,
@@ -58,7 +58,6 @@ __all__ = [
     "Throughput",
     "TimedSteps",
     "Verdict",
-    "adopt_older_state",
     "all_sum",
     "apply_lr_scale",
     "back_off",
