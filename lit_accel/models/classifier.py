@@ -90,7 +90,7 @@ class ImageClassifier(LightningModule):
     Likewise its ``image_size`` (the side of its square images, when it has that attribute) is
     kept as ``image_size`` and saved as ``checkpoint["image_size"]``, so ``lit-accel predict`` and
     ``lit-accel-export`` feed the network images of the size it was trained at; a checkpoint
-    without it (written before sizes other than 32 were possible) loads as 32. A resumed ``fit``
+    without it loads as 32 (CIFAR-10's). A resumed ``fit``
     keeps its data's size, not the checkpoint's.
 
     Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,

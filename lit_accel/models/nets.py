@@ -9,8 +9,9 @@ Other image sizes: SeedCNN, BatchNormCNN and LiteCNN flatten a 6×6 grid of feat
 first dense layer (its size fixed by CIFAR-10's 32-pixel images). A :class:`GridPool` between the
 features and the dense head averages larger maps down to that grid (adaptive average pooling) and
 passes a 6×6 map through untouched. So at 32 pixels (and 30, 31, whose maps are also 6×6) the
-network computes exactly what it did before image sizes other than 32 were accepted: same
-parameters, same ``state_dict`` keys (GridPool holds none), bit-identical outputs, no extra work.
+network is exactly the fixed-flatten network it is at heart: same
+parameters, same ``state_dict`` keys (GridPool holds none), bit-identical outputs, and no extra
+tensor operation (two shape comparisons in Python per forward pass).
 ResNet9 ends in a global max pool and takes any size whose maps survive its three poolings.
 """
 

@@ -275,7 +275,7 @@ def test_the_training_image_size_travels_in_the_checkpoint():
     loaded = ImageClassifier(LiteCNN(width=4))
     loaded.on_load_checkpoint(checkpoint)
     assert loaded.image_size == 64
-    loaded.on_load_checkpoint({})  # written before sizes other than 32: CIFAR-10's
+    loaded.on_load_checkpoint({})  # a checkpoint without image_size: CIFAR-10's
     assert loaded.image_size == 32 == checkpoint_image_size({})
 
 

@@ -169,8 +169,8 @@ def _old_layout_keys(net_class) -> set[str]:
 
 @pytest.mark.parametrize("net_class", [SeedCNN, BatchNormCNN, LiteCNN])
 def test_at_32_pixels_a_network_is_exactly_its_fixed_flatten_self(net_class):
-    """Same state_dict keys and dense-layer shape as before other sizes were accepted (old
-    checkpoints load and resume), and bit-identical outputs to the old path: features, flatten, head."""
+    """The released layout's state_dict keys and dense-layer shape (its checkpoints load and resume),
+    and outputs bit-identical to its forward path: features, flatten, head."""
     net = net_class(num_classes=10).eval()
     assert set(net.state_dict()) == _old_layout_keys(net_class)
     channels = {SeedCNN: 64, BatchNormCNN: 32, LiteCNN: 64}[net_class]  # at the default width
