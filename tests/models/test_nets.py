@@ -131,9 +131,9 @@ def _small(net_class):
     return net_class(num_classes=3, **({"width": 4} if net_class is not SeedCNN else {}))
 
 
-@pytest.mark.parametrize("size", [30, 32, 48, 64, 96, 128])
+@pytest.mark.parametrize("size", [48, 64, 96, 128])  # 32: above; the smallest: below
 @pytest.mark.parametrize("net_class", NETS)
-def test_networks_take_square_images_of_any_size_from_their_smallest(net_class, size):
+def test_networks_take_square_images_of_larger_sizes(net_class, size):
     net = _small(net_class).eval()
     with torch.no_grad():
         assert net(torch.randn(2, 3, size, size)).shape == (2, 3)
