@@ -49,12 +49,20 @@ from lit_accel.checkpoints import (
 from lit_accel.data import CIFAR10DataModule
 from lit_accel.errors import CheckpointError, ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
-from lit_accel.models.classifier import scheduler_interval
+from lit_accel.models.classifier import EXAMPLE_IMAGE_SIZE, checkpoint_image_size, scheduler_interval
 
 if TYPE_CHECKING:
     from _typeshed import SupportsWrite  # typeshed's type for print_usage's file
 
-__all__ = ["DEFAULT_RECIPE", "SHIPPED_CONFIGS", "LitAccelCLI", "main", "shipped_config_names", "with_configs_resolved"]
+__all__ = [
+    "DEFAULT_RECIPE",
+    "SHIPPED_CONFIGS",
+    "LitAccelCLI",
+    "main",
+    "predict_image_size",
+    "shipped_config_names",
+    "with_configs_resolved",
+]
 
 DEFAULT_LOG_DIR = "runs"
 # The recipes, strategy and precision files, shipped as package data (the clone's configs/ is a
@@ -124,10 +132,16 @@ class LitAccelCLI(LightningCLI):
     ``--ckpt_path best|last`` is resolved to a file while the arguments are parsed, so the model
     is rebuilt from that checkpoint's hyperparameters as for a file path; before a subcommand runs
     the checkpoint is checked (exists, loads, fits the network), and bad arguments end in one
-    message. ``predict`` runs without a logger: it writes no run folder, only the predictions.
+    message. ``predict`` reads images at the size the checkpoint's network was trained at
+    (``checkpoint["image_size"]``, see :func:`predict_image_size`): it sets the data module's
+    ``image_size`` attribute to it, and refuses a ``--data.image_size`` that differs. ``predict``
+    runs without a logger: it writes no run folder, only the predictions.
     ``validate``, ``test`` and ``predict`` without ``--ckpt_path`` evaluate the untrained network,
     with one warning.
     """
+
+    # predict with a checkpoint file: (its training image size, data.image_size as the user gave it)
+    _predict_sizes: tuple[int, int | None] | None = None
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         if args is None or isinstance(args, list):
@@ -219,7 +233,10 @@ class LitAccelCLI(LightningCLI):
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and os.path.isfile(ckpt_path):
             named = {path for _, path in import_paths(_plain(config), "")}
-            check_import_paths(read_checkpoint(ckpt_path), str(ckpt_path), allowed=named)
+            contents = read_checkpoint(ckpt_path)
+            check_import_paths(contents, str(ckpt_path), allowed=named)
+            if subcommand == "predict":
+                self._predict_sizes = (checkpoint_image_size(contents), _given_image_size(parser, args, subcommand))
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -273,6 +290,8 @@ class LitAccelCLI(LightningCLI):
             )
         _check_lr_scheduler(self.model, optimizer, self.trainer, self.datamodule)
         _check_finite("trainer", {"gradient_clip_val": self.trainer.gradient_clip_val})
+        if self.subcommand == "predict" and self._predict_sizes is not None:
+            _set_predict_image_size(self.datamodule, *self._predict_sizes)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -409,6 +428,56 @@ class LitAccelCLI(LightningCLI):
             if subcommand == "fit" and isinstance(path, str):
                 files.append((path, self._setting_of(subcommand, callback, "checkpoint_path")))
         return files
+
+
+def predict_image_size(saved: int, given: int | None) -> int:
+    """The side of the images ``lit-accel predict`` reads: the checkpoint's training size.
+
+    Args:
+        saved: the size the checkpoint's network was trained at
+            (:func:`~lit_accel.models.classifier.checkpoint_image_size`).
+        given: ``data.image_size`` as the user set it (command line or config file), or None.
+
+    Raises:
+        ConfigurationError: for a ``given`` size other than ``saved``: the network would see
+            images of another scale than it learnt from, and predict worse without a word.
+
+    Example::
+
+        predict_image_size(64, None)  # 64
+    """
+    if given is not None and given != saved:
+        raise ConfigurationError(
+            f"data.image_size={given} but the checkpoint's network was trained on {saved}×{saved} images: "
+            f"leave data.image_size out (predict reads images at the checkpoint's size) or set it to {saved}."
+        )
+    return saved
+
+
+def _given_image_size(parser: LightningArgumentParser, args: ArgsType, subcommand: str) -> int | None:
+    """``data.image_size`` (or ``data.init_args.image_size``) as given on the command line or in a
+    config file, not a default: parsed again without defaults."""
+    if isinstance(args, (dict, Namespace)):
+        given = parser.parse_object(args, defaults=False)
+    else:
+        given = parser.parse_args(args, defaults=False)
+    for key in ("data.image_size", "data.init_args.image_size"):
+        value = given.get(f"{subcommand}.{key}")
+        if value is not None:
+            return int(value)
+    return None
+
+
+def _set_predict_image_size(datamodule: Any, saved: int, given: int | None) -> None:
+    """Point the data module at the checkpoint's image size (see :func:`predict_image_size`)."""
+    size = predict_image_size(saved, given)
+    if hasattr(datamodule, "image_size"):
+        datamodule.image_size = size
+    elif size != EXAMPLE_IMAGE_SIZE:
+        _rank_zero_warning(
+            f"the checkpoint's network was trained on {size}×{size} images, but {type(datamodule).__name__} has no "
+            "image_size attribute to read them at that size: its images are predicted as it makes them."
+        )
 
 
 def shipped_config_names() -> list[str]:

@@ -8,9 +8,11 @@ Two artifacts, each holding the network, its weights and CIFAR-10's normalizatio
   uint8 or float input. TorchScript is deprecated in recent PyTorch; it is kept for serving stacks
   that still need it.
 
-Input contract: images ``(N, 3, 32, 32)``, RGB, any batch size N ≥ 1, brought to 32×32 the way
-``lit-accel predict`` does (shorter side to 32, center crop); either uint8 in 0…255 or float32 in
-[0, 1]. Output: class probabilities ``(N, num_classes)`` (softmax; rows sum to 1), float32.
+Input contract: images ``(N, 3, S, S)``, RGB, any batch size N ≥ 1, where S is the image size the
+checkpoint was trained at (``checkpoint["image_size"]``; 32 for CIFAR-10 and for checkpoints that
+record none), brought to S×S the way ``lit-accel predict`` does (shorter side to S, center crop);
+either uint8 in 0…255 or float32 in [0, 1]. Output: class probabilities ``(N, num_classes)``
+(softmax; rows sum to 1), float32. ``metadata.json`` states S (``input.shape``).
 Each file carries ``metadata.json`` (class names, input contract, normalization, source
 checkpoint), also written next to them: ``torch.export.load(path, extra_files={"metadata.json":
 ""})`` or ``torch.jit.load(path, _extra_files={"metadata.json": ""})`` fills it in.
@@ -60,7 +62,7 @@ __all__ = [
     "main",
 ]
 
-IMAGE_SIZE = 32
+IMAGE_SIZE = 32  # the default side of the input images (CIFAR-10's); a checkpoint's own wins
 PT2_NAME = "model.pt2"
 TORCHSCRIPT_NAME = "model.torchscript.pt"
 METADATA_NAME = "metadata.json"
@@ -228,6 +230,7 @@ def export_model(
     source: str = "",
     flip_tta: bool = False,
     overwrite: bool = False,
+    image_size: int = IMAGE_SIZE,
 ) -> dict[str, Path]:
     """Write ``net`` (normalized images → logits) as serving artifacts; returns ``{format: path}``.
 
@@ -253,10 +256,12 @@ def export_model(
         overwrite: also write into a folder holding other files: ``model.pt2``,
             ``model.torchscript.pt`` and ``metadata.json`` there are replaced (or removed, for a format
             not written), whoever wrote them; other files are kept.
+        image_size: side of the square input images: the artifacts take ``(N, 3, image_size,
+            image_size)`` (the ``.pt2`` only that size).
 
     Raises:
-        ValueError: for an unknown format or input dtype, or a ``mean``/``std`` that is not 3 finite
-            values (``std`` positive).
+        ValueError: for an unknown format or input dtype, an ``image_size`` below 1, or a
+            ``mean``/``std`` that is not 3 finite values (``std`` positive).
         LitAccelUserError: if ``out_dir`` is a file, lies inside one, cannot be created or written,
             or holds files that are not an earlier export's (without ``overwrite``).
     """
@@ -265,16 +270,18 @@ def export_model(
         raise ValueError(f"formats={list(formats)!r} is not allowed: use one or both of {list(FORMATS)}")
     if input_dtype not in ("uint8", "float32"):
         raise ValueError(f"input_dtype={input_dtype!r} is not allowed: use 'uint8' or 'float32'")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size={image_size!r} is not allowed: use a positive number of pixels")
     check_export_folder(out_dir, overwrite=overwrite)
     # No parameter requires grad: outputs of the artifacts carry no autograd graph when served.
     model = ServingModel(_plain_copy(net), mean, std, flip_tta=flip_tta).eval().requires_grad_(False)
-    example = _example_batch(4, input_dtype)
+    example = _example_batch(4, input_dtype, image_size)
     with torch.no_grad():
         num_classes = model(example).shape[1]
     names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"classes has {len(names)} names but the network has {num_classes} outputs")
-    metadata = _metadata(names, mean, std, input_dtype, source, flip_tta, formats)
+    metadata = _metadata(names, mean, std, input_dtype, source, flip_tta, formats, image_size)
     out = Path(out_dir)
     staging = _staging_folder(out)
     try:
@@ -283,7 +290,7 @@ def export_model(
         if "pt2" in formats:
             _export_pt2(model, example, staging / PT2_NAME, extra)
         if "torchscript" in formats:
-            _export_torchscript(model, staging / TORCHSCRIPT_NAME, extra)
+            _export_torchscript(model, staging / TORCHSCRIPT_NAME, extra, image_size)
         # Only checked, complete files reach the folder, each in one rename; other files stay.
         out.mkdir(exist_ok=True)
         written: dict[str, Path] = {}
@@ -386,7 +393,8 @@ def export_checkpoint(
 
     Class names: ``classes`` when given, else those the checkpoint was trained with
     (``ImageClassifier.class_names``), else, for a checkpoint from before they were saved,
-    CIFAR-10's for 10 outputs and the indices otherwise.
+    CIFAR-10's for 10 outputs and the indices otherwise. Input size: the image size the
+    checkpoint was trained at (``ImageClassifier.image_size``; 32 when it records none).
 
     Raises:
         CheckpointError: if the checkpoint is missing, unreadable, or does not describe its network.
@@ -408,6 +416,7 @@ def export_checkpoint(
         source=str(checkpoint),
         flip_tta=flip_tta,
         overwrite=overwrite,
+        image_size=model.image_size or IMAGE_SIZE,
     )
 
 
@@ -417,9 +426,9 @@ def _plain_copy(net: nn.Module) -> nn.Module:
     return copy.deepcopy(net).to("cpu").eval()
 
 
-def _example_batch(size: int, input_dtype: str) -> Tensor:
+def _example_batch(size: int, input_dtype: str, image_size: int) -> Tensor:
     generator = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (size, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8, generator=generator)
+    images = torch.randint(0, 256, (size, 3, image_size, image_size), dtype=torch.uint8, generator=generator)
     return images if input_dtype == "uint8" else images.to(torch.float32) / 255.0
 
 
@@ -427,29 +436,29 @@ def _export_pt2(model: ServingModel, example: Tensor, path: Path, extra: dict[st
     batch = torch.export.Dim("batch", min=1, max=_MAX_BATCH)
     program = torch.export.export(model, (example,), dynamic_shapes={"images": {0: batch}})
     torch.export.save(program, str(path), extra_files=extra)
-    _check(model, torch.export.load(str(path)).module(), example.dtype, path)
+    _check(model, torch.export.load(str(path)).module(), example.dtype, path, example.shape[-1])
     return path
 
 
-def _export_torchscript(model: ServingModel, path: Path, extra: dict[str, str]) -> Path:
+def _export_torchscript(model: ServingModel, path: Path, extra: dict[str, str], image_size: int) -> Path:
     with warnings.catch_warnings():
         # torch.jit is deprecated in favour of torch.export; TorchScript is written on purpose here.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         # The network is traced (works for any traceable network); the wrapper is scripted, so its
         # uint8-or-float branch survives. Tracing at batch 2 keeps the batch dimension symbolic.
-        traced = torch.jit.trace(model.net, torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE), check_trace=False)
+        traced = torch.jit.trace(model.net, torch.zeros(2, 3, image_size, image_size), check_trace=False)
         wrapper = ServingModel(traced, model.mean.flatten().tolist(), model.std.flatten().tolist(), model.flip_tta)
         scripted = torch.jit.script(wrapper.eval().requires_grad_(False))
         torch.jit.save(scripted, str(path), _extra_files=extra)
         loaded = torch.jit.load(str(path))
     for dtype in (torch.uint8, torch.float32):
-        _check(model, loaded, dtype, path)
+        _check(model, loaded, dtype, path, image_size)
     return path
 
 
-def _check(model: nn.Module, exported: Any, dtype: torch.dtype, path: Path) -> None:
-    images = _example_batch(3, "uint8" if dtype == torch.uint8 else "float32")
+def _check(model: nn.Module, exported: Any, dtype: torch.dtype, path: Path, image_size: int) -> None:
+    images = _example_batch(3, "uint8" if dtype == torch.uint8 else "float32", image_size)
     with torch.no_grad():
         expected, got = model(images), exported(images)
     difference = float((expected - got).abs().max())
@@ -468,6 +477,7 @@ def _metadata(
     source: str,
     flip_tta: bool,
     formats: Sequence[Format] = FORMATS,
+    image_size: int = IMAGE_SIZE,
 ) -> dict[str, Any]:
     takes = {
         PT2_NAME: "uint8 in 0..255" if input_dtype == "uint8" else "float32 in [0, 1]",
@@ -478,8 +488,11 @@ def _metadata(
         "classes": classes,
         "files": files,
         "input": {
-            "shape": ["N", 3, IMAGE_SIZE, IMAGE_SIZE],
-            "layout": "NCHW, RGB; images brought to 32x32 by scaling the shorter side to 32, then a center crop",
+            "shape": ["N", 3, image_size, image_size],
+            "layout": (
+                f"NCHW, RGB; images brought to {image_size}x{image_size} by scaling the shorter side to "
+                f"{image_size}, then a center crop"
+            ),
             **{name: takes[name] for name in files},
         },
         "output": {"shape": ["N", len(classes)], "meaning": "class probabilities (softmax), float32"},
@@ -496,8 +509,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="lit-accel-export",
         description=(
             "Export a lit-accel checkpoint for serving without lit_accel: torch.export (model.pt2) and "
-            "TorchScript (model.torchscript.pt), normalization included. Input: (N, 3, 32, 32) RGB images, "
-            "uint8 0..255 (or float [0, 1]); output: class probabilities (N, classes)."
+            "TorchScript (model.torchscript.pt), normalization included. Input: (N, 3, S, S) RGB images at the "
+            "size S the checkpoint was trained at (32 for CIFAR-10; metadata.json says), uint8 0..255 (or float "
+            "[0, 1]); output: class probabilities (N, classes)."
         ),
     )
     parser.add_argument(

@@ -130,6 +130,8 @@ class CIFAR10DataModule(LightningDataModule):
           synthetic: false
     """
 
+    image_size = 32  # side of the images; predict_dir's are read at it (lit-accel predict: the checkpoint's)
+
     def __init__(
         self,
         data_dir: str = "data/",
@@ -260,7 +262,7 @@ class CIFAR10DataModule(LightningDataModule):
             self._splits["train"] = (images[train_index], labels[train_index])
             self._splits["val"] = (images[val_index], labels[val_index])
         if stage == "predict" and self.predict_dir is not None:
-            self._predict_folder = _open_image_folder(self.predict_dir, self._image_folder_transform())
+            self._predict_folder = _open_image_folder(self.predict_dir, self._image_folder_transform(), self.image_size)
             if not (self.synthetic or self.verify_checksums) and "train" not in self._splits:
                 # Your own data, not read here: CIFAR-10's names would be a guess. The model's
                 # checkpoint carries the names it was trained with (ImageClassifier.class_names).
@@ -477,7 +479,7 @@ def _require(ok: bool, name: str, value: object, allowed: str) -> None:
         raise ConfigurationError(f"{name}={value!r} is not allowed: use {allowed}")
 
 
-def _open_image_folder(folder: str, transform: Any) -> ImageFolderDataset:
+def _open_image_folder(folder: str, transform: Any, image_size: int = 32) -> ImageFolderDataset:
     if os.path.isfile(folder):
         raise DataNotFoundError(
             f"data.predict_dir={folder!r} is a file ({os.path.abspath(folder)}): pass the folder that holds the "
@@ -488,7 +490,7 @@ def _open_image_folder(folder: str, transform: Any) -> ImageFolderDataset:
             f"data.predict_dir={folder!r}: no such folder ({os.path.abspath(folder)}). "
             f"Pass the folder that holds the image files to classify."
         )
-    dataset = ImageFolderDataset(folder, transform=transform)
+    dataset = ImageFolderDataset(folder, transform=transform, image_size=image_size)
     if len(dataset) == 0:
         raise DataNotFoundError(
             f"data.predict_dir={folder!r}: the folder holds no files ({os.path.abspath(folder)}). "

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import ConstantLR, ReduceLROnPlateau
 from torchmetrics import MeanMetric
@@ -19,13 +20,20 @@ from lit_accel.errors import ConfigurationError
 from lit_accel.models.nets import SeedCNN
 from lit_accel.schedules import WarmupDecayLR, optimizer_steps_left
 
-__all__ = ["EXAMPLE_IMAGE_SIZE", "ImageClassifier", "LR_LOG_KEY", "MONITORABLE_METRICS", "example_batch"]
+__all__ = [
+    "EXAMPLE_IMAGE_SIZE",
+    "ImageClassifier",
+    "LR_LOG_KEY",
+    "MONITORABLE_METRICS",
+    "checkpoint_image_size",
+    "example_batch",
+]
 
 # The key LearningRateMonitor logs the scheduled learning rate under (the scheduler config's
 # "name"), whatever the optimizer: Lightning's default would be "lr-<OptimizerClass>".
 LR_LOG_KEY = "train/lr"
 # The side of the square images of example_input_array (Lightning's model summary) when the data
-# module gives no image_size: CIFAR-10's.
+# module gives no image_size, and of a checkpoint that records none: CIFAR-10's.
 EXAMPLE_IMAGE_SIZE = 32
 # The metrics ImageClassifier logs once per epoch: what a ReduceLROnPlateau scheduler can follow.
 MONITORABLE_METRICS = ("val/loss", "val/acc", "train/loss", "train/acc")
@@ -40,7 +48,7 @@ class ImageClassifier(LightningModule):
     (when it has one), then the whole network.
 
     Args:
-        net: the network, ``(N, 3, 32, 32)`` → ``(N, num_classes)`` logits (default: SeedCNN).
+        net: the network, ``(N, 3, S, S)`` → ``(N, num_classes)`` logits (default: SeedCNN).
             Built in Python (not by LightningCLI) it is not saved as a hyperparameter: load such a
             checkpoint with ``ImageClassifier.load_from_checkpoint(path, net=LiteCNN())``.
         num_classes: number of classes, for the accuracy metric.
@@ -79,6 +87,11 @@ class ImageClassifier(LightningModule):
     The training data module's ``classes`` (when it has that attribute) are kept as
     ``class_names`` and saved in every checkpoint (``checkpoint["class_names"]``), so prediction
     and ``lit-accel-export`` name the outputs the way the training data did, without that data.
+    Likewise its ``image_size`` (the side of its square images, when it has that attribute) is
+    kept as ``image_size`` and saved as ``checkpoint["image_size"]``, so ``lit-accel predict`` and
+    ``lit-accel-export`` feed the network images of the size it was trained at; a checkpoint
+    without it loads as 32 (CIFAR-10's). A resumed ``fit``
+    keeps its data's size, not the checkpoint's.
 
     Logged metrics: ``train/loss_step`` (this rank's loss, every logged step); ``train/loss``,
     ``train/acc``, ``val/loss``, ``val/acc``, ``test/loss``, ``test/acc`` (per epoch, over all
@@ -88,6 +101,8 @@ class ImageClassifier(LightningModule):
     with factor 1 for that reason.
 
     Raises:
+        ConfigurationError: at setup, for data with more classes than ``num_classes``, or images
+            smaller than the network's ``min_image_size`` (when it has one).
         ValueError: for ``num_classes`` < 2, ``label_smoothing`` outside [0, 1), an unknown
             ``lr_scheduler_interval`` or ``lr_scheduler_monitor``, or ``compile_options`` that
             ``torch.compile`` does not take; when the optimizers are configured, for
@@ -163,6 +178,9 @@ class ImageClassifier(LightningModule):
         # The names of the outputs, from the training data; saved in checkpoints (not an hparam:
         # they are known only once the data is set up).
         self.class_names: tuple[str, ...] | None = None
+        # The side of the square training images, from the training data or the checkpoint
+        # (None: not known, i.e. EXAMPLE_IMAGE_SIZE for a checkpoint); saved like class_names.
+        self.image_size: int | None = None
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing)
         # torchmetrics objects sum over the epoch locally and reduce across ranks once, at epoch
         # end: correct global numbers without a collective per step.
@@ -188,25 +206,44 @@ class ImageClassifier(LightningModule):
                 f"the data has {len(classes)} classes but model.num_classes={self.num_classes}: pass "
                 f"--model.num_classes {len(classes)} (and the network's num_classes, e.g. --model.net.num_classes)."
             )
+        data_size = getattr(getattr(self.trainer, "datamodule", None), "image_size", None)
+        smallest = getattr(self.net, "min_image_size", None)
+        if isinstance(data_size, int) and isinstance(smallest, int) and data_size < smallest:
+            raise ConfigurationError(
+                f"the data's image_size={data_size} is below the {smallest}×{smallest} pixels "
+                f"{type(self.net).__name__} takes: pass --data.image_size {smallest} or more."
+            )
         if stage == "fit" and classes is not None:
             self.class_names = tuple(str(name) for name in classes)
+        if stage == "fit" and isinstance(data_size, int):
+            # Set before a resumed run's checkpoint is restored: the data trained on wins.
+            self.image_size = data_size
         if stage == "fit" and self.example_input_array is not None:
-            size = getattr(getattr(self.trainer, "datamodule", None), "image_size", EXAMPLE_IMAGE_SIZE)
+            size = data_size if isinstance(data_size, int) else EXAMPLE_IMAGE_SIZE
             # A batch as the loaders yield it, in the dtype Lightning makes every float input
             # (float16 for 16-true): the summary's forward skips that conversion.
-            images, labels = example_batch(int(size))
+            images, labels = example_batch(size)
             self.example_input_array = (self.trainer.precision_plugin.convert_input(images), labels)
 
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.class_names is not None:
             checkpoint["class_names"] = list(self.class_names)
+        if self.image_size is not None:
+            checkpoint["image_size"] = self.image_size
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         names = checkpoint.get("class_names")
         if isinstance(names, (list, tuple)) and all(isinstance(name, str) for name in names):
             self.class_names = tuple(names)
+        if self.image_size is None or not self._fitting():
+            self.image_size = checkpoint_image_size(checkpoint)
+
+    def _fitting(self) -> bool:
+        """Whether a Trainer is fitting this module (its data's image_size, set at setup, stays)."""
+        trainer = self._trainer
+        return trainer is not None and trainer.state.fn == TrainerFn.FITTING
 
     @override
     def configure_model(self) -> None:
@@ -343,6 +380,20 @@ class ImageClassifier(LightningModule):
                 total = max(scheduler.last_epoch, 0) + steps_left
                 if 1 <= steps_left < math.inf and total != scheduler.total_steps:
                     scheduler.plan(total)
+
+
+def checkpoint_image_size(checkpoint: dict[str, Any]) -> int:
+    """The side of the square images a checkpoint's network was trained on: its ``image_size``, or
+    :data:`EXAMPLE_IMAGE_SIZE` (32, CIFAR-10's) for one without (or with an unusable value).
+
+    Example::
+
+        checkpoint_image_size(read_checkpoint("last.ckpt"))  # 64 for a run on 64-pixel images
+    """
+    size = checkpoint.get("image_size")
+    if isinstance(size, int) and not isinstance(size, bool) and size >= 1:
+        return size
+    return EXAMPLE_IMAGE_SIZE
 
 
 def example_batch(image_size: int) -> tuple[Tensor, Tensor]:

@@ -1,18 +1,81 @@
 """Networks that :class:`~lit_accel.models.ImageClassifier` can wrap.
 
-All take ``(N, 3, 32, 32)`` float images (already normalized) and return ``(N, num_classes)``
-logits. Each exposes ``fsdp_units()``: the sub-modules that FSDP2 shards one by one before the
-root (one all-gather per unit instead of one for the whole network).
+All take ``(N, 3, S, S)`` float images (already normalized), S from the network's
+``min_image_size`` up (32 for CIFAR-10; 64, 96, 128 … for image folders), and return
+``(N, num_classes)`` logits. Each exposes ``fsdp_units()``: the sub-modules that FSDP2 shards one
+by one before the root (one all-gather per unit instead of one for the whole network).
+
+Other image sizes: SeedCNN, BatchNormCNN and LiteCNN flatten a 6×6 grid of features into their
+first dense layer (its size fixed by CIFAR-10's 32-pixel images). A :class:`GridPool` between the
+features and the dense head averages larger maps down to that grid (adaptive average pooling) and
+passes a 6×6 map through untouched. So at 32 pixels (and 30, 31, whose maps are also 6×6) the
+network is exactly the fixed-flatten network it is at heart: same
+parameters, same ``state_dict`` keys (GridPool holds none), bit-identical outputs, and no extra
+tensor operation (two shape comparisons in Python per forward pass).
+ResNet9 ends in a global max pool and takes any size whose maps survive its three poolings.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import override
 
-__all__ = ["SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9"]
+__all__ = ["SeedCNN", "BatchNormCNN", "LiteCNN", "ResNet9", "GridPool", "check_image_size"]
+
+# The side of the feature grid the dense heads read: 32-pixel images leave 6×6 maps after two
+# "valid" 3×3 convolutions and two 2×2 poolings (32 → 30 → 15 → 13 → 6).
+GRID = 6
+
+
+class GridPool(nn.Module):
+    """Adaptive average pooling of ``(N, C, H, W)`` maps to ``(N, C, size, size)``, skipped for maps
+    already that size (so networks sized for 32-pixel images run unchanged at 32 pixels).
+
+    No parameters or buffers: adding it to a network leaves its ``state_dict`` as it was. Maps
+    smaller than ``size`` are refused (pooling would have to repeat values to fill the grid).
+
+    Args:
+        size: side of the output grid.
+
+    Raises:
+        ValueError: for ``size`` < 1; in ``forward``, for a map smaller than ``size`` on a side.
+    """
+
+    def __init__(self, size: int = GRID) -> None:
+        super().__init__()
+        if size < 1:
+            raise ValueError(f"size={size!r} is not allowed: use a positive number of cells")
+        self.size = size
+
+    @override
+    def forward(self, x: Tensor) -> Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        if height == self.size and width == self.size:
+            return x
+        if height < self.size or width < self.size:
+            raise ValueError(f"feature maps of {height}×{width} are smaller than the {self.size}×{self.size} grid")
+        return F.adaptive_avg_pool2d(x, self.size)
+
+    @override
+    def extra_repr(self) -> str:
+        return f"size={self.size}"
+
+
+def check_image_size(images: Tensor, smallest: int, network: str) -> None:
+    """Refuse images with a side below ``smallest`` pixels, naming the network and the sizes.
+
+    Raises:
+        ValueError: for ``images`` whose height or width is below ``smallest``.
+    """
+    height, width = images.shape[-2], images.shape[-1]
+    if height < smallest or width < smallest:
+        raise ValueError(
+            f"{network} takes images of at least {smallest}×{smallest} pixels, got {height}×{width}: "
+            f"use image_size {smallest} or more"
+        )
 
 
 class SeedCNN(nn.Module):
@@ -21,6 +84,9 @@ class SeedCNN(nn.Module):
     Conv 32 3×3 ReLU, MaxPool 2, Conv 64 3×3 ReLU, MaxPool 2, Flatten, Dense 128 ReLU,
     Dropout 0.2, Dense ``num_classes``. Spatial sizes: 32 → 30 → 15 → 13 → 6, so the first dense
     layer sees 64·6·6 = 2,304 features. About 0.32 M parameters.
+
+    Images of other sizes: 30 pixels or more (the smallest whose maps reach the 6×6 grid); larger
+    maps are average-pooled to 6×6 before the flatten (:class:`GridPool`, skipped at 30-32 pixels).
 
     Args:
         num_classes: number of output logits.
@@ -33,6 +99,9 @@ class SeedCNN(nn.Module):
             class_path: lit_accel.models.SeedCNN
     """
 
+    # two "valid" 3×3 convolutions and two 2×2 poolings: 30 → 28 → 14 → 12 → 6
+    min_image_size = 30
+
     def __init__(self, num_classes: int = 10, dropout: float = 0.2) -> None:
         super().__init__()
         _check_common(num_classes, dropout)
@@ -44,11 +113,14 @@ class SeedCNN(nn.Module):
             nn.ReLU(inplace=True),
             nn.MaxPool2d(2),
         )
-        self.classifier = _dense_head(64 * 6 * 6, num_classes, dropout)
+        # Outside `classifier`: inside it would shift the dense layers' state_dict keys.
+        self.pool = GridPool(GRID)
+        self.classifier = _dense_head(64 * GRID * GRID, num_classes, dropout)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
+        check_image_size(x, self.min_image_size, type(self).__name__)
+        return self.classifier(self.pool(self.features(x)))
 
     def fsdp_units(self) -> list[nn.Module]:
         return [self.features, self.classifier]
@@ -75,7 +147,10 @@ def _conv_bn(c_in: int, c_out: int) -> nn.Sequential:
 
 class _PoolThenNormCNN(nn.Module):
     """SeedCNN's layout with BatchNorm and ReLU after each pooling and bias-free convolutions,
-    optionally with a third ("same") convolution on the pooled 6×6 maps: BatchNormCNN, LiteCNN."""
+    optionally with a third ("same") convolution on the pooled 6×6 maps: BatchNormCNN, LiteCNN.
+    Larger maps are average-pooled to 6×6 after the features (see :class:`SeedCNN`)."""
+
+    min_image_size = SeedCNN.min_image_size  # the same two valid convolutions and poolings
 
     def __init__(self, num_classes: int, width: int, dropout: float, third_conv: bool) -> None:
         super().__init__()
@@ -102,11 +177,13 @@ class _PoolThenNormCNN(nn.Module):
             ]
             channels = 4 * w
         self.features = nn.Sequential(*layers)
-        self.classifier = _dense_head(channels * 6 * 6, num_classes, dropout)
+        self.pool = GridPool(GRID)
+        self.classifier = _dense_head(channels * GRID * GRID, num_classes, dropout)
 
     @override
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.features(x))
+        check_image_size(x, self.min_image_size, type(self).__name__)
+        return self.classifier(self.pool(self.features(x)))
 
     def fsdp_units(self) -> list[nn.Module]:
         return [self.features, self.classifier]
@@ -119,6 +196,7 @@ class BatchNormCNN(_PoolThenNormCNN):
     Conv ``2w`` 3×3, MaxPool 2, BN, ReLU, Flatten, Dense 128 ReLU, Dropout, Dense
     ``num_classes`` ("valid" convolutions, 32 → 30 → 15 → 13 → 6, as in SeedCNN). About 0.15 M
     parameters and 1.3 M multiply-adds per image at ``width=16``, against SeedCNN's 0.32 M and 4.2 M.
+    Images of other sizes: 30 pixels or more, pooled to the 6×6 grid as in SeedCNN.
 
     Why it is faster per second of training:
 
@@ -156,7 +234,8 @@ class LiteCNN(_PoolThenNormCNN):
     Conv ``w`` 3×3, MaxPool 2, BN, ReLU, Conv ``2w`` 3×3, MaxPool 2, BN, ReLU, Conv ``4w`` 3×3
     ("same"), BN, ReLU, Flatten, Dense 128 ReLU, Dropout, Dense ``num_classes``. Spatial sizes
     32 → 30 → 15 → 13 → 6 → 6. About 0.32 M parameters and 2.1 M multiply-adds per image at
-    ``width=16``: half of SeedCNN's compute, 1.6 × BatchNormCNN's.
+    ``width=16``: half of SeedCNN's compute, 1.6 × BatchNormCNN's. Images of other sizes: 30 pixels
+    or more; the third convolution runs on the full maps, then they are pooled to 6×6 as in SeedCNN.
 
     Why this shape. On real images the half-width BatchNormCNN underfits (maintainers'
     measurement: ``train/acc`` 0.893 below ``val/acc`` 0.910 after 15 epochs), and more capacity
@@ -200,7 +279,9 @@ class ResNet9(nn.Module):
     prep conv(w) → [conv(2w), pool, residual] → [conv(4w), pool] → [conv(8w), pool, residual] →
     global max pool → linear, with logits multiplied by ``logit_scale`` (0.125 in the records,
     which keeps the softmax soft early in training). With ``width=64`` it is the 6.5 M-parameter
-    record network, built for GPUs; a smaller width makes it usable on CPU.
+    record network, built for GPUs; a smaller width makes it usable on CPU. Any image size from 8
+    pixels up (its maps must survive three 2×2 poolings: 8 → 4 → 2 → 1); the global pool makes
+    the head independent of the size.
 
     Args:
         num_classes: number of output logits.
@@ -214,6 +295,8 @@ class ResNet9(nn.Module):
             class_path: lit_accel.models.ResNet9
             init_args: {width: 64}
     """
+
+    min_image_size = 8  # three 2×2 poolings: 8 → 4 → 2 → 1
 
     def __init__(self, num_classes: int = 10, width: int = 64, logit_scale: float = 0.125) -> None:
         super().__init__()
@@ -236,6 +319,7 @@ class ResNet9(nn.Module):
 
     @override
     def forward(self, x: Tensor) -> Tensor:
+        check_image_size(x, self.min_image_size, type(self).__name__)
         x = self.prep(x)
         for layer in self.layers:
             x = layer(x)

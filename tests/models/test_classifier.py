@@ -1,13 +1,15 @@
 from functools import partial
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from lightning.pytorch.callbacks import ModelSummary
+from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.flop_counter import FlopCounterMode
 
 from lit_accel import CIFAR10DataModule, ImageClassifier, LiteCNN, SeedCNN
-from lit_accel.models.classifier import EXAMPLE_IMAGE_SIZE
+from lit_accel.models.classifier import EXAMPLE_IMAGE_SIZE, checkpoint_image_size
 
 
 def _trainer(tmp_path, **kwargs) -> L.Trainer:
@@ -252,3 +254,45 @@ def test_the_example_batch_is_a_batch_as_the_loaders_yield_it():
     torch.testing.assert_close(model(images, labels), model(images))
     # A compiled network would be compiled once more for the summary's forward: no example then.
     assert ImageClassifier(compile=True, compile_options={"backend": "eager"}).example_input_array is None
+
+
+# ------------------------------------------------------------------ the training image size in checkpoints
+def _attached(model: ImageClassifier, fn: TrainerFn, image_size: int | None) -> ImageClassifier:
+    """``model`` as a Trainer running ``fn`` on data of ``image_size`` sees it (only what the hooks read)."""
+    data = SimpleNamespace(classes=None) if image_size is None else SimpleNamespace(classes=None, image_size=image_size)
+    precision = SimpleNamespace(convert_input=lambda batch: batch)
+    model._trainer = SimpleNamespace(datamodule=data, state=SimpleNamespace(fn=fn), precision_plugin=precision)  # type: ignore[assignment]
+    return model
+
+
+def test_the_training_image_size_travels_in_the_checkpoint():
+    model = _attached(ImageClassifier(LiteCNN(width=4)), TrainerFn.FITTING, 64)
+    model.setup("fit")
+    assert model.example_input_array[0].shape == (1, 3, 64, 64)
+    checkpoint: dict = {}
+    model.on_save_checkpoint(checkpoint)
+    assert checkpoint["image_size"] == 64
+    loaded = ImageClassifier(LiteCNN(width=4))
+    loaded.on_load_checkpoint(checkpoint)
+    assert loaded.image_size == 64
+    loaded.on_load_checkpoint({})  # a checkpoint without image_size: CIFAR-10's
+    assert loaded.image_size == 32 == checkpoint_image_size({})
+
+
+def test_a_resumed_fit_keeps_its_datas_image_size_and_predict_takes_the_checkpoints():
+    resumed = _attached(ImageClassifier(LiteCNN(width=4)), TrainerFn.FITTING, 96)
+    resumed.setup("fit")
+    resumed.on_load_checkpoint({"image_size": 64})
+    assert resumed.image_size == 96
+    predicting = _attached(ImageClassifier(LiteCNN(width=4)), TrainerFn.PREDICTING, 32)
+    predicting.setup("predict")
+    predicting.on_load_checkpoint({"image_size": 64})
+    assert predicting.image_size == 64
+
+
+def test_data_smaller_than_the_network_takes_is_one_clear_error():
+    from lit_accel.errors import ConfigurationError
+
+    model = _attached(ImageClassifier(LiteCNN(width=4)), TrainerFn.FITTING, 24)
+    with pytest.raises(ConfigurationError, match=r"image_size=24 is below the 30×30 pixels LiteCNN takes"):
+        model.setup("fit")

@@ -7,6 +7,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from lit_accel import CIFAR10DataModule, ImageClassifier
 from lit_accel.models import BatchNormCNN, LiteCNN, ResNet9, SeedCNN
+from lit_accel.models.nets import GridPool
+
+NETS = [SeedCNN, BatchNormCNN, LiteCNN, ResNet9]
 
 
 @pytest.mark.parametrize("net_class", [SeedCNN, BatchNormCNN, LiteCNN, ResNet9])
@@ -121,3 +124,69 @@ def test_seed_cnn_is_the_baseline_architecture():
 def test_bad_arguments_raise(make, name):
     with pytest.raises(ValueError, match=f"{name}=.* is not allowed"):
         make()
+
+
+# ------------------------------------------------------------------ other image sizes
+def _small(net_class):
+    return net_class(num_classes=3, **({"width": 4} if net_class is not SeedCNN else {}))
+
+
+@pytest.mark.parametrize("size", [48, 64, 96, 128])  # 32: above; the smallest: below
+@pytest.mark.parametrize("net_class", NETS)
+def test_networks_take_square_images_of_larger_sizes(net_class, size):
+    net = _small(net_class).eval()
+    with torch.no_grad():
+        assert net(torch.randn(2, 3, size, size)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("net_class", NETS)
+def test_images_below_the_smallest_size_are_one_clear_error(net_class):
+    net = _small(net_class).eval()  # ResNet9's 1×1 maps at 8 pixels: BatchNorm needs eval mode for batch 1
+    smallest = net.min_image_size
+    assert smallest == (8 if net_class is ResNet9 else 30)
+    net(torch.randn(1, 3, smallest, smallest))
+    with pytest.raises(
+        ValueError, match=rf"{net_class.__name__} takes images of at least {smallest}×{smallest} pixels"
+    ):
+        net(torch.randn(1, 3, smallest - 1, smallest - 1))
+
+
+def _old_layout_keys(net_class) -> set[str]:
+    """The state_dict keys of the fixed-flatten networks as released (features, then the dense head
+    ``classifier.1`` and ``classifier.4``): checkpoints written with them must keep loading."""
+    if net_class is SeedCNN:
+        convs, norms, conv_bias = [0, 3], [], True
+    elif net_class is BatchNormCNN:
+        convs, norms, conv_bias = [0, 4], [2, 6], False
+    else:
+        convs, norms, conv_bias = [0, 4, 8], [2, 6, 9], False
+    keys = {f"features.{i}.weight" for i in convs} | ({f"features.{i}.bias" for i in convs} if conv_bias else set())
+    for i in norms:
+        keys |= {f"features.{i}.{name}" for name in ("weight", "bias", "running_mean", "running_var")}
+        keys.add(f"features.{i}.num_batches_tracked")
+    return keys | {f"classifier.{i}.{name}" for i in (1, 4) for name in ("weight", "bias")}
+
+
+@pytest.mark.parametrize("net_class", [SeedCNN, BatchNormCNN, LiteCNN])
+def test_at_32_pixels_a_network_is_exactly_its_fixed_flatten_self(net_class):
+    """The released layout's state_dict keys and dense-layer shape (its checkpoints load and resume),
+    and outputs bit-identical to its forward path: features, flatten, head."""
+    net = net_class(num_classes=10).eval()
+    assert set(net.state_dict()) == _old_layout_keys(net_class)
+    channels = {SeedCNN: 64, BatchNormCNN: 32, LiteCNN: 64}[net_class]  # at the default width
+    assert net.classifier[1].weight.shape == (128, channels * 6 * 6)
+    images = torch.randn(8, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(net(images), net.classifier(net.features(images)))
+
+
+def test_grid_pool_passes_a_grid_sized_map_through_and_averages_larger_ones():
+    pool = GridPool(6)
+    grid = torch.randn(2, 4, 6, 6)
+    assert pool(grid) is grid, "no work at the grid's size (32-pixel images)"
+    larger = torch.randn(2, 4, 12, 12)
+    assert torch.equal(pool(larger), torch.nn.functional.avg_pool2d(larger, 2))
+    assert pool(torch.randn(1, 4, 13, 9)).shape == (1, 4, 6, 6)
+    with pytest.raises(ValueError, match=r"feature maps of 5×6 are smaller than the 6×6 grid"):
+        pool(torch.randn(1, 4, 5, 6))
+    assert not list(pool.state_dict())

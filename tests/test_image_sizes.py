@@ -1,0 +1,164 @@
+"""A network trained on 64-pixel images: its checkpoint says so, and ``predict`` and ``lit-accel-export``
+use that size (and its class names) without being told."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, TensorDataset
+
+from helpers import FIGURES_OFF_ARGS, config
+from lit_accel.checkpoints import read_checkpoint
+from lit_accel.cli import LitAccelCLI, main, predict_image_size
+from lit_accel.data import CIFAR10DataModule
+from lit_accel.data.augment import normalize
+from lit_accel.data.image_folder import read_image_file
+from lit_accel.errors import ConfigurationError
+from lit_accel.export import METADATA_NAME, PT2_NAME, TORCHSCRIPT_NAME, export_checkpoint
+from lit_accel.models import ImageClassifier
+
+SIZE = 64
+CLASSES = ("cow", "pig", "hen")
+QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+# Your own data: the class names come with the checkpoint, no training data is read.
+OWN_DATA = ["--data.synthetic", "false", "--data.verify_checksums", "false", "--data.data_dir", "nothing_here"]
+PREDICT = ["predict", *config("cifar10.yaml", "smoke.yaml"), *QUIET, *OWN_DATA]
+
+
+class Tiny64(L.LightningDataModule):
+    """48 random 64×64 images of 3 classes, already normalized (as the shipped modules' batches are)."""
+
+    image_size = SIZE
+    classes = CLASSES
+
+    def _loader(self) -> DataLoader:
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (48, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
+        return DataLoader(TensorDataset(normalize(images), torch.arange(48) % 3), batch_size=16)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader()
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """The recipe's model built by the real CLI (so the checkpoint records its network), fitted
+    in-process for 2 steps on :class:`Tiny64`."""
+    root = tmp_path_factory.mktemp("fit64")
+    three = ["--model.num_classes", "3", "--model.net.num_classes", "3"]
+    where = ["--trainer.logger", "false", "--trainer.default_root_dir", str(root)]
+    steps = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    cli = LitAccelCLI(
+        args=[*config("cifar10.yaml", "smoke.yaml"), *QUIET, *three, *where, *steps, *FIGURES_OFF_ARGS], run=False
+    )
+    cli.trainer.fit(cli.model, datamodule=Tiny64())
+    path = root / "size64.ckpt"
+    cli.trainer.save_checkpoint(path)
+    return path
+
+
+def _photos(root: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    root.mkdir()
+    paths = []
+    for name, shape in (("a.png", (90, 120, 3)), ("b.jpg", (64, 64, 3)), ("c.png", (200, 70, 3))):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(root / name)
+        paths.append(root / name)
+    return paths
+
+
+def _expected(checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
+    model = ImageClassifier.load_from_checkpoint(checkpoint, map_location="cpu", weights_only=False).eval()
+    with torch.no_grad():
+        return torch.softmax(model.evaluation_logits(normalize(images)), dim=-1)
+
+
+def test_the_checkpoint_records_the_training_image_size_and_class_names(checkpoint: Path) -> None:
+    contents = read_checkpoint(str(checkpoint))
+    assert contents["image_size"] == SIZE
+    assert contents["class_names"] == list(CLASSES)
+
+
+def test_predict_reads_a_folder_at_the_checkpoints_image_size(checkpoint: Path, in_tmp_dir: Path) -> None:
+    photos = _photos(in_tmp_dir / "photos")
+    main([*PREDICT, "--ckpt_path", str(checkpoint), "--data.predict_dir", "photos"])
+    with open(in_tmp_dir / "predictions.csv", newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    assert [row[0] for row in rows] == [p.name for p in photos]
+    expected = _expected(checkpoint, torch.stack([read_image_file(str(p), SIZE) for p in photos]))
+    at_32 = _expected(checkpoint, torch.stack([read_image_file(str(p), 32) for p in photos]))
+    assert not torch.allclose(expected, at_32, atol=1e-4), "the sizes must be told apart"
+    for row, probabilities in zip(rows, expected):
+        assert row[1] == CLASSES[int(probabilities.argmax())]
+        assert float(row[2]) == pytest.approx(float(probabilities.max()), abs=5e-6)
+
+
+def test_export_takes_images_of_the_checkpoints_size(checkpoint: Path, tmp_path: Path) -> None:
+    written = export_checkpoint(str(checkpoint), tmp_path / "out")
+    metadata = json.loads((tmp_path / "out" / METADATA_NAME).read_text())
+    assert metadata["input"]["shape"] == ["N", 3, SIZE, SIZE]
+    assert f"{SIZE}x{SIZE}" in metadata["input"]["layout"]
+    assert metadata["classes"] == list(CLASSES)
+    images = torch.randint(0, 256, (5, 3, SIZE, SIZE), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    expected = _expected(checkpoint, images)
+    pt2 = torch.export.load(str(written["pt2"])).module()
+    script = torch.jit.load(str(written["torchscript"]))
+    assert {written["pt2"].name, written["torchscript"].name} == {PT2_NAME, TORCHSCRIPT_NAME}
+    with torch.no_grad():
+        torch.testing.assert_close(pt2(images), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(script(images), expected, atol=1e-5, rtol=0)
+
+
+def test_a_predict_size_other_than_the_checkpoints_is_refused() -> None:
+    assert predict_image_size(SIZE, None) == SIZE == predict_image_size(SIZE, SIZE)
+    with pytest.raises(
+        ConfigurationError, match=r"data.image_size=32 but the checkpoint's network was trained on 64×64"
+    ):
+        predict_image_size(SIZE, 32)
+
+
+class SizedCIFAR10(CIFAR10DataModule):
+    """A data module whose image size is an argument (``--data.image_size``), as an image-folder one's is."""
+
+    sizes_at_setup: list[int] = []  # the CLI builds the instance: what its setup saw is kept here
+
+    def __init__(self, image_size: int = 32, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.image_size = image_size
+
+    def setup(self, stage: str) -> None:
+        type(self).sizes_at_setup.append(self.image_size)
+        super().setup(stage)
+
+
+@pytest.mark.parametrize(("given", "refused"), [("64", False), ("32", True)])
+def test_predict_sets_any_data_modules_image_size_to_the_checkpoints_and_refuses_another(
+    checkpoint: Path, in_tmp_dir: Path, monkeypatch, capsys, given: str, refused: bool
+) -> None:
+    """``--data.image_size 32`` is refused although 32 is the data module's default: given is given.
+    (Not given, the checkpoint's size is used: the CIFAR-10 module's test above.)"""
+    monkeypatch.setattr("lit_accel.cli.CIFAR10DataModule", SizedCIFAR10)
+    monkeypatch.setattr(SizedCIFAR10, "sizes_at_setup", [])
+    _photos(in_tmp_dir / "photos")
+    args = [*PREDICT, "--ckpt_path", str(checkpoint), "--data.predict_dir", "photos", "--data.image_size", given]
+    if refused:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        assert "data.image_size=32 but the checkpoint's network was trained on 64×64 images" in capsys.readouterr().err
+        assert not (in_tmp_dir / "predictions.csv").exists()
+    else:
+        main(args)
+        assert SizedCIFAR10.sizes_at_setup == [SIZE]
+        assert (in_tmp_dir / "predictions.csv").is_file()
