@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from typing_extensions import override
@@ -40,6 +39,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+# Under Lightning's logger, whose console handler shows INFO lines: every process that decodes says so
+# (under DDP that is local rank 0, in prepare_data), not only global rank 0 as rank_zero_info would.
+console = logging.getLogger("lightning.pytorch.lit_accel.image_cache")
 
 # Raise it whenever read_image_file's rule or the cache's layout changes: older caches are rebuilt.
 CACHE_FORMAT = 1
@@ -319,7 +321,7 @@ def load_or_decode(
         else:
             reason = _what_changed(old, entries, image_size, class_list)
     check_writable(cache_path)
-    rank_zero_info(f"{what}: decoding {len(entries)} images at {image_size} px into {cache_path} ({reason})")
+    console.info(f"{what}: decoding {len(entries)} images at {image_size} px into {cache_path} ({reason})")
     decoded = decode_images(folder, entries, image_size, workers, skip_unreadable, what)
     content = {
         "format": CACHE_FORMAT,
