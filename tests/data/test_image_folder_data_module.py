@@ -399,3 +399,15 @@ def test_two_process_ddp_decodes_once_and_trains(tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in output
     assert output.count("decoding 18 images") == 1, output[-3000:]
     assert (tmp_path / "runs" / "cifar10" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_bad_input_through_the_cli_is_one_message_and_exit_2(in_tmp_dir, capsys):
+    from lit_accel.cli import main
+
+    write_images(in_tmp_dir / "photos", classes=("cat",))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", *config("image_folder.yaml"), *QUIET, *TINY, "--data.root", "photos"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lit-accel: error: data.root:") and "a classifier needs 2 or more classes" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
