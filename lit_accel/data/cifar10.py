@@ -64,6 +64,9 @@ class CIFAR10DataModule(PreloadedImageDataModule):
     from the same distributions (the same crop, flip and cutout rules; cutout centres the square
     anywhere, so it may be clipped at the border, as in DeVries & Taylor).
 
+    The images are 32×32: ``image_size`` is 32 (the network's input size; setting it before
+    ``setup("predict")`` reads ``predict_dir`` images at another size).
+
     Changing the batch size: ``batch_size`` is a public attribute read each time
     :meth:`train_dataloader` is called. A new value takes effect when Lightning rebuilds the
     training DataLoader: at the next epoch with ``Trainer(reload_dataloaders_every_n_epochs=1)``,

@@ -291,8 +291,8 @@ class ImageFolderDataModule(PreloadedImageDataModule):
         with a ``predict_dir`` opens only that folder, at ``image_size``."""
         if stage == "predict" and self.predict_dir is not None:
             self.open_predict_folder()
-            if self.layout is None and os.path.isdir(self.root):
-                self.classes = find_layout(self.root).classes
+            if self.layout is None:  # not read: the model's checkpoint names the classes it learnt
+                self.classes = None
             return
         if self.layout is None:
             self.layout = find_layout(self.root)
