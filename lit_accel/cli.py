@@ -256,6 +256,11 @@ class LitAccelCLI(LightningCLI):
         except ValueError as err:
             if isinstance(err, LitAccelUserError):
                 raise
+            cause: BaseException | None = err  # a data module's own message, inside jsonargparse's union error
+            while cause is not None and not isinstance(cause, LitAccelUserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
             raise ConfigurationError(f"invalid configuration: {err}") from err
         try:
             # Build the optimizer once on a stand-in parameter: a bad learning rate or momentum
