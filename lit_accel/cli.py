@@ -106,7 +106,8 @@ class _VersionProgressBar(RichProgressBar):
 
 
 class LitAccelCLI(LightningCLI):
-    """LightningCLI for :class:`ImageClassifier` and :class:`CIFAR10DataModule` with lit_accel's defaults.
+    """LightningCLI for :class:`ImageClassifier` and a data module (:class:`CIFAR10DataModule` unless
+    ``--data ImageFolderDataModule`` or a config's ``data.class_path`` names another) with lit_accel's defaults.
 
     Adds always-present callbacks, configurable under their own keys:
 

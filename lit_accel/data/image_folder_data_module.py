@@ -137,7 +137,8 @@ class ImageFolderDataModule(PreloadedImageDataModule):
         val_fraction: without ``val/``, the fraction of the training images held out for validation
             (0: no validation).
         test_fraction: without ``test/``, the fraction of the training images held out for testing
-            (0: no test split).
+            (0: no test split). Test with the ``seed`` and fractions you trained with: others draw
+            other images, some of them trained on.
         cache_dir: where the decoded splits are cached (null: ``<root>/.lit_accel_cache/``).
         decode_workers: processes that decode image files (0: this process; null: one per CPU core,
             at most 8).
