@@ -46,7 +46,7 @@ from lit_accel.checkpoints import (
     read_checkpoint,
     run_checkpoints,
 )
-from lit_accel.data import CIFAR10DataModule
+from lit_accel.data import CIFAR10DataModule, PreloadedImageDataModule
 from lit_accel.errors import CheckpointError, ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
 from lit_accel.models.classifier import EXAMPLE_IMAGE_SIZE, checkpoint_image_size, scheduler_interval
@@ -114,7 +114,8 @@ class _VersionProgressBar(RichProgressBar):
 
 
 class LitAccelCLI(LightningCLI):
-    """LightningCLI for :class:`ImageClassifier` and :class:`CIFAR10DataModule` with lit_accel's defaults.
+    """LightningCLI for :class:`ImageClassifier` and a data module (:class:`CIFAR10DataModule` unless
+    ``--data ImageFolderDataModule`` or a config's ``data.class_path`` names another) with lit_accel's defaults.
 
     Adds always-present callbacks, configurable under their own keys:
 
@@ -148,7 +149,8 @@ class LitAccelCLI(LightningCLI):
             args = with_configs_resolved(sys.argv[1:] if args is None else args, subcommands=run)
         super().__init__(
             ImageClassifier,
-            CIFAR10DataModule,
+            PreloadedImageDataModule,  # any of lit_accel's data modules: --data ImageFolderDataModule
+            subclass_mode_data=True,
             seed_everything_default=42,
             parser_class=_ConciseParser,
             # Optimizer and scheduler are ImageClassifier's (model.optimizer, model.lr_scheduler):
@@ -161,6 +163,7 @@ class LitAccelCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"data": lazy_instance(CIFAR10DataModule)})  # plain `data:` keys are its arguments
         parser.add_lightning_class_args(LastAfterEveryValidation, "checkpoint")
         parser.set_defaults(
             {
@@ -271,6 +274,11 @@ class LitAccelCLI(LightningCLI):
         except ValueError as err:
             if isinstance(err, LitAccelUserError):
                 raise
+            cause: BaseException | None = err  # a data module's own message, inside jsonargparse's union error
+            while cause is not None and not isinstance(cause, LitAccelUserError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is not None:
+                raise cause from None
             raise ConfigurationError(f"invalid configuration: {err}") from err
         try:
             # Build the optimizer once on a stand-in parameter: a bad learning rate or momentum

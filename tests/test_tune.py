@@ -359,7 +359,7 @@ def test_the_ddp_and_batch_winners_together_split_the_chosen_batch_over_the_proc
     merged = combine([batch, ddp])
     assert merged.processes == 2
     parsed = LitAccelCLI(args=[*SMOKE, *merged.args], run=False).config
-    assert (parsed.data.batch_size, str(parsed.trainer.devices), parsed.trainer.strategy) == (128, "2", "ddp")
+    assert (parsed.data.init_args.batch_size, str(parsed.trainer.devices), parsed.trainer.strategy) == (128, "2", "ddp")
     assert parsed.model.optimizer.init_args.lr == pytest.approx(0.004 * 2, rel=1e-5)
     report = Report(
         Measured(),

@@ -75,6 +75,7 @@ def plan_levers(config: Any, wanted: Sequence[str] | None, unchanged_only: bool)
 def _lever(name: str, config: Any, cuda: bool, devices_here: int) -> Lever | str:
     """The lever's settings for this config, or why it does not apply here."""
     model, data, trainer = config.model, config.data, config.trainer
+    data = data.init_args if "init_args" in data else data  # --data CLASS: the data class's own arguments
     if name == "channels_last":
         other = not bool(model.channels_last)
         layout = "channels_last" if other else "NCHW"
@@ -184,7 +185,7 @@ def _pipeline_settings(data: Any, cuda: bool) -> list[Setting]:
 
 def _training_images(data: Any) -> int | None:
     """Images per epoch in the training split (a batch larger than it cannot be taken), if known."""
-    if bool(data.synthetic):
+    if bool(getattr(data, "synthetic", False)):  # CIFAR10DataModule's (not an image folder's)
         return int(data.synthetic_size) - int(data.val_size)
     if getattr(data, "data_dir", None) is not None and bool(data.verify_checksums):
         return 50_000 - int(data.val_size)
