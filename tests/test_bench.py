@@ -308,3 +308,27 @@ def test_the_bench_entry_names_its_cases_and_refuses_others(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "'overhead,recipe' is not a case: use one of overhead" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------- the image-folder case
+def test_image_folder_case_pairs_each_round_and_checks_the_targets():
+    from tools.bench.image_folder import CIFAR, FOLDER, LIT, LOOP, epoch_figures, target_rows
+
+    assert epoch_figures([9.0, 2.0, 4.0], [100, 100, 100], 12.0) == {
+        "first_epoch_s": 12.0,
+        "later_epoch_s": 3.0,
+        "later_images_per_sec": pytest.approx(200 / 6),
+    }
+    loop = [{"first_epoch_s": 11.0, "later_epoch_s": 10.0, "later_images_per_sec": 100.0}] * 2
+    lit = [
+        {"first_epoch_s": 8.0, "later_epoch_s": 3.0, "later_images_per_sec": 400.0},
+        {"first_epoch_s": 12.0, "later_epoch_s": 4.0, "later_images_per_sec": 200.0},
+    ]
+    startup = {CIFAR: [3.0, 4.0], FOLDER: [4.0, 7.0]}
+    later, first, start = target_rows({LOOP: loop, LIT: lit}, startup)
+    assert (later["median"], later["low"], later["high"], later["met"]) == (3.0, 2.0, 4.0, True)
+    assert (first["median"], first["low"], first["high"], first["met"]) == (1.0, 0.8, 1.2, True)
+    assert (start["median"], start["low"], start["high"], start["met"]) == (2.0, 1.0, 3.0, True)
+    startup[FOLDER] = [5.5, 6.5]
+    lit[0]["later_images_per_sec"] = 300.0
+    assert [row["met"] for row in target_rows({LOOP: loop, LIT: lit}, startup)] == [False, True, False]

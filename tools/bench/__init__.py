@@ -23,6 +23,7 @@ dynamic_batch       on a plateau: decay the LR or grow the batch (DynamicBatchLR
 batch_curve         images/s against the batch size, and what batch growth would save
 sample_seed         cost of seeding each sample's augmentation in the DataLoader pipeline
 state_copies        cost of the host copies of a model the callbacks take
+image_folder        lit-accel fit on a folder of image files vs ImageFolder + DataLoader; start-up
 ==================  ==============================================================================
 
 Usage::
@@ -46,5 +47,6 @@ OTHER_CASES = (
     "batch_curve",
     "sample_seed",
     "state_copies",
+    "image_folder",
 )
 CASES = THROUGHPUT_CASES + OTHER_CASES
