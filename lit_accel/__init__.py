@@ -2,11 +2,12 @@
 
 Public API::
 
-    from lit_accel import CIFAR10DataModule, ImageClassifier, SeedCNN, BatchNormCNN, LiteCNN, ResNet9
+    from lit_accel import CIFAR10DataModule, ImageFolderDataModule  # data: CIFAR-10, a folder of your images
+    from lit_accel import ImageClassifier, SeedCNN, BatchNormCNN, LiteCNN, ResNet9
     from lit_accel.callbacks import ...
 """
 
-from lit_accel.data import CIFAR10DataModule, make_synthetic_cifar
+from lit_accel.data import CIFAR10DataModule, ImageFolderDataModule, make_synthetic_cifar
 from lit_accel.models import BatchNormCNN, ImageClassifier, LiteCNN, ResNet9, SeedCNN
 
 __version__ = "0.1.0"
@@ -15,6 +16,7 @@ __all__ = [
     "BatchNormCNN",
     "CIFAR10DataModule",
     "ImageClassifier",
+    "ImageFolderDataModule",
     "LiteCNN",
     "ResNet9",
     "SeedCNN",

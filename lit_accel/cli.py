@@ -46,7 +46,7 @@ from lit_accel.checkpoints import (
     read_checkpoint,
     run_checkpoints,
 )
-from lit_accel.data import CIFAR10DataModule
+from lit_accel.data import CIFAR10DataModule, PreloadedImageDataModule
 from lit_accel.errors import CheckpointError, ConfigurationError, LitAccelUserError
 from lit_accel.models import ImageClassifier
 from lit_accel.models.classifier import scheduler_interval
@@ -134,7 +134,8 @@ class LitAccelCLI(LightningCLI):
             args = with_configs_resolved(sys.argv[1:] if args is None else args, subcommands=run)
         super().__init__(
             ImageClassifier,
-            CIFAR10DataModule,
+            PreloadedImageDataModule,  # any of lit_accel's data modules: --data ImageFolderDataModule
+            subclass_mode_data=True,
             seed_everything_default=42,
             parser_class=_ConciseParser,
             # Optimizer and scheduler are ImageClassifier's (model.optimizer, model.lr_scheduler):
@@ -147,6 +148,7 @@ class LitAccelCLI(LightningCLI):
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.set_defaults({"data": lazy_instance(CIFAR10DataModule)})  # plain `data:` keys are its arguments
         parser.add_lightning_class_args(LastAfterEveryValidation, "checkpoint")
         parser.set_defaults(
             {

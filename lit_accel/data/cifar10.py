@@ -8,25 +8,12 @@ import pickle
 from typing import Any, Literal
 
 import torch
-from lightning.pytorch import LightningDataModule, Trainer
-from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, SequentialSampler
 from typing_extensions import override
 
-from lit_accel.data.augment import CIFAR10_MEAN, CIFAR10_STD, cutout, normalize, random_crop, random_flip
-from lit_accel.data.datasets import (
-    DeviceBatchLoader,
-    EpochPosition,
-    EpochSeededRandomSampler,
-    ResumableDataLoader,
-    TensorBatchDataset,
-    TransformedTensorDataset,
-    pass_batch_through,
-)
-from lit_accel.data.image_folder import ImageFolderDataset
+from lit_accel.data.preloaded import PreloadedImageDataModule, check_argument
 from lit_accel.data.synthetic import make_synthetic_cifar
-from lit_accel.errors import ConfigurationError, DataNotFoundError
+from lit_accel.errors import DataNotFoundError
 
 __all__ = ["CIFAR10DataModule", "CIFAR10_CLASSES", "read_cifar_folder"]
 
@@ -36,7 +23,7 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 _CIFAR10_TRAIN_SIZE = 50_000
 
 
-class CIFAR10DataModule(LightningDataModule):
+class CIFAR10DataModule(PreloadedImageDataModule):
     """CIFAR-10 (or a synthetic stand-in) for training, validation, testing and prediction.
 
     Data: the 50,000 official training images are split once into training and validation sets by a
@@ -156,43 +143,33 @@ class CIFAR10DataModule(LightningDataModule):
         drop_last: bool = False,
         predict_dir: str | None = None,
     ) -> None:
-        super().__init__()
-        _require(batch_size >= 1, "batch_size", batch_size, "a positive number of images")
-        _require(
-            eval_batch_size is None or eval_batch_size >= 1,
-            "eval_batch_size",
-            eval_batch_size,
-            "a positive number or null",
+        super().__init__(
+            image_size=32,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            pipeline=pipeline,
+            residency=residency,
+            augment=augment,
+            random_crop=random_crop,
+            crop_padding=crop_padding,
+            horizontal_flip=horizontal_flip,
+            cutout=cutout,
+            seed=seed,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            prefetch_factor=prefetch_factor,
+            drop_last=drop_last,
+            predict_dir=predict_dir,
         )
-        _require(val_size >= 0, "val_size", val_size, "0 or more images")
-        _require(pipeline in ("preload", "dataloader"), "pipeline", pipeline, "'preload' or 'dataloader'")
-        _require(residency in ("host", "device"), "residency", residency, "'host' or 'device'")
-        _require(
-            residency == "host" or pipeline == "preload",
-            "residency",
-            residency,
-            "'host' with pipeline 'dataloader' (its workers transform images on the host), or pipeline 'preload'",
-        )
-        _require(synthetic_size >= 1, "synthetic_size", synthetic_size, "a positive number of images")
-        _require(synthetic_test_size >= 1, "synthetic_test_size", synthetic_test_size, "a positive number of images")
-        _require(0 <= crop_padding <= 16, "crop_padding", crop_padding, "0 to 16 pixels")
-        _require(0 <= cutout <= 32, "cutout", cutout, "0 (off) to 32 pixels")
-        _require(num_workers >= 0, "num_workers", num_workers, "0 or more")
-        _require(
-            prefetch_factor is None or prefetch_factor >= 1,
-            "prefetch_factor",
-            prefetch_factor,
-            "a positive number or null",
-        )
-        _require(
-            predict_dir is None or (isinstance(predict_dir, str) and predict_dir.strip() != ""),
-            "predict_dir",
-            predict_dir,
-            "a folder of image files, or null to predict on the test split",
+        check_argument(val_size >= 0, "val_size", val_size, "0 or more images")
+        check_argument(synthetic_size >= 1, "synthetic_size", synthetic_size, "a positive number of images")
+        check_argument(
+            synthetic_test_size >= 1, "synthetic_test_size", synthetic_test_size, "a positive number of images"
         )
         if synthetic or verify_checksums:  # sizes known now; your own files' count is checked in setup
             train_pool = synthetic_size if synthetic else _CIFAR10_TRAIN_SIZE
-            _require(
+            check_argument(
                 val_size < train_pool,
                 "val_size",
                 val_size,
@@ -200,35 +177,14 @@ class CIFAR10DataModule(LightningDataModule):
             )
         self.save_hyperparameters()
         self.data_dir = data_dir
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
         self.val_size = val_size
-        self.pipeline = pipeline
-        self.residency = residency
         self.synthetic = synthetic
         self.synthetic_size = synthetic_size
         self.synthetic_test_size = synthetic_test_size
-        self.augment = augment
-        self.random_crop = random_crop
-        self.crop_padding = crop_padding
-        self.horizontal_flip = horizontal_flip
-        self.cutout = cutout
         self.download = download
         self.verify_checksums = verify_checksums
-        self.seed = seed
-        self.num_workers = num_workers
-        self.pin_memory = pin_memory
-        self.persistent_workers = persistent_workers
-        self.prefetch_factor = prefetch_factor
-        self.drop_last = drop_last
-        self.predict_dir = predict_dir
-        self._predict_folder: ImageFolderDataset | None = None
         # None: not known (a predict_dir of a model trained on your own data; the checkpoint names them)
-        self.classes: tuple[str, ...] | None = CIFAR10_CLASSES
-        self._splits: dict[str, tuple[Tensor, Tensor]] = {}
-        # residency "device": the splits' copies on the training device, by split name
-        self._device_splits: dict[str, tuple[Tensor, Tensor]] = {}
-        self._train_position = EpochPosition()
+        self.classes = CIFAR10_CLASSES
 
     # ----------------------------------------------------------------------------------- loading
     @override
@@ -238,7 +194,7 @@ class CIFAR10DataModule(LightningDataModule):
         Predicting a ``predict_dir`` needs only those images: CIFAR-10 is then neither looked for
         nor downloaded.
         """
-        if self.synthetic or not self.verify_checksums or self._predicting_a_folder():
+        if self.synthetic or not self.verify_checksums or self.predicting_a_folder():
             return
         # one archive holds both splits, and torchvision checks every file of both here
         self._load_cifar(train=True, download=self.download)
@@ -249,7 +205,7 @@ class CIFAR10DataModule(LightningDataModule):
         ``predict_dir`` opens only that folder."""
         if stage in ("fit", "validate") and "train" not in self._splits:
             images, labels = self._load_split(train=True)
-            _require(
+            check_argument(
                 self.val_size < images.shape[0],
                 "val_size",
                 self.val_size,
@@ -260,17 +216,13 @@ class CIFAR10DataModule(LightningDataModule):
             self._splits["train"] = (images[train_index], labels[train_index])
             self._splits["val"] = (images[val_index], labels[val_index])
         if stage == "predict" and self.predict_dir is not None:
-            self._predict_folder = _open_image_folder(self.predict_dir, self._image_folder_transform())
+            self.open_predict_folder()
             if not (self.synthetic or self.verify_checksums) and "train" not in self._splits:
                 # Your own data, not read here: CIFAR-10's names would be a guess. The model's
                 # checkpoint carries the names it was trained with (ImageClassifier.class_names).
                 self.classes = None
         elif stage in ("test", "predict") and "test" not in self._splits:
             self._splits["test"] = self._load_split(train=False)
-
-    def _predicting_a_folder(self) -> bool:
-        trainer = self.trainer
-        return self.predict_dir is not None and trainer is not None and trainer.state.fn == TrainerFn.PREDICTING
 
     def _load_split(self, train: bool) -> tuple[Tensor, Tensor]:
         if self.synthetic:
@@ -293,208 +245,6 @@ class CIFAR10DataModule(LightningDataModule):
             return CIFAR10(self.data_dir, train=train, download=download)
         except Exception as err:  # urllib, socket, tarfile and torchvision's own RuntimeError
             raise DataNotFoundError(_missing_data_message(self.data_dir, download, err)) from err
-
-    # ------------------------------------------------------------------------------- dataloaders
-    @override
-    def train_dataloader(self) -> DataLoader | DeviceBatchLoader:
-        """Shuffled by ``(seed, epoch)`` and resumable mid-epoch (see :class:`ResumableDataLoader`)."""
-        return self._dataloader("train", self.batch_size, shuffle=True, drop_last=self.drop_last)
-
-    @override
-    def val_dataloader(self) -> DataLoader | DeviceBatchLoader:
-        return self._dataloader("val", self.eval_batch_size or self.batch_size, shuffle=False)
-
-    @override
-    def test_dataloader(self) -> DataLoader | DeviceBatchLoader:
-        return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False)
-
-    @override
-    def predict_dataloader(self) -> DataLoader:
-        if self.predict_dir is None:
-            return self._dataloader("test", self.eval_batch_size or self.batch_size, shuffle=False, host=True)
-        if self._predict_folder is None:
-            raise RuntimeError("the predict folder is not opened: call setup('predict') first")
-        workers = self.num_workers
-        return DataLoader(
-            self._predict_folder,
-            batch_size=self.eval_batch_size or self.batch_size,
-            shuffle=False,
-            collate_fn=self._predict_folder.collate,
-            num_workers=workers,
-            pin_memory=self.pin_memory,
-            prefetch_factor=self.prefetch_factor if workers > 0 else None,
-        )
-
-    def _image_folder_transform(self) -> Any:
-        # Preload: uint8 to the device, normalized there by on_after_batch_transfer, like the splits.
-        return None if self.pipeline == "preload" else self._per_sample_transform(train=False)
-
-    def _dataloader(
-        self, split: str, batch_size: int, shuffle: bool, drop_last: bool = False, host: bool = False
-    ) -> Any:
-        if split not in self._splits:
-            raise RuntimeError(f"the {split!r} split is not loaded: call setup() for its stage first")
-        if self.pipeline == "preload" and self.residency == "device" and not host:
-            return self._device_loader(split, batch_size, shuffle, drop_last)
-        images, labels = self._splits[split]
-        if self.pipeline == "preload":
-            dataset: TensorBatchDataset | TransformedTensorDataset = TensorBatchDataset(images, labels)
-            options: dict[str, Any] = {"collate_fn": pass_batch_through}
-        else:
-            train = split == "train"
-            # Per-sample seeds (seed_everything's): the same augmentations with any number of
-            # workers, and in a resumed epoch (see TransformedTensorDataset).
-            seed = _run_seed() if train else None
-            dataset = TransformedTensorDataset(images, labels, self._per_sample_transform(train=train), seed=seed)
-            workers = self.num_workers
-            options = {
-                "num_workers": workers,
-                "persistent_workers": self.persistent_workers and workers > 0,
-                "prefetch_factor": self.prefetch_factor if workers > 0 else None,
-            }
-        # Own generators: creating an iterator then draws no number from torch's global RNG, so
-        # validation passes and resumes leave the training randomness (augmentation, dropout)
-        # exactly as in an uninterrupted run.
-        options.update(batch_size=batch_size, drop_last=drop_last, pin_memory=self.pin_memory)
-        options["generator"] = torch.Generator().manual_seed(self.seed)
-        if not shuffle:
-            return DataLoader(dataset, **options)
-        # The run's seed (seed_everything), as Lightning's DistributedSampler uses under DDP.
-        sampler = EpochSeededRandomSampler(dataset, seed=_run_seed())
-        return ResumableDataLoader(dataset, sampler=sampler, position=self._train_position, **options)
-
-    def _device_loader(self, split: str, batch_size: int, shuffle: bool, drop_last: bool) -> DeviceBatchLoader:
-        trainer = self.trainer
-        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        if split not in self._device_splits or self._device_splits[split][0].device != device:
-            images, labels = self._splits[split]
-            self._device_splits[split] = (images.to(device), labels.to(device))
-        images, labels = self._device_splits[split]
-        # The samplers the host pipeline ends up with. Lightning replaces samplers only in DataLoader
-        # objects: with overfit_batches a sequential one, under DDP/FSDP (unless the Trainer's
-        # use_distributed_sampler is off) a DistributedSampler; here the same choices, same arguments.
-        seed = _run_seed()
-        shard = trainer.distributed_sampler_kwargs if trainer is not None else None
-        if trainer is not None and not trainer._accelerator_connector.use_distributed_sampler:
-            shard = None  # listed in lit_accel/lightning_compat.py
-        if trainer is not None and getattr(trainer, "overfit_batches", 0) > 0:  # set by a connector, undeclared
-            shuffle = False
-        host_split = TensorBatchDataset(*self._splits[split])
-        sampler: Sampler[int]
-        if shard and int(shard.get("num_replicas", 1)) > 1:
-            sampler = DistributedSampler(host_split, shuffle=shuffle, seed=seed, **shard)
-        elif shuffle:
-            sampler = EpochSeededRandomSampler(host_split, seed=seed)
-        else:
-            sampler = SequentialSampler(host_split)
-        position = self._train_position if split == "train" else None
-        return DeviceBatchLoader(images, labels, batch_size, sampler, drop_last=drop_last, position=position)
-
-    @override
-    def teardown(self, stage: str) -> None:
-        """Drop this data module's device copies of the splits (residency ``"device"``) when a stage
-        ends; the memory is freed once the Trainer's loaders, which hold them too, are gone."""
-        self._device_splits.clear()
-
-    def _per_sample_transform(self, train: bool) -> Any:
-        from torchvision.transforms import v2
-
-        steps: list[Any] = []
-        if train and self.augment:
-            if self.random_crop and self.crop_padding > 0:
-                steps.append(v2.RandomCrop(32, padding=self.crop_padding))
-            if self.horizontal_flip:
-                steps.append(v2.RandomHorizontalFlip())
-        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(CIFAR10_MEAN, CIFAR10_STD)]
-        if train and self.augment and self.cutout > 0:
-            steps.append(_CutoutOneImage(self.cutout))
-        return v2.Compose(steps)
-
-    # ------------------------------------------------------------------- device-side transforms
-    @override
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Count training batches (for mid-epoch resume); preload pipeline: normalize and augment.
-
-        The float images are then in the dtype of a ``*-true`` precision (``64-true``: float64,
-        ``16-true``: float16), as Lightning's ``precision_plugin.convert_input`` makes every float
-        input; Lightning calls that before the transfer, when the preloaded images are still uint8.
-        """
-        trainer = self.trainer
-        training = trainer is not None and trainer.training
-        if trainer is not None and training:
-            self._count_training_batch(trainer)
-        if self.pipeline != "preload":
-            return batch
-        images, labels = batch
-        images = self.device_transform(images, train=training)
-        if trainer is not None:
-            images = trainer.precision_plugin.convert_input(images)
-        return images, labels
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        """The training epoch's position (batches done), saved in every checkpoint.
-
-        The training loader saves it too, but Lightning (2.6) drops a loader's saved state when
-        ``configure_optimizers`` reads ``trainer.estimated_stepping_batches``, as ImageClassifier
-        does to size WarmupDecayLR (Lightning issue #20550): a run resumed mid-epoch would start the
-        epoch's data over. The data module's state is restored before any loader is built.
-        """
-        position = self._train_position
-        return {"batches_done": 0 if position.epoch_finished else position.done}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        trainer = self.trainer
-        if trainer is None or trainer.state.fn == TrainerFn.FITTING:
-            self._train_position.skip = int(state_dict.get("batches_done", 0))
-
-    def _count_training_batch(self, trainer: Trainer) -> None:
-        position = self._train_position
-        position.done += 1
-        limit = trainer.num_training_batches
-        position.epoch_finished = position.done >= limit
-
-    def device_transform(self, images: Tensor, train: bool) -> Tensor:
-        """uint8 batch → normalized float32 batch, with per-sample augmentation when ``train``."""
-        if train and self.augment:
-            if self.random_crop:
-                images = random_crop(images, self.crop_padding)
-            if self.horizontal_flip:
-                images = random_flip(images)
-        images = normalize(images)
-        if train and self.augment and self.cutout > 0:
-            images = cutout(images, self.cutout)
-        return images
-
-    def split_dataset(self, split: str) -> Dataset:
-        """The raw uint8 ``(images, labels)`` of a loaded split, e.g. for inspection."""
-        return TensorBatchDataset(*self._splits[split])
-
-
-def _require(ok: bool, name: str, value: object, allowed: str) -> None:
-    if not ok:
-        raise ConfigurationError(f"{name}={value!r} is not allowed: use {allowed}")
-
-
-def _open_image_folder(folder: str, transform: Any) -> ImageFolderDataset:
-    if os.path.isfile(folder):
-        raise DataNotFoundError(
-            f"data.predict_dir={folder!r} is a file ({os.path.abspath(folder)}): pass the folder that holds the "
-            f"images to classify, e.g. {os.path.dirname(os.path.abspath(folder))}."
-        )
-    if not os.path.isdir(folder):
-        raise DataNotFoundError(
-            f"data.predict_dir={folder!r}: no such folder ({os.path.abspath(folder)}). "
-            f"Pass the folder that holds the image files to classify."
-        )
-    dataset = ImageFolderDataset(folder, transform=transform)
-    if len(dataset) == 0:
-        raise DataNotFoundError(
-            f"data.predict_dir={folder!r}: the folder holds no files ({os.path.abspath(folder)}). "
-            f"Put the PNG/JPEG images to classify there."
-        )
-    return dataset
 
 
 def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
@@ -523,23 +273,6 @@ def _missing_data_message(data_dir: str, download: bool, err: Exception) -> str:
         f"{os.path.abspath(data_dir)} and run again, or use the synthetic data set (offline) with "
         f"--data.synthetic true."
     )
-
-
-def _run_seed() -> int:
-    """The run's seed (``seed_everything`` sets it), as Lightning's DistributedSampler takes it; 0 without one."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
-
-
-class _CutoutOneImage:
-    """:func:`~lit_accel.data.augment.cutout` on one ``(C, H, W)`` image: the DataLoader pipeline
-    cuts out what the preload pipeline does (torchvision's ``RandomErasing`` keeps the square inside
-    the image, and erases nothing at all for a square as large as the image)."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __call__(self, image: Tensor) -> Tensor:
-        return cutout(image[None], self.size)[0]
 
 
 _CIFAR_FOLDER = "cifar-10-batches-py"
