@@ -311,6 +311,32 @@ def test_the_bench_entry_names_its_cases_and_refuses_others(capsys):
 
 
 # --------------------------------------------------------------------- the image-folder case
+@pytest.mark.slow
+def test_image_folder_case_runs_both_parts_end_to_end_and_prints_its_tables(tmp_path, monkeypatch, capsys):
+    """--smoke: one folder for both parts, four processes (lit-accel fit and the ImageFolder loop; the
+    start-up fits on the cached folder and on its CIFAR-format copy)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "folder.json"
+    bench_main(["image_folder", "--smoke", "--json", str(out)])
+    report = json.loads(out.read_text())
+    stdout = capsys.readouterr().out
+    epochs_rows = [line for line in stdout.splitlines() if line.startswith(("| ImageFolder", "| lit-accel fit"))]
+    assert len(epochs_rows) == 2 and all(
+        re.search(r"\| \d+\.\d\d \| .* \| [\d,]+ \| .* \| 1 \|$", r) for r in epochs_rows
+    )
+    for runs in report["epochs"].values():
+        (run,) = runs
+        assert run["first_epoch_s"] > 0 and run["later_epoch_s"] > 0
+        # later images/s count every training image of the folder once per later epoch (540 of 600)
+        assert run["later_images_per_sec"] == pytest.approx(540 / run["later_epoch_s"])
+    startup_rows = [line for line in stdout.splitlines() if re.match(r"\| (CIFAR|image folder)", line)]
+    assert len(startup_rows) == 2 and all(re.search(r"\| \d+\.\d\d \| [\d.]+–[\d.]+ \| 1 \|$", r) for r in startup_rows)
+    assert all(0 < seconds[0] < 600 for seconds in report["startup"].values())
+    figures = [row["figure"] for row in report["targets"]]
+    assert [f.split(":")[0] for f in figures] == ["later epochs", "first epoch", "start-up"]
+    assert sum(line.endswith(("| yes |", "| no |")) for line in stdout.splitlines()) == 3
+
+
 def test_image_folder_case_pairs_each_round_and_checks_the_targets():
     from tools.bench.image_folder import CIFAR, FOLDER, LIT, LOOP, epoch_figures, target_rows
 

@@ -206,6 +206,8 @@ def lit_epochs_run(s: Settings, root: Path, work: Path) -> dict[str, Any]:
     shutil.rmtree(cache, ignore_errors=True)
     args = [*training_args(s), *folder_args(root, s.size, cache), "--trainer.max_epochs", str(s.epochs)]
     record = run_fit(args, work, s.timeout)
+    if not cache.is_dir() or not cache_files(cache):
+        raise RuntimeError(f"lit-accel fit wrote no cache in {cache}: the first epoch did not decode and cache")
     epochs = record["epochs"]
     seconds = [e["end"] - e["start"] for e in epochs]
     return epoch_figures(seconds, [e["images"] for e in epochs], epochs[0]["end"] - record["created"])
@@ -243,6 +245,9 @@ def startup_part(
     """The ``startup`` part's runs: ``{variant: [seconds from launch to the first training step per round]}``.
 
     A first, untimed fit builds the folder's cache in ``cache`` unless that folder exists.
+
+    Raises:
+        RuntimeError: a fit failed, or a timed fit rewrote the cache (it decoded instead of loading).
     """
     one_step = [*training_args(s), "--trainer.max_steps", "1"]
     folder = [*one_step, *folder_args(root, 32, cache)]
@@ -252,7 +257,16 @@ def startup_part(
         CIFAR: lambda: _startup(run_fit([*one_step, *cifar_args(cifar, val_images)], work, s.timeout)),
         FOLDER: lambda: _startup(run_fit(folder, work, s.timeout)),
     }
-    return alternate(_announced(runs), s.rounds)
+    before = cache_files(cache)
+    results = alternate(_announced(runs), s.rounds)
+    if cache_files(cache) != before:  # a timed fit decoded (and rewrote the cache): its figure is not a start-up
+        raise RuntimeError(f"the image folder's cache in {cache} was rewritten by a timed fit: it did not find it")
+    return results
+
+
+def cache_files(folder: Path) -> list[tuple[str, int, int]]:
+    """``(name, size, modification time in ns)`` of each file in ``folder``: changes when a cache is rewritten."""
+    return sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file())
 
 
 def _startup(record: dict[str, Any]) -> float:
