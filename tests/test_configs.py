@@ -47,11 +47,16 @@ GPU_RECIPE = ["cifar10.yaml", "gpu.yaml", "smoke.yaml"]
 GPU_ONLY = [[*SMOKE, "strategy/fsdp_gpu.yaml", "precision/16-mixed.yaml"], GPU_RECIPE]
 PROGRESS = [*SMOKE, "dynamic_progress.yaml"]  # needs 2 epochs or more: its own test below
 REAL_CIFAR = [["cifar10.yaml"]]
+IMAGE_FOLDER = [["image_folder.yaml"]]  # run by tests/data/test_image_folder_data_module.py (it needs a folder)
 
 
 def test_every_config_file_is_run():
     all_files = {str(p.relative_to(CONFIGS)) for p in CONFIGS.rglob("*.yaml")}
-    covered = {name for combo in [*IN_PROCESS, *TWO_PROCESSES, *GPU_ONLY, *REAL_CIFAR, PROGRESS] for name in combo}
+    covered = {
+        name
+        for combo in [*IN_PROCESS, *TWO_PROCESSES, *GPU_ONLY, *REAL_CIFAR, *IMAGE_FOLDER, PROGRESS]
+        for name in combo
+    }
     assert all_files <= covered, f"config files no test runs: {sorted(all_files - covered)}"
 
 

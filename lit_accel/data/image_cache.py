@@ -144,6 +144,9 @@ def decode_images(
         num_workers=workers,
         collate_fn=_as_list,
         prefetch_factor=2 if workers > 0 else None,
+        # Its own generator: the loader's base seed is not drawn from torch's global one, so a run
+        # that decodes trains exactly like one that finds the cache (same augmentations, dropout).
+        generator=torch.Generator(),
     )
     from tqdm.auto import tqdm
 
@@ -304,7 +307,7 @@ def load_or_decode(
     """
     class_list = [str(name) for name in classes]
     rows = _entry_rows(entries)
-    reason = f"no cache yet ({cache_path})"
+    reason = "no cache yet"
     if os.path.exists(cache_path):
         old = _read_cache(cache_path)
         if old is None:
@@ -316,7 +319,7 @@ def load_or_decode(
         else:
             reason = _what_changed(old, entries, image_size, class_list)
     check_writable(cache_path)
-    rank_zero_info(f"{what}: decoding {len(entries)} images at {image_size} px ({reason})")
+    rank_zero_info(f"{what}: decoding {len(entries)} images at {image_size} px into {cache_path} ({reason})")
     decoded = decode_images(folder, entries, image_size, workers, skip_unreadable, what)
     content = {
         "format": CACHE_FORMAT,

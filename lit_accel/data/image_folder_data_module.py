@@ -30,7 +30,7 @@ class FolderLayout:
     split_by_fraction: bool
 
 
-def _class_folders(folder: str, setting: str) -> tuple[str, ...]:
+def _class_folders(folder: str, setting: str, two_or_more: bool = True) -> tuple[str, ...]:
     """The sorted class folder names in ``folder`` (hidden ones left out), or one clear message."""
     if not os.path.exists(folder):
         raise DataNotFoundError(f"{setting}: no such folder ({os.path.abspath(folder)}).")
@@ -52,7 +52,7 @@ def _class_folders(folder: str, setting: str) -> tuple[str, ...]:
             f"{setting}: {os.path.abspath(folder)} holds no class folders: put the images in one folder per class "
             "(e.g. cat/, dog/), or train/, val/ and test/ folders that each hold those class folders."
         )
-    if len(classes) < 2:
+    if two_or_more and len(classes) < 2:
         raise DataNotFoundError(
             f"{setting}: {os.path.abspath(folder)} holds a single class folder ({classes[0]}/): a classifier needs "
             "2 or more classes, one folder each."
@@ -85,7 +85,7 @@ def find_layout(root: str) -> FolderLayout:
         folder = os.path.join(root, split)
         if not os.path.lexists(folder):
             continue
-        found = _class_folders(folder, f"data.root {split}/")
+        found = _class_folders(folder, f"data.root {split}/", two_or_more=False)  # compared with train/ below
         files = [name for name in classes if name not in found and os.path.isfile(os.path.join(folder, name))]
         if files:
             raise DataNotFoundError(
