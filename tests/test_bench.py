@@ -308,3 +308,53 @@ def test_the_bench_entry_names_its_cases_and_refuses_others(capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert "'overhead,recipe' is not a case: use one of overhead" in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------- the image-folder case
+@pytest.mark.slow
+def test_image_folder_case_runs_both_parts_end_to_end_and_prints_its_tables(tmp_path, monkeypatch, capsys):
+    """--smoke: one folder for both parts, four processes (lit-accel fit and the ImageFolder loop; the
+    start-up fits on the cached folder and on its CIFAR-format copy)."""
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "folder.json"
+    bench_main(["image_folder", "--smoke", "--json", str(out)])
+    report = json.loads(out.read_text())
+    stdout = capsys.readouterr().out
+    epochs_rows = [line for line in stdout.splitlines() if line.startswith(("| ImageFolder", "| lit-accel fit"))]
+    assert len(epochs_rows) == 2 and all(
+        re.search(r"\| \d+\.\d\d \| .* \| [\d,]+ \| .* \| 1 \|$", r) for r in epochs_rows
+    )
+    for runs in report["epochs"].values():
+        (run,) = runs
+        assert run["first_epoch_s"] > 0 and run["later_epoch_s"] > 0
+        # later images/s count every training image of the folder once per later epoch (540 of 600)
+        assert run["later_images_per_sec"] == pytest.approx(540 / run["later_epoch_s"])
+    startup_rows = [line for line in stdout.splitlines() if re.match(r"\| (CIFAR|image folder)", line)]
+    assert len(startup_rows) == 2 and all(re.search(r"\| \d+\.\d\d \| [\d.]+–[\d.]+ \| 1 \|$", r) for r in startup_rows)
+    assert all(0 < seconds[0] < 600 for seconds in report["startup"].values())
+    figures = [row["figure"] for row in report["targets"]]
+    assert [f.split(":")[0] for f in figures] == ["later epochs", "first epoch", "start-up"]
+    assert sum(line.endswith(("| yes |", "| no |")) for line in stdout.splitlines()) == 3
+
+
+def test_image_folder_case_pairs_each_round_and_checks_the_targets():
+    from tools.bench.image_folder import CIFAR, FOLDER, LIT, LOOP, epoch_figures, target_rows
+
+    assert epoch_figures([9.0, 2.0, 4.0], [100, 100, 100], 12.0) == {
+        "first_epoch_s": 12.0,
+        "later_epoch_s": 3.0,
+        "later_images_per_sec": pytest.approx(200 / 6),
+    }
+    loop = [{"first_epoch_s": 11.0, "later_epoch_s": 10.0, "later_images_per_sec": 100.0}] * 2
+    lit = [
+        {"first_epoch_s": 8.0, "later_epoch_s": 3.0, "later_images_per_sec": 400.0},
+        {"first_epoch_s": 12.0, "later_epoch_s": 4.0, "later_images_per_sec": 200.0},
+    ]
+    startup = {CIFAR: [3.0, 4.0], FOLDER: [4.0, 7.0]}
+    later, first, start = target_rows({LOOP: loop, LIT: lit}, startup)
+    assert (later["median"], later["low"], later["high"], later["met"]) == (3.0, 2.0, 4.0, True)
+    assert (first["median"], first["low"], first["high"], first["met"]) == (1.0, 0.8, 1.2, True)
+    assert (start["median"], start["low"], start["high"], start["met"]) == (2.0, 1.0, 3.0, True)
+    startup[FOLDER] = [5.5, 6.5]
+    lit[0]["later_images_per_sec"] = 300.0
+    assert [row["met"] for row in target_rows({LOOP: loop, LIT: lit}, startup)] == [False, True, False]

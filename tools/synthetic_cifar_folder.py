@@ -20,6 +20,8 @@ import argparse
 import pickle
 from pathlib import Path
 
+from torch import Tensor
+
 from lit_accel.data import CIFAR10_CLASSES, make_synthetic_cifar
 
 BATCHES = 5
@@ -27,14 +29,33 @@ BATCHES = 5
 
 def write_folder(out: Path, train_size: int = 50_000, test_size: int = 10_000, seed: int = 0) -> Path:
     """Write the synthetic set (``seed``) to ``out/cifar-10-batches-py``; returns that folder."""
+    images, labels = make_synthetic_cifar(train_size, seed=seed, split=0)
+    test_images, test_labels = make_synthetic_cifar(test_size, seed=seed, split=1)
+    return write_cifar_folder(out, images, labels, test_images, test_labels)
+
+
+def write_cifar_folder(out: Path, images: Tensor, labels: Tensor, test_images: Tensor, test_labels: Tensor) -> Path:
+    """Write uint8 ``(N, 3, 32, 32)`` images and their labels (CIFAR-10's classes) to
+    ``out/cifar-10-batches-py`` in CIFAR-10's on-disk format; returns that folder.
+
+    Raises:
+        ValueError: fewer than 5 training images (one per batch file) or no test image, or an image
+            that is not 3×32×32.
+    """
+    if len(images) < BATCHES or len(test_images) < 1:
+        raise ValueError(
+            f"{len(images)} training and {len(test_images)} test images: CIFAR-10's format needs at least "
+            f"{BATCHES} training images (one per batch file) and 1 test image"
+        )
+    if tuple(images.shape[1:]) != (3, 32, 32) or tuple(test_images.shape[1:]) != (3, 32, 32):
+        raise ValueError(f"images of shape {tuple(images.shape[1:])}: CIFAR-10's format holds 3×32×32 images")
     folder = out / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
-    images, labels = make_synthetic_cifar(train_size, seed=seed, split=0)
+    train_size = len(images)
     bounds = [round(i * train_size / BATCHES) for i in range(BATCHES + 1)]
     for i in range(BATCHES):
         part = slice(bounds[i], bounds[i + 1])
         _dump(folder / f"data_batch_{i + 1}", images[part], labels[part], f"training batch {i + 1} of {BATCHES}")
-    test_images, test_labels = make_synthetic_cifar(test_size, seed=seed, split=1)
     _dump(folder / "test_batch", test_images, test_labels, "testing batch 1 of 1")
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(
@@ -43,7 +64,7 @@ def write_folder(out: Path, train_size: int = 50_000, test_size: int = 10_000, s
     return folder
 
 
-def _dump(path: Path, images, labels, name: str) -> None:
+def _dump(path: Path, images: Tensor, labels: Tensor, name: str) -> None:
     entry = {
         "batch_label": name,
         "labels": labels.tolist(),

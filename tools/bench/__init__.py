@@ -24,6 +24,7 @@ batch_curve         images/s against the batch size, and what batch growth would
 sample_seed         cost of seeding each sample's augmentation in the DataLoader pipeline
 state_copies        cost of the host copies of a model the callbacks take
 trainer_cost        the recipe's ``lit-accel fit`` vs a plain loop with its settings, part by part
+image_folder        lit-accel fit on a folder of image files vs ImageFolder + DataLoader; start-up
 ==================  ==============================================================================
 
 Usage::
@@ -48,5 +49,6 @@ OTHER_CASES = (
     "sample_seed",
     "state_copies",
     "trainer_cost",
+    "image_folder",
 )
 CASES = THROUGHPUT_CASES + OTHER_CASES
