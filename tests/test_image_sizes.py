@@ -26,43 +26,31 @@ from lit_accel.export import METADATA_NAME, PT2_NAME, TORCHSCRIPT_NAME, export_c
 from lit_accel.models import ImageClassifier
 
 SIZE = 64
-CLASSES = ("cow", "pig", "hen")
+CLASSES = ("cow", "hen", "pig")  # sorted: ImageFolderDataModule names classes as torchvision does
 QUIET = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 # Your own data: the class names come with the checkpoint, no training data is read.
 OWN_DATA = ["--data.synthetic", "false", "--data.verify_checksums", "false", "--data.data_dir", "nothing_here"]
 PREDICT = ["predict", *config("cifar10.yaml", "smoke.yaml"), *QUIET, *OWN_DATA]
 
 
-class Tiny64(L.LightningDataModule):
-    """48 random 64×64 images of 3 classes, already normalized (as the shipped modules' batches are)."""
-
-    image_size = SIZE
-    classes = CLASSES
-
-    def _loader(self) -> DataLoader:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (48, 3, SIZE, SIZE), dtype=torch.uint8, generator=generator)
-        return DataLoader(TensorDataset(normalize(images), torch.arange(48) % 3), batch_size=16)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader()
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """The recipe's model built by the real CLI (so the checkpoint records its network), fitted
-    in-process for 2 steps on :class:`Tiny64`."""
+    """The recipe (LiteCNN) fitted through the real CLI for 2 steps on a folder of 64-px images of
+    three classes (``--data ImageFolderDataModule``): the chain a user runs."""
     root = tmp_path_factory.mktemp("fit64")
+    rng = np.random.default_rng(0)
+    for name in CLASSES:
+        (root / "photos" / name).mkdir(parents=True)
+        for i in range(6):
+            pixels = rng.integers(0, 256, (70 + i, 80, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "photos" / name / f"{i}.{'png' if i % 2 else 'jpg'}")
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(root / "photos"), "--data.image_size", str(SIZE)]
+    data += ["--data.decode_workers", "0", "--data.batch_size", "4", "--data.val_fraction", "0.2"]
     three = ["--model.num_classes", "3", "--model.net.num_classes", "3"]
-    where = ["--trainer.logger", "false", "--trainer.default_root_dir", str(root)]
-    steps = ["--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
-    cli = LitAccelCLI(
-        args=[*config("cifar10.yaml", "smoke.yaml"), *QUIET, *three, *where, *steps, *FIGURES_OFF_ARGS], run=False
-    )
-    cli.trainer.fit(cli.model, datamodule=Tiny64())
+    where = ["--trainer.logger", "false", "--trainer.default_root_dir", str(root), "--step_checkpoint.dirpath", str(root)]
+    steps = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
+    cli = LitAccelCLI(args=["fit", *data, *QUIET, *three, *where, *steps, *FIGURES_OFF_ARGS])
+    assert cli.datamodule.split_dataset("train")[0][0].shape == (3, SIZE, SIZE)
     path = root / "size64.ckpt"
     cli.trainer.save_checkpoint(path)
     return path

@@ -120,8 +120,6 @@ class CIFAR10DataModule(PreloadedImageDataModule):
           synthetic: false
     """
 
-    image_size = 32  # side of the images; predict_dir's are read at it (lit-accel predict: the checkpoint's)
-
     def __init__(
         self,
         data_dir: str = "data/",

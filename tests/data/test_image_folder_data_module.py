@@ -344,16 +344,8 @@ def test_the_image_folder_config_trains_the_recipe_on_a_folder(in_tmp_dir):
     assert (in_tmp_dir / "photos" / ".lit_accel_cache" / "all.pt").is_file()
 
 
-def test_data_image_folder_on_the_default_recipe_at_64_pixels(in_tmp_dir):
-    """`--data ImageFolderDataModule` replaces the recipe's CIFAR-10 module (its CIFAR-only keys are
-    dropped). ResNet9 pools globally: it takes 64-px images."""
-    write_images(in_tmp_dir / "photos")
-    net = ["--model.net", "lit_accel.ResNet9", "--model.net.width", "4"]
-    args = ["fit", "--data", "ImageFolderDataModule", "--data.root", "photos", "--data.image_size", "64", *net]
-    cli = LitAccelCLI(args=[*args, *QUIET, *TINY])
-    assert cli.trainer.state.finished and torch.isfinite(cli.trainer.callback_metrics["val/loss"])
-    assert cli.datamodule._splits["train"][0].shape[1:] == (3, 64, 64)
-    assert cli.model.class_names == ("cat", "dog", "fox")
+# `--data ImageFolderDataModule` on the default recipe at 64 px with the recipe's LiteCNN, then predict
+# and export of that checkpoint at its size: tests/test_image_sizes.py (its fixture).
 
 
 def test_a_run_resumed_after_a_crash_ends_exactly_like_an_uninterrupted_one(tmp_path, monkeypatch):
