@@ -8,12 +8,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, TensorDataset
 
 from helpers import FIGURES_OFF_ARGS, config
 from lit_accel.checkpoints import read_checkpoint
@@ -47,7 +45,8 @@ def checkpoint(tmp_path_factory) -> Path:
     data = ["--data", "ImageFolderDataModule", "--data.root", str(root / "photos"), "--data.image_size", str(SIZE)]
     data += ["--data.decode_workers", "0", "--data.batch_size", "4", "--data.val_fraction", "0.2"]
     three = ["--model.num_classes", "3", "--model.net.num_classes", "3"]
-    where = ["--trainer.logger", "false", "--trainer.default_root_dir", str(root), "--step_checkpoint.dirpath", str(root)]
+    where = ["--trainer.logger", "false", "--trainer.default_root_dir", str(root)]
+    where += ["--step_checkpoint.dirpath", str(root)]
     steps = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1"]
     cli = LitAccelCLI(args=["fit", *data, *QUIET, *three, *where, *steps, *FIGURES_OFF_ARGS])
     assert cli.datamodule.split_dataset("train")[0][0].shape == (3, SIZE, SIZE)
