@@ -58,13 +58,14 @@ __all__ = [
     "DEFAULT_RECIPE",
     "SHIPPED_CONFIGS",
     "LitAccelCLI",
+    "evaluation_image_size",
     "main",
-    "predict_image_size",
     "shipped_config_names",
     "with_configs_resolved",
 ]
 
 DEFAULT_LOG_DIR = "runs"
+EVALUATING = ("validate", "test", "predict")  # the subcommands that read images at a checkpoint's size
 # The recipes, strategy and precision files, shipped as package data (the clone's configs/ is a
 # link to this folder, so each file exists once).
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -133,16 +134,16 @@ class LitAccelCLI(LightningCLI):
     ``--ckpt_path best|last`` is resolved to a file while the arguments are parsed, so the model
     is rebuilt from that checkpoint's hyperparameters as for a file path; before a subcommand runs
     the checkpoint is checked (exists, loads, fits the network), and bad arguments end in one
-    message. ``predict`` reads images at the size the checkpoint's network was trained at
-    (``checkpoint["image_size"]``, see :func:`predict_image_size`): it sets the data module's
-    ``image_size`` attribute to it, and refuses a ``--data.image_size`` that differs. ``predict``
-    runs without a logger: it writes no run folder, only the predictions.
+    message. ``validate``, ``test`` and ``predict`` with a checkpoint read images at the size its
+    network was trained at (``checkpoint["image_size"]``, see :func:`evaluation_image_size`): they
+    set the data module's ``image_size`` attribute to it, and refuse a ``--data.image_size`` that
+    differs. ``predict`` runs without a logger: it writes no run folder, only the predictions.
     ``validate``, ``test`` and ``predict`` without ``--ckpt_path`` evaluate the untrained network,
     with one warning.
     """
 
-    # predict with a checkpoint file: (its training image size, data.image_size as the user gave it)
-    _predict_sizes: tuple[int, int | None] | None = None
+    # validate/test/predict with a checkpoint file: (its training image size, data.image_size as given)
+    _checkpoint_sizes: tuple[int, int | None] | None = None
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         if args is None or isinstance(args, list):
@@ -238,8 +239,9 @@ class LitAccelCLI(LightningCLI):
             named = {path for _, path in import_paths(_plain(config), "")}
             contents = read_checkpoint(ckpt_path)
             check_import_paths(contents, str(ckpt_path), allowed=named)
-            if subcommand == "predict":
-                self._predict_sizes = (checkpoint_image_size(contents), _given_image_size(parser, args, subcommand))
+            if subcommand in EVALUATING:
+                given = _given_image_size(parser, args, subcommand)
+                self._checkpoint_sizes = (checkpoint_image_size(contents), given)
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -298,8 +300,8 @@ class LitAccelCLI(LightningCLI):
             )
         _check_lr_scheduler(self.model, optimizer, self.trainer, self.datamodule)
         _check_finite("trainer", {"gradient_clip_val": self.trainer.gradient_clip_val})
-        if self.subcommand == "predict" and self._predict_sizes is not None:
-            _set_predict_image_size(self.datamodule, *self._predict_sizes)
+        if self.subcommand in EVALUATING and self._checkpoint_sizes is not None:
+            _set_image_size(self.datamodule, *self._checkpoint_sizes, self.subcommand)
 
     @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
@@ -438,8 +440,8 @@ class LitAccelCLI(LightningCLI):
         return files
 
 
-def predict_image_size(saved: int, given: int | None) -> int:
-    """The side of the images ``lit-accel predict`` reads: the checkpoint's training size.
+def evaluation_image_size(saved: int, given: int | None) -> int:
+    """The side of the images ``lit-accel validate|test|predict`` read: the checkpoint's training size.
 
     Args:
         saved: the size the checkpoint's network was trained at
@@ -452,12 +454,12 @@ def predict_image_size(saved: int, given: int | None) -> int:
 
     Example::
 
-        predict_image_size(64, None)  # 64
+        evaluation_image_size(64, None)  # 64
     """
     if given is not None and given != saved:
         raise ConfigurationError(
             f"data.image_size={given} but the checkpoint's network was trained on {saved}×{saved} images: "
-            f"leave data.image_size out (predict reads images at the checkpoint's size) or set it to {saved}."
+            f"leave data.image_size out (images are then read at the checkpoint's size) or set it to {saved}."
         )
     return saved
 
@@ -476,9 +478,16 @@ def _given_image_size(parser: LightningArgumentParser, args: ArgsType, subcomman
     return None
 
 
-def _set_predict_image_size(datamodule: Any, saved: int, given: int | None) -> None:
-    """Point the data module at the checkpoint's image size (see :func:`predict_image_size`)."""
-    size = predict_image_size(saved, given)
+def _set_image_size(datamodule: Any, saved: int, given: int | None, subcommand: str) -> None:
+    """Point the data module at the checkpoint's image size (see :func:`evaluation_image_size`)."""
+    size = evaluation_image_size(saved, given)
+    if isinstance(datamodule, CIFAR10DataModule) and subcommand != "predict" and size != EXAMPLE_IMAGE_SIZE:
+        # CIFAR-10's splits are 32x32 (only predict_dir images are resized): say so rather than
+        # evaluate a network on images of another scale without a word.
+        _rank_zero_warning(
+            f"the checkpoint's network was trained on {size}×{size} images, but CIFAR-10's are 32×32: "
+            f"{subcommand} runs on them as they are. Evaluate it on its own data (e.g. --data ImageFolderDataModule)."
+        )
     if hasattr(datamodule, "image_size"):
         datamodule.image_size = size
     elif size != EXAMPLE_IMAGE_SIZE:

@@ -13,9 +13,9 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import FIGURES_OFF_ARGS, config
+from helpers import FIGURES_OFF_ARGS, TINY_CLI_ARGS, config
 from lit_accel.checkpoints import read_checkpoint
-from lit_accel.cli import LitAccelCLI, main, predict_image_size
+from lit_accel.cli import LitAccelCLI, evaluation_image_size, main
 from lit_accel.data import CIFAR10DataModule
 from lit_accel.data.augment import normalize
 from lit_accel.data.image_folder import read_image_file
@@ -108,11 +108,11 @@ def test_export_takes_images_of_the_checkpoints_size(checkpoint: Path, tmp_path:
 
 
 def test_a_predict_size_other_than_the_checkpoints_is_refused() -> None:
-    assert predict_image_size(SIZE, None) == SIZE == predict_image_size(SIZE, SIZE)
+    assert evaluation_image_size(SIZE, None) == SIZE == evaluation_image_size(SIZE, SIZE)
     with pytest.raises(
         ConfigurationError, match=r"data.image_size=32 but the checkpoint's network was trained on 64×64"
     ):
-        predict_image_size(SIZE, 32)
+        evaluation_image_size(SIZE, 32)
 
 
 class SizedCIFAR10(CIFAR10DataModule):
@@ -149,3 +149,26 @@ def test_predict_sets_any_data_modules_image_size_to_the_checkpoints_and_refuses
         main(args)
         assert SizedCIFAR10.sizes_at_setup == [SIZE]
         assert (in_tmp_dir / "predictions.csv").is_file()
+
+
+def test_validate_reads_the_folder_at_the_checkpoints_image_size(checkpoint: Path, in_tmp_dir: Path) -> None:
+    """``lit-accel validate`` of the 64-px checkpoint on its folder, without ``--data.image_size``
+    (the module's default is 32): the folder is decoded at 64 px."""
+    data = ["--data", "ImageFolderDataModule", "--data.root", str(checkpoint.parent / "photos")]
+    data += ["--data.decode_workers", "0", "--data.batch_size", "4", "--data.val_fraction", "0.2"]
+    cli = LitAccelCLI(args=["validate", *data, *QUIET, "--trainer.logger", "false", "--ckpt_path", str(checkpoint)])
+    assert cli.datamodule.image_size == SIZE
+    assert cli.datamodule.split_dataset("val")[0][0].shape == (3, SIZE, SIZE)
+    assert "val/acc" in cli.trainer.callback_metrics
+
+
+def test_cifar10_says_its_images_are_not_the_checkpoints_size(in_tmp_dir: Path, caplog) -> None:
+    """CIFAR-10's splits stay 32×32: testing a network trained at 64 px on them says so."""
+    fit = LitAccelCLI(args=["fit", *TINY_CLI_ARGS, "--trainer.logger", "false", "--trainer.max_epochs", "1"])
+    checkpoint = in_tmp_dir / "at64.ckpt"
+    fit.trainer.save_checkpoint(checkpoint)
+    contents = torch.load(checkpoint, weights_only=False)
+    assert contents["image_size"] == 32
+    torch.save({**contents, "image_size": SIZE}, checkpoint)
+    LitAccelCLI(args=["validate", *TINY_CLI_ARGS, "--trainer.logger", "false", "--ckpt_path", str(checkpoint)])
+    assert "trained on 64×64 images, but CIFAR-10's are 32×32: validate runs on them as they are" in caplog.text
