@@ -224,7 +224,9 @@ def gpu_tests(plan: Plan, clock: Clock, folder: Path) -> dict[str, Any]:
     """``pytest -m gpu`` on the test files that mark tests ``gpu``; counts from its JUnit XML."""
     files = sorted(str(p) for p in (ROOT / "tests").rglob("test_*.py") if "mark.gpu" in p.read_text())
     junit = folder / "gpu_tests.xml"
-    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", f"--junitxml={junit}"]
+    # -n 0: one process (the project's pytest settings start two xdist workers, for the whole suite)
+    command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-n", "0"]
+    command.append(f"--junitxml={junit}")
     started = time.perf_counter()
     # a copy: in quick mode the fits alongside change and restore os.environ (MASTER_PORT, ...)
     environment = dict(os.environ)

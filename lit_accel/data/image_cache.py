@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, SequentialSampler
 from typing_extensions import override
 
 from lit_accel.data.image_folder import list_files, read_image_file
@@ -93,8 +93,11 @@ def image_entries(folder: str, classes: Sequence[str]) -> list[ImageEntry]:
     return entries
 
 
-class _Files(Dataset):
-    """``(index, image or None, error or None)`` per file, for the decoding pool."""
+class _FileChunks(Dataset):
+    """One chunk of files per item: ``(indices, images, errors)``, the chunk's images stacked in one
+    uint8 tensor (a worker hands the main process one shared-memory tensor per chunk, not one per
+    image: per-image hand-overs cost more than decoding a small image), ``errors[i]`` None when
+    ``indices[i]`` decoded (its slot of ``images`` is then filled) or the decoder's message."""
 
     def __init__(self, folder: str, names: Sequence[str], image_size: int) -> None:
         self.folder, self.names, self.image_size = folder, names, image_size
@@ -103,15 +106,21 @@ class _Files(Dataset):
         return len(self.names)
 
     @override
-    def __getitem__(self, index: int) -> tuple[int, Tensor | None, str | None]:
-        try:
-            return index, read_image_file(os.path.join(self.folder, self.names[index]), self.image_size), None
-        except Exception as err:  # any decoder failure means the same thing: not a usable image
-            return index, None, f"{type(err).__name__}: {err}"
+    def __getitem__(self, indices: list[int]) -> tuple[list[int], Tensor, list[str | None]]:  # type: ignore[override]
+        size = self.image_size
+        images = torch.zeros((len(indices), 3, size, size), dtype=torch.uint8)
+        errors: list[str | None] = []
+        for slot, index in enumerate(indices):
+            try:
+                images[slot] = read_image_file(os.path.join(self.folder, self.names[index]), size)
+                errors.append(None)
+            except Exception as err:  # any decoder failure means the same thing: not a usable image
+                errors.append(f"{type(err).__name__}: {err}")
+        return indices, images, errors
 
 
-def _as_list(batch: list[Any]) -> list[Any]:
-    return batch
+def _as_is(chunk: Any) -> Any:
+    return chunk
 
 
 def decode_images(
@@ -140,11 +149,13 @@ def decode_images(
     images = torch.empty((len(entries), 3, image_size, image_size), dtype=torch.uint8)
     readable = torch.ones(len(entries), dtype=torch.bool)
     errors: dict[int, str] = {}
+    chunks = BatchSampler(SequentialSampler(range(len(names))), _DECODE_BATCH, drop_last=False)
     loader = DataLoader(
-        _Files(folder, names, image_size),
-        batch_size=_DECODE_BATCH,
+        _FileChunks(folder, names, image_size),
+        batch_size=None,  # the sampler hands out whole chunks
+        sampler=chunks,
         num_workers=workers,
-        collate_fn=_as_list,
+        collate_fn=_as_is,
         prefetch_factor=2 if workers > 0 else None,
         # Its own generator: the loader's base seed is not drawn from torch's global one, so a run
         # that decodes trains exactly like one that finds the cache (same augmentations, dropout).
@@ -154,9 +165,9 @@ def decode_images(
 
     bar = tqdm(total=len(entries), desc=f"decoding {what}", unit="img", disable=not sys.stderr.isatty(), leave=False)
     with bar:
-        for batch in loader:
-            for index, image, error in batch:
-                if image is None:
+        for indices, decoded, chunk_errors in loader:
+            for slot, (index, error) in enumerate(zip(indices, chunk_errors)):
+                if error is not None:
                     if not skip_unreadable:
                         raise DataNotFoundError(
                             f"{os.path.join(folder, names[index])} is not a readable image ({error}). Delete it (or "
@@ -166,8 +177,8 @@ def decode_images(
                     readable[index] = False
                     errors[index] = str(error)
                 else:
-                    images[index] = image
-            bar.update(len(batch))
+                    images[index] = decoded[slot]
+            bar.update(len(indices))
     skipped = [names[index] for index in sorted(errors)]
     if not readable.any():
         raise DataNotFoundError(f"none of the {len(entries)} files in {folder} is a readable image.")

@@ -209,3 +209,29 @@ def test_missing_or_empty_predict_dir_is_a_clear_user_error(tmp_path: Path) -> N
 def test_predict_dir_must_name_a_folder() -> None:
     with pytest.raises(ValueError, match=r"predict_dir='  ' is not allowed"):
         CIFAR10DataModule(synthetic=True, predict_dir="  ")
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path, monkeypatch):
+    """libjpeg's reduced-scale decode (Pillow's draft) for a JPEG many times the target size: asked
+    for the target size, and within a few levels of decoding it whole and resizing."""
+    from torchvision.transforms.v2 import functional as F
+
+    rows = np.linspace(0, 255, 512, dtype=np.float32)
+    pixels = np.stack([np.add.outer(rows, rows) / 2, np.add.outer(rows, -rows) / 2 + 128, np.tile(rows, (512, 1))], -1)
+    path = tmp_path / "large.jpg"
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(path, quality=95)
+    drafts = []
+    from PIL import JpegImagePlugin
+
+    jpeg = JpegImagePlugin.JpegImageFile
+    real_draft = jpeg.draft
+    monkeypatch.setattr(jpeg, "draft", lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
+    image = read_image_file(str(path), 32)
+    assert drafts == [(32, 32)]
+    with Image.open(path) as opened:
+        whole = F.pil_to_tensor(opened.convert("RGB"))
+    expected = F.center_crop(F.resize(whole, [32], antialias=True), [32, 32])
+    assert (image.int() - expected.int()).abs().float().mean() < 3.0
+    png = _save(tmp_path / "large.png", pixels.clip(0, 255).astype(np.uint8))
+    read_image_file(str(png), 32)
+    assert drafts == [(32, 32)], "a PNG has no reduced-scale decode"

@@ -5,7 +5,8 @@ Two parts, on folders that :mod:`tools.make_image_folder` writes (offline, seede
 fresh process, and the variants alternate their order from one round to the next:
 
 ``epochs``
-    ``--images`` images at ``--size`` px (``--format``), ``train/`` and ``val/`` (10 %), trained
+    ``--images`` images at ``--size`` px (``--format``), ``train/`` and ``val/`` (10 %), read at
+    ``--train_size`` px (default ``--size``; photos are usually larger than what is trained on), trained
     ``--epochs`` epochs, validation off, by ``lit-accel fit --config image_folder`` (its cache
     removed before each run, so its first epoch decodes, caches and trains) and by
     :mod:`tools.image_folder_loop` (2 ``DataLoader`` workers decoding, resizing and flipping every
@@ -30,6 +31,7 @@ Usage::
 
     python -m tools.bench image_folder                    # both parts at full size
     python -m tools.bench image_folder --parts startup --rounds 9
+    python -m tools.bench image_folder --parts epochs --size 256 --train_size 64   # photo-sized files
     python -m tools.bench image_folder --smoke            # seconds: checks the case itself
 """
 
@@ -71,7 +73,8 @@ class Settings:
     """The sizes of the case (full by default; ``--smoke`` for seconds)."""
 
     images: int = 10_000  # epochs part: training and validation images together
-    size: int = 64  # epochs part: pixels per side
+    size: int = 64  # epochs part: pixels per side of the written images
+    train_size: int | None = None  # epochs part: pixels per side trained on (None: size); photos are larger
     format: str = "jpeg"
     rounds: int = 3
     epochs: int = 3
@@ -204,7 +207,7 @@ def lit_epochs_run(s: Settings, root: Path, work: Path) -> dict[str, Any]:
     """``lit-accel fit`` on the folder, its cache removed first: its :func:`epoch_figures`."""
     cache = work / EPOCHS_CACHE
     shutil.rmtree(cache, ignore_errors=True)
-    args = [*training_args(s), *folder_args(root, s.size, cache), "--trainer.max_epochs", str(s.epochs)]
+    args = [*training_args(s), *folder_args(root, s.train_size or s.size, cache), "--trainer.max_epochs", str(s.epochs)]
     record = run_fit(args, work, s.timeout)
     if not cache.is_dir() or not cache_files(cache):
         raise RuntimeError(f"lit-accel fit wrote no cache in {cache}: the first epoch did not decode and cache")
@@ -216,7 +219,7 @@ def lit_epochs_run(s: Settings, root: Path, work: Path) -> dict[str, Any]:
 def loop_epochs_run(s: Settings, train_dir: Path, work: Path) -> dict[str, Any]:
     """tools/image_folder_loop.py on the folder's ``train/``: its :func:`epoch_figures`."""
     output = work / f"loop-{uuid.uuid4().hex}.json"
-    command = [sys.executable, "-m", "tools.image_folder_loop", str(train_dir), "--size", str(s.size)]
+    command = [sys.executable, "-m", "tools.image_folder_loop", str(train_dir), "--size", str(s.train_size or s.size)]
     command += ["--epochs", str(s.epochs), "--batch_size", str(s.batch_size), "--net", s.net]
     command += ["--workers", str(s.loader_workers), "--json", str(output)]
     _run(command, work, s.timeout)
@@ -381,7 +384,7 @@ def _write_folder(root: Path, images: int, size: int, format: str, s: Settings, 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The full sizes, or ``--smoke``'s, then the flags that override them."""
     s = Settings(**asdict(SMOKE)) if args.smoke else Settings()
-    for name in ("images", "size", "format", "rounds", "epochs", "batch_size", "net", "startup_images"):
+    for name in ("images", "size", "train_size", "format", "rounds", "epochs", "batch_size", "net", "startup_images"):
         if getattr(args, name) is not None:
             setattr(s, name, getattr(args, name))
     if args.smoke:
@@ -402,6 +405,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated: {', '.join(PARTS)}")
     parser.add_argument("--images", type=int, help=f"epochs part: images, train and val (default {full.images:,})")
     parser.add_argument("--size", type=int, help=f"epochs part: pixels per side (default {full.size})")
+    parser.add_argument("--train_size", type=int, help="epochs part: pixels per side trained on (default: --size)")
     parser.add_argument("--format", choices=FORMATS, help=f"epochs part: file format (default {full.format})")
     parser.add_argument("--epochs", type=int, help=f"epochs part: epochs per run, 2 or more (default {full.epochs})")
     parser.add_argument("--batch_size", type=int, help=f"images per step (default {full.batch_size})")
@@ -414,7 +418,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     args.parts = tuple(p.strip() for p in args.parts.split(",") if p.strip())
     if not args.parts or any(p not in PARTS for p in args.parts):
         parser.error(f"--parts {','.join(args.parts)}: use one or both of {', '.join(PARTS)}")
-    for name, least in (("images", 1), ("size", 1), ("epochs", 2), ("batch_size", 1), ("startup_images", 1)):
+    for name, least in (
+        ("images", 1),
+        ("size", 1),
+        ("train_size", 8),
+        ("epochs", 2),
+        ("batch_size", 1),
+        ("startup_images", 1),
+    ):
         value = getattr(args, name)
         if value is not None and value < least:
             parser.error(f"--{name} {value}: use {least} or more")
@@ -447,7 +458,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cifar, cache = root.with_name(root.name + "-cifar"), work / (EPOCHS_CACHE if same else "startup-cache")
             startup = report["startup"] = startup_part(s, root, cifar, val_images, work, cache)
     if epochs is not None:
-        print(f"\n{s.images:,} images at {s.size} px ({s.format}), {s.epochs} epochs per run, batch {s.batch_size}")
+        trained = f", trained at {s.train_size} px" if s.train_size and s.train_size != s.size else ""
+        print(f"\n{s.images:,} images at {s.size} px ({s.format}){trained}, {s.epochs} epochs, batch {s.batch_size}")
         print(epochs_table(epochs))
     if startup is not None:
         print(f"\nStart-up, {s.startup_images:,} images at 32 px")
