@@ -106,7 +106,7 @@ class _FileChunks(Dataset):
         return len(self.names)
 
     @override
-    def __getitem__(self, indices: list[int]) -> tuple[list[int], Tensor, list[str | None]]:  # type: ignore[override]
+    def __getitem__(self, indices: list[int]) -> tuple[list[int], Tensor, list[str | None]]:
         size = self.image_size
         images = torch.zeros((len(indices), 3, size, size), dtype=torch.uint8)
         errors: list[str | None] = []
