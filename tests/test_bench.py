@@ -312,12 +312,12 @@ def test_the_bench_entry_names_its_cases_and_refuses_others(capsys):
 
 # --------------------------------------------------------------------- the image-folder case
 @pytest.mark.slow
-def test_image_folder_case_runs_both_parts_end_to_end_and_prints_its_tables(tmp_path, monkeypatch, capsys):
-    """--smoke: one folder for both parts, four processes (lit-accel fit and the ImageFolder loop; the
-    start-up fits on the cached folder and on its CIFAR-format copy)."""
+def test_image_folder_case_runs_its_epochs_part_end_to_end_and_prints_its_tables(tmp_path, monkeypatch, capsys):
+    """--smoke, the epochs part: two processes (lit-accel fit and the ImageFolder loop). The start-up
+    part's runs are fits of the same kind (run_fit), checked without processes in the next test."""
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "folder.json"
-    bench_main(["image_folder", "--smoke", "--json", str(out)])
+    bench_main(["image_folder", "--smoke", "--parts", "epochs", "--json", str(out)])
     report = json.loads(out.read_text())
     stdout = capsys.readouterr().out
     epochs_rows = [line for line in stdout.splitlines() if line.startswith(("| ImageFolder", "| lit-accel fit"))]
@@ -329,12 +329,47 @@ def test_image_folder_case_runs_both_parts_end_to_end_and_prints_its_tables(tmp_
         assert run["first_epoch_s"] > 0 and run["later_epoch_s"] > 0
         # later images/s count every training image of the folder once per later epoch (540 of 600)
         assert run["later_images_per_sec"] == pytest.approx(540 / run["later_epoch_s"])
-    startup_rows = [line for line in stdout.splitlines() if re.match(r"\| (CIFAR|image folder)", line)]
-    assert len(startup_rows) == 2 and all(re.search(r"\| \d+\.\d\d \| [\d.]+–[\d.]+ \| 1 \|$", r) for r in startup_rows)
-    assert all(0 < seconds[0] < 600 for seconds in report["startup"].values())
     figures = [row["figure"] for row in report["targets"]]
-    assert [f.split(":")[0] for f in figures] == ["later epochs", "first epoch", "start-up"]
-    assert sum(line.endswith(("| yes |", "| no |")) for line in stdout.splitlines()) == 3
+    assert [f.split(":")[0] for f in figures] == ["later epochs", "first epoch"]
+    assert sum(line.endswith(("| yes |", "| no |")) for line in stdout.splitlines()) == 2
+
+
+def test_image_folder_startup_part_times_fits_the_cli_accepts_and_refuses_a_rewritten_cache(tmp_path, monkeypatch):
+    """The start-up part: one untimed fit builds the cache, then the CIFAR-format and the folder fits
+    alternate; each one's arguments parse as ``lit-accel fit``'s; a timed fit that rewrote the cache
+    (it decoded instead of loading) is an error, not a start-up figure."""
+    from tools.bench import image_folder as case
+
+    s = case.settings_from_args(case.parse(["--smoke", "--rounds", "2"]))
+    cache, calls = tmp_path / "cache", []
+
+    def fake_run_fit(args: list[str], work, timeout) -> dict:
+        calls.append(args)
+        if not cache.exists():  # the first fit decodes and writes the cache
+            cache.mkdir()
+            (cache / "all.pt").write_bytes(b"decoded")
+        return {"launched": 10.0, "first_batch": 10.0 + len(calls)}
+
+    monkeypatch.setattr(case, "run_fit", fake_run_fit)
+    root, cifar = tmp_path / "photos", tmp_path / "photos-cifar"
+    results = case.startup_part(s, root, cifar, 60, tmp_path, cache)
+    assert len(calls) == 5  # the untimed fit, then 2 rounds of 2 (the second round reversed)
+    is_cifar = ["--data.verify_checksums" in args for args in calls]
+    assert is_cifar == [False, True, False, False, True]
+    assert results == {case.CIFAR: [2.0, 5.0], case.FOLDER: [3.0, 4.0]}
+    cifar_fit, folder_fit = (LitAccelCLI(args=calls[i], run=False) for i in (1, 2))
+    assert cifar_fit.datamodule.data_dir == str(cifar) and not cifar_fit.datamodule.verify_checksums
+    assert cifar_fit.trainer.max_steps == folder_fit.trainer.max_steps == 1
+    assert type(folder_fit.datamodule).__name__ == "ImageFolderDataModule"
+    assert folder_fit.datamodule.root == str(root) and folder_fit.datamodule.cache_dir == str(cache)
+
+    def rewriting_run_fit(args: list[str], work, timeout) -> dict:
+        (cache / "all.pt").write_bytes(b"decoded again, longer")
+        return {"launched": 0.0, "first_batch": 1.0}
+
+    monkeypatch.setattr(case, "run_fit", rewriting_run_fit)
+    with pytest.raises(RuntimeError, match="was rewritten by a timed fit"):
+        case.startup_part(s, root, cifar, 60, tmp_path, cache)
 
 
 def test_image_folder_case_pairs_each_round_and_checks_the_targets():
