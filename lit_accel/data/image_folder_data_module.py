@@ -236,6 +236,12 @@ class ImageFolderDataModule(PreloadedImageDataModule):
         check_argument(
             decode_workers is None or decode_workers >= 0, "decode_workers", decode_workers, "0 or more, or null"
         )
+        check_argument(
+            cache_dir is None or (isinstance(cache_dir, str) and cache_dir.strip() != ""),
+            "cache_dir",
+            cache_dir,
+            "a folder for the decoded images, or null for <root>/.lit_accel_cache",
+        )
         self.save_hyperparameters()
         self.root = root
         self.val_fraction = val_fraction

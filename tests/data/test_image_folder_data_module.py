@@ -312,6 +312,7 @@ def test_a_test_stage_without_test_images_says_how_to_get_some(flat):
         ({"decode_workers": -1}, "decode_workers"),
         ({"image_size": 4}, "image_size"),
         ({"root": ""}, "root"),
+        ({"cache_dir": " "}, "cache_dir"),
     ],
 )
 def test_bad_arguments_raise(kwargs, name):
