@@ -144,10 +144,14 @@ class LitAccelCLI(LightningCLI):
 
     # validate/test/predict with a checkpoint file: (its training image size, data.image_size as given)
     _checkpoint_sizes: tuple[int, int | None] | None = None
+    # The subcommand the arguments start with, when they do: the only parser built (see subcommands)
+    _requested: str | None = None
 
     def __init__(self, args: ArgsType = None, run: bool = True) -> None:
         if args is None or isinstance(args, list):
             args = with_configs_resolved(sys.argv[1:] if args is None else args, subcommands=run)
+            if run and args and args[0] in LIGHTNING_SUBCOMMANDS:
+                self._requested = args[0]
         super().__init__(
             ImageClassifier,
             PreloadedImageDataModule,  # any of lit_accel's data modules: --data ImageFolderDataModule
@@ -161,6 +165,15 @@ class LitAccelCLI(LightningCLI):
             args=args,
             run=run,
         )
+
+    @override
+    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # LightningCLI calls it on the instance
+        """LightningCLI's subcommands, or only the one the arguments start with (``fit …``): building
+        the three parsers that would go unused is most of a command's parsing time (BENCHMARKS.md,
+        "Start and exit of a command"). Arguments that start with an option (``--config FILE fit``),
+        whose config may hold a section per subcommand, get every parser."""
+        every = LightningCLI.subcommands()
+        return {self._requested: every[self._requested]} if self._requested else every
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

@@ -16,12 +16,13 @@ Example::
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from collections.abc import Sequence
 
 from lit_accel import cli
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "main", "run"]
 
 # Each command with the line `lit-accel --help` shows for it.
 COMMANDS = {
@@ -67,6 +68,20 @@ def main(args: Sequence[str] | None = None) -> None:
         named = "no command" if command is None else f"unknown command {command!r}"
         _parser().error(f"{named}: use one of {', '.join(COMMANDS)} (lit-accel --help)")
     cli.main(argv)
+
+
+def run() -> None:
+    """Entry point of the ``lit-accel`` script and of ``python -m lit_accel``: :func:`main` in a
+    process of its own.
+
+    It first moves the objects the imports created (torch, Lightning, torchmetrics) to the garbage
+    collector's permanent generation, so that neither later collections nor the interpreter's exit
+    walk them; the exit is where it shows (BENCHMARKS.md, "Start and exit of a command"). :func:`main`
+    does not, because tests and notebooks call it in a process that goes on, where frozen objects
+    would never be collected.
+    """
+    gc.freeze()
+    main()
 
 
 def _parser() -> argparse.ArgumentParser:

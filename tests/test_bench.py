@@ -12,7 +12,7 @@ from helpers import REPO_ROOT, config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.models import SeedCNN
 from tools import plain_loop, synthetic_cifar_folder
-from tools.bench import batch_curve, fits, sample_seed, stability, state_copies
+from tools.bench import batch_curve, command_start, fits, sample_seed, stability, state_copies
 from tools.bench import recipe as bench_recipe
 from tools.bench.__main__ import main as bench_main
 
@@ -393,3 +393,23 @@ def test_image_folder_case_pairs_each_round_and_checks_the_targets():
     startup[FOLDER] = [5.5, 6.5]
     lit[0]["later_images_per_sec"] = 300.0
     assert [row["met"] for row in target_rows({LOOP: loop, LIT: lit}, startup)] == [False, True, False]
+
+
+def test_command_start_times_parsing_in_process_and_each_entry_in_alternation(capsys):
+    """The parse part builds real LitAccelCLIs (one round here); the exit part, with its process
+    runner injected, runs the script's entry and commands.main with the same arguments, in
+    alternating order."""
+    command_start.main(["--parts", "parse", "--rounds", "1"])
+    table = capsys.readouterr().out
+    assert re.search(r"\| fit … \(fit's parser\) \| [\d.]+ \|", table), table
+    assert re.search(r"\| --config FILE fit … \(four parsers\) \| [\d.]+ \|", table), table
+
+    started: list[list[str]] = []
+    command_start.main(["--parts", "exit", "--rounds", "2"], run_process=lambda c: started.append(c) or 1.0)
+    codes = [command[2] for command in started]
+    assert codes[0] == codes[3] != codes[1] == codes[2], "A B, then B A"
+    assert {command[3:] == ["fit", "--help"] for command in started} == {True}
+    assert sorted("run()" in code for code in codes[:2]) == [False, True], "one freezes (run), one does not (main)"
+    with pytest.raises(SystemExit):
+        command_start.main(["--parts", "start"])
+    assert "--parts: start is not a part" in capsys.readouterr().err

@@ -333,3 +333,21 @@ def test_a_bad_value_is_one_message_before_anything_runs(in_tmp_dir, capsys, arg
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err, err
     assert not (in_tmp_dir / "runs").exists()
+
+
+def test_only_the_subcommand_run_has_its_parser_built(in_tmp_dir, monkeypatch):
+    """``fit …`` builds fit's parser alone (each takes a quarter of a second); a top-level
+    ``--config`` before the subcommand, which may hold a section per subcommand, gets them all."""
+    monkeypatch.setattr("lightning.pytorch.Trainer.fit", lambda *args, **kwargs: None)
+    monkeypatch.setattr("lightning.pytorch.Trainer.test", lambda *args, **kwargs: None)
+    fit = LitAccelCLI(args=["fit", *TINY])
+    assert set(fit.subcommands()) == {"fit"}
+    with pytest.raises(SystemExit):  # the parser knows no other subcommand
+        fit.parser.parse_args(["test", *TINY])
+
+    sections = in_tmp_dir / "sections.yaml"
+    sections.write_text(yaml.safe_dump({"fit": {"trainer": {"max_steps": 7}}, "test": {"trainer": {"max_steps": 9}}}))
+    for subcommand, steps in (("fit", 7), ("test", 9)):
+        cli = LitAccelCLI(args=["--config", str(sections), subcommand, *TINY])
+        assert set(cli.subcommands()) == {"fit", "validate", "test", "predict"}
+        assert cli.trainer.max_steps == steps

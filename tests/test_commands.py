@@ -6,6 +6,7 @@ that each is reached with its arguments and its exit status, and that a wrong co
 
 from __future__ import annotations
 
+import gc
 import re
 import runpy
 import sys
@@ -28,13 +29,18 @@ def test_help_lists_every_command(capsys):
 
 
 def test_python_dash_m_lit_accel_is_the_command(monkeypatch, capsys):
-    """``python -m lit_accel`` (torchrun -m lit_accel) runs the same main, with tune and export."""
+    """``python -m lit_accel`` (torchrun -m lit_accel) runs the same main, with tune and export, and
+    like the ``lit-accel`` script (``commands.run``) first freezes what the imports created out of
+    the garbage collector's walks."""
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(capsys.readouterr().out)))
     monkeypatch.setattr(sys, "argv", ["lit_accel", "--help"])
     with pytest.raises(SystemExit) as exit_info:
         runpy.run_module("lit_accel", run_name="__main__")
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "    tune " in out and "    export " in out
+    assert frozen == [0], "frozen once, before the command printed anything"
 
 
 @pytest.mark.parametrize("args", [[], ["fitt", "--config", "x.yaml"]], ids=["none", "misspelled"])

@@ -52,7 +52,7 @@ def test_built_metadata_has_one_version_an_spdx_license_its_text_and_the_command
     entry_points = configparser.ConfigParser()
     entry_points.read(dist_info / "entry_points.txt")
     assert dict(entry_points["console_scripts"]) == {
-        "lit-accel": "lit_accel.commands:main",
+        "lit-accel": "lit_accel.commands:run",
         "lit-accel-export": "lit_accel.export:main",
     }
 

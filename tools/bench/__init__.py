@@ -25,6 +25,7 @@ sample_seed         cost of seeding each sample's augmentation in the DataLoader
 state_copies        cost of the host copies of a model the callbacks take
 trainer_cost        the recipe's ``lit-accel fit`` vs a plain loop with its settings, part by part
 image_folder        lit-accel fit on a folder of image files vs ImageFolder + DataLoader; start-up
+command_start       a command's parsing (one subcommand's parser or four) and its process's exit
 ==================  ==============================================================================
 
 Usage::
@@ -50,5 +51,6 @@ OTHER_CASES = (
     "state_copies",
     "trainer_cost",
     "image_folder",
+    "command_start",
 )
 CASES = THROUGHPUT_CASES + OTHER_CASES
