@@ -347,7 +347,6 @@ def test_only_the_subcommand_run_has_its_parser_built(in_tmp_dir, monkeypatch):
 
     sections = in_tmp_dir / "sections.yaml"
     sections.write_text(yaml.safe_dump({"fit": {"trainer": {"max_steps": 7}}, "test": {"trainer": {"max_steps": 9}}}))
-    for subcommand, steps in (("fit", 7), ("test", 9)):
-        cli = LitAccelCLI(args=["--config", str(sections), subcommand, *TINY])
-        assert set(cli.subcommands()) == {"fit", "validate", "test", "predict"}
-        assert cli.trainer.max_steps == steps
+    cli = LitAccelCLI(args=["--config", str(sections), "test", *TINY])
+    assert set(cli.subcommands()) == {"fit", "validate", "test", "predict"}
+    assert cli.trainer.max_steps == 9
