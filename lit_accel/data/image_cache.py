@@ -48,7 +48,16 @@ CACHE_FORMAT = 1
 # torchvision ImageFolder's extensions for the formats Pillow reads (GIF: its first frame).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _NAMES_SHOWN = 5  # unreadable files named in a warning
-_DECODE_BATCH = 32  # files per worker task; with prefetch 2, at most 2 × workers × 32 images in flight
+# Files per worker task: up to 128, fewer for large images (about 4 MB of decoded pixels per chunk),
+# so that with prefetch 2 at most 2 × workers chunks are in flight. Each chunk costs the main
+# process a hand-over (a pickle and a shared-memory file): fewer, larger chunks leave it idle.
+_DECODE_CHUNK_FILES = 128
+_DECODE_CHUNK_BYTES = 4 * 2**20
+
+
+def decode_chunk_files(image_size: int) -> int:
+    """Files per decoding task at ``image_size`` (see ``_DECODE_CHUNK_BYTES``)."""
+    return max(1, min(_DECODE_CHUNK_FILES, _DECODE_CHUNK_BYTES // (3 * image_size * image_size)))
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,7 @@ def decode_images(
     images = torch.empty((len(entries), 3, image_size, image_size), dtype=torch.uint8)
     readable = torch.ones(len(entries), dtype=torch.bool)
     errors: dict[int, str] = {}
-    chunks = BatchSampler(SequentialSampler(range(len(names))), _DECODE_BATCH, drop_last=False)
+    chunks = BatchSampler(SequentialSampler(range(len(names))), decode_chunk_files(image_size), drop_last=False)
     loader = DataLoader(
         _FileChunks(folder, names, image_size),
         batch_size=None,  # the sampler hands out whole chunks
@@ -166,7 +175,7 @@ def decode_images(
     bar = tqdm(total=len(entries), desc=f"decoding {what}", unit="img", disable=not sys.stderr.isatty(), leave=False)
     with bar:
         for indices, decoded, chunk_errors in loader:
-            for slot, (index, error) in enumerate(zip(indices, chunk_errors)):
+            for index, error in zip(indices, chunk_errors):
                 if error is not None:
                     if not skip_unreadable:
                         raise DataNotFoundError(
@@ -176,8 +185,8 @@ def decode_images(
                         )
                     readable[index] = False
                     errors[index] = str(error)
-                else:
-                    images[index] = decoded[slot]
+            # a chunk is consecutive files: one copy (an unreadable file's zeros are dropped below)
+            images[indices[0] : indices[-1] + 1] = decoded
             bar.update(len(indices))
     skipped = [names[index] for index in sorted(errors)]
     if not readable.any():

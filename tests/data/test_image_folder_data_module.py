@@ -209,13 +209,18 @@ def test_the_cache_is_written_beside_its_name_and_renamed_into_place(tmp_path, m
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"], "no temporary file left"
 
 
-def test_decoding_in_worker_processes_gives_the_same_tensor(flat, tmp_path):
+def test_decoding_in_worker_processes_gives_the_same_tensor(flat, tmp_path, monkeypatch):
     one = _module(flat, cache_dir=str(tmp_path / "a"))
-    pool = _module(flat, cache_dir=str(tmp_path / "b"), decode_workers=2)
     one.setup("fit")
+    monkeypatch.setattr(image_cache, "_DECODE_CHUNK_FILES", 4)  # several chunks, the last one short
+    pool = _module(flat, cache_dir=str(tmp_path / "b"), decode_workers=2)
     pool.setup("fit")
     assert torch.equal(one._splits["train"][0], pool._splits["train"][0])
     assert (tmp_path / "b" / "all.pt").is_file() and not (flat / ".lit_accel_cache").exists()
+
+
+def test_decoding_tasks_hold_up_to_128_files_and_about_4_mb_of_pixels():
+    assert [image_cache.decode_chunk_files(size) for size in (32, 64, 128, 256, 4096)] == [128, 128, 85, 21, 1]
 
 
 def test_a_read_only_cache_folder_names_cache_dir(flat, monkeypatch):

@@ -70,14 +70,14 @@ def _timed_cli(args: list[str]) -> float:
     from lit_accel.cli import LitAccelCLI
 
     output = io.StringIO()
-    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder):
-        with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
-            start = time.perf_counter()
-            try:
-                LitAccelCLI(args=args)
-            except SystemExit as exit:
-                raise RuntimeError(f"LitAccelCLI({args}) exited with {exit.code}:\n{output.getvalue()[-2000:]}") from None
-            return time.perf_counter() - start
+    quiet = (contextlib.redirect_stdout(output), contextlib.redirect_stderr(output))
+    with tempfile.TemporaryDirectory() as folder, contextlib.chdir(folder), quiet[0], quiet[1]:
+        start = time.perf_counter()
+        try:
+            LitAccelCLI(args=args)
+        except SystemExit as exit:
+            raise RuntimeError(f"LitAccelCLI({args}) exited with {exit.code}:\n{output.getvalue()[-2000:]}") from None
+        return time.perf_counter() - start
 
 
 def _table(seconds: dict[str, list[float]]) -> str:
@@ -86,9 +86,7 @@ def _table(seconds: dict[str, list[float]]) -> str:
     for name in names:
         median_s = spread(seconds[name])
         ratio = spread(paired_ratios(seconds[name], seconds[names[0]]))
-        rows.append(
-            [name, f"{median_s.median:.2f}", f"{median_s.low:.2f}-{median_s.high:.2f}", f"{ratio.median:.3f}"]
-        )
+        rows.append([name, f"{median_s.median:.2f}", f"{median_s.low:.2f}-{median_s.high:.2f}", f"{ratio.median:.3f}"])
     return markdown_table(["variant", "s (median):", "range:", "time / first (median of paired):"], rows)
 
 
