@@ -281,8 +281,7 @@ def test_exception_on_one_ddp_rank_ends_both_processes(tmp_path, failing_rank):
         "--trainer.logger.init_args.name",
         marker,
     ]
-    # A rank left waiting in a collective would wait for its 30-minute timeout; the job ends in
-    # seconds (BENCHMARKS.md lists the suite's times), far inside the limit.
+    # A rank left waiting in a collective would wait for its 30-minute timeout: the limit catches that.
     try:
         result = run_cli(args, cwd=tmp_path, timeout=120, env=FAULT_ENV)
     except subprocess.TimeoutExpired:
