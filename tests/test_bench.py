@@ -8,11 +8,13 @@ import re
 import pytest
 import torch
 
+import lit_accel.measure.fit as measure_fit
 from helpers import REPO_ROOT, config
 from lit_accel.cli import LitAccelCLI
 from lit_accel.models import SeedCNN
+from lit_accel.tune import Trial
 from tools import plain_loop, synthetic_cifar_folder
-from tools.bench import batch_curve, command_start, fits, sample_seed, stability, state_copies
+from tools.bench import batch_curve, command_start, fits, sample_seed, stability, state_copies, trial_memory
 from tools.bench import recipe as bench_recipe
 from tools.bench.__main__ import main as bench_main
 
@@ -413,3 +415,24 @@ def test_command_start_times_parsing_in_process_and_each_entry_in_alternation(ca
     with pytest.raises(SystemExit):
         command_start.main(["--parts", "start"])
     assert "--parts: start is not a part" in capsys.readouterr().err
+
+
+def test_trial_memory_runs_large_then_small_trials_and_can_keep_freed_memory(monkeypatch, capsys):
+    """With a scripted trial runner: the rounds, the table, and --keep_freed switching the window's
+    release off for the run only (tests/test_tune.py runs real trials in a fresh process)."""
+    released = []
+
+    class ScriptedTrials:
+        def __init__(self, recipe, warmup_steps, timed_steps):
+            assert "smoke" in recipe
+
+        def __call__(self, setting, seconds_left):
+            released.append(measure_fit.release_free_host_memory is real_release)
+            return Trial(images_per_sec=1.0, data_wait=0.0, peak_memory_mb=float(setting.name))
+
+    real_release = measure_fit.release_free_host_memory
+    monkeypatch.setattr(trial_memory, "FitTrials", ScriptedTrials)
+    assert trial_memory.main(["--rounds", "2", "--large", "300", "--small", "20"]) == [(300.0, 20.0)] * 2
+    assert "| 1 | 300.0 | 20.0 |" in capsys.readouterr().out and released == [True] * 4
+    trial_memory.main(["--rounds", "1", "--keep_freed"])
+    assert released[4:] == [False, False] and measure_fit.release_free_host_memory is real_release

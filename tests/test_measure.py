@@ -13,6 +13,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 import lit_accel.core.throughput as throughput
+import lit_accel.measure.fit as measure_fit
 from lit_accel import CIFAR10DataModule, ImageClassifier
 from lit_accel.measure import (
     FitTimer,
@@ -79,6 +80,15 @@ def test_a_memory_window_is_one_trials_own_peak_in_either_order():
     again_mb = again.peak_mb()
     assert large_mb > 100 and again_mb > 100, (large_mb, again_mb)
     assert small_mb < 40, (small_mb, large_mb, kept.numel())
+
+
+def test_a_memory_window_hands_back_freed_memory_before_it_reads_the_start(monkeypatch):
+    """Memory an earlier trial freed but the allocator kept would be reused unseen by the next one."""
+    order = []
+    monkeypatch.setattr(measure_fit, "release_free_host_memory", lambda: order.append("release"))
+    monkeypatch.setattr(measure_fit, "memory_in_use_mb", lambda device=None: order.append("read") or 0.0)
+    MemoryWindow()
+    assert order == ["release", "read"]
 
 
 def _trainer(tmp_path, timer: FitTimer, **kwargs) -> L.Trainer:

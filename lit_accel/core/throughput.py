@@ -9,6 +9,7 @@ the same implementation. Numbers in, numbers out; the only clocks are the inject
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import re
 import sys
@@ -47,6 +48,7 @@ __all__ = [
     "precision_dtype_key",
     "rank_contribution",
     "reset_peak_memory",
+    "release_free_host_memory",
     "reset_peak_rss",
     "throughput_metrics",
 ]
@@ -171,6 +173,22 @@ def peak_rss_mb() -> float:
         return 0.0
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / _MIB if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB on Linux
+
+
+def release_free_host_memory() -> bool:
+    """Hands the memory the C allocator holds free back to the system (glibc's ``malloc_trim(0)``).
+
+    Freed memory the allocator keeps stays in the resident set, and later allocations reuse it
+    without growing it: a peak window (:func:`reset_peak_rss`) opened then would miss them. Returns
+    False where the C library has no ``malloc_trim`` (not glibc: nothing is done).
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 def reset_peak_rss() -> bool:

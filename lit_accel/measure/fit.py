@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lit_accel.core.checks import check_int, is_number, require
-from lit_accel.core.throughput import StepTimer, peak_memory_mb, reset_peak_memory
+from lit_accel.core.throughput import StepTimer, peak_memory_mb, release_free_host_memory, reset_peak_memory
 
 __all__ = [
     "NO_CHECKPOINT_ARGS",
@@ -123,6 +123,7 @@ class MemoryWindow:
     def begin(self) -> None:
         """Starts the window now (also done on construction)."""
         gc.collect()  # what the previous trial left unreachable is not this one's
+        release_free_host_memory()  # and what it freed is not reused unseen: this trial's growth shows
         self._host = memory_in_use_mb()
         reset_peak_memory()
         self._cuda: dict[torch.device, float] = {}

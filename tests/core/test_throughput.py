@@ -105,6 +105,23 @@ def test_peak_rss_reset_starts_a_new_window():
     assert tp.peak_memory_mb("cpu") == pytest.approx(tp.peak_rss_mb(), abs=8)
 
 
+def test_releasing_free_host_memory_trims_the_c_allocator(monkeypatch):
+    """glibc's malloc_trim(0) hands back what the allocator keeps free (the heap layout decides how
+    much, so the effect is measured in BENCHMARKS.md, not here); without it, nothing is done."""
+    calls = []
+
+    class Libc:
+        class malloc_trim:  # noqa: N801  # the C function's name
+            def __new__(cls, pad):
+                calls.append(pad)
+                return 1
+
+    monkeypatch.setattr(tp.ctypes, "CDLL", lambda name: Libc)
+    assert tp.release_free_host_memory() and calls == [0]
+    monkeypatch.setattr(tp.ctypes, "CDLL", lambda name: object())  # a C library without malloc_trim
+    assert not tp.release_free_host_memory() and calls == [0]
+
+
 def test_cuda_peak_memory_reads_and_resets_the_device_figures(monkeypatch):
     calls: list[tuple[str, torch.device]] = []
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: calls.append(("max", d)) or 3 * 2**20)

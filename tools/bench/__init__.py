@@ -26,6 +26,7 @@ state_copies        cost of the host copies of a model the callbacks take
 trainer_cost        the recipe's ``lit-accel fit`` vs a plain loop with its settings, part by part
 image_folder        lit-accel fit on a folder of image files vs ImageFolder + DataLoader; start-up
 command_start       a command's parsing (one subcommand's parser or four) and its process's exit
+trial_memory        tune's peak-memory column for trials that follow each other in one process
 ==================  ==============================================================================
 
 Usage::
@@ -52,5 +53,6 @@ OTHER_CASES = (
     "trainer_cost",
     "image_folder",
     "command_start",
+    "trial_memory",
 )
 CASES = THROUGHPUT_CASES + OTHER_CASES
