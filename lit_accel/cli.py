@@ -168,10 +168,10 @@ class LitAccelCLI(LightningCLI):
 
     @override
     def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]  # LightningCLI calls it on the instance
-        """LightningCLI's subcommands, or only the one the arguments start with (``fit …``): building
-        the three parsers that would go unused is most of a command's parsing time (BENCHMARKS.md,
-        "Start and exit of a command"). Arguments that start with an option (``--config FILE fit``),
-        whose config may hold a section per subcommand, get every parser."""
+        """LightningCLI's subcommands, or only the one the arguments start with (``fit …``): the
+        three parsers that would go unused cost every command time (BENCHMARKS.md, "Start and exit
+        of a command"). Arguments that start with an option (``--config FILE fit``), whose config
+        may hold a section per subcommand, get every parser."""
         every = LightningCLI.subcommands()
         return {self._requested: every[self._requested]} if self._requested else every
 

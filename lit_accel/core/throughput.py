@@ -47,8 +47,8 @@ __all__ = [
     "peak_rss_mb",
     "precision_dtype_key",
     "rank_contribution",
-    "reset_peak_memory",
     "release_free_host_memory",
+    "reset_peak_memory",
     "reset_peak_rss",
     "throughput_metrics",
 ]
@@ -184,7 +184,7 @@ def release_free_host_memory() -> bool:
     """
     try:
         trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows' CDLL needs a library name
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
