@@ -36,6 +36,7 @@ __all__ = [
     "hpc_checkpoints",
     "import_paths",
     "read_checkpoint",
+    "read_folder_meta",
     "run_checkpoints",
     "save_atomically",
     "verify_distributed_checkpoint",
@@ -158,17 +159,28 @@ def _names_folder(recorded: str, folder: str) -> bool:
     )
 
 
+def read_folder_meta(folder: str) -> dict[str, Any] | None:
+    """The entries of an FSDP2 checkpoint folder that are not sharded tensors (Lightning's ``meta.pt``:
+    epoch, callbacks, hyper-parameters, ``image_size``, ``class_names``, …), read with
+    ``weights_only`` (plain data and tensors, nothing run); None when there is none or it cannot be
+    read (the folder itself is checked before it is loaded: :func:`check_checkpoint`)."""
+    try:
+        meta = torch.load(os.path.join(folder, "meta.pt"), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # missing, unreadable or refused
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
 def _callback_states(path: str) -> dict[str, Any]:
     """The callbacks' states saved in a checkpoint file (or an FSDP folder's ``meta.pt``), read with
     ``weights_only`` (plain data and tensors, nothing run); empty when they cannot be read."""
-    try:
-        if os.path.isdir(path):
-            meta = os.path.join(path, "meta.pt")
-            checkpoint = torch.load(meta, map_location="cpu", weights_only=True, mmap=True)
-        else:
+    if os.path.isdir(path):
+        checkpoint = read_folder_meta(path)
+    else:
+        try:
             checkpoint = read_checkpoint(path)
-    except Exception:  # unreadable or refused: no record (the file found is checked before it is used)
-        return {}
+        except Exception:  # unreadable or refused: no record (the file found is checked before it is used)
+            return {}
     callbacks = checkpoint.get("callbacks") if isinstance(checkpoint, dict) else None
     return callbacks if isinstance(callbacks, dict) else {}
 

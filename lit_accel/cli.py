@@ -44,6 +44,7 @@ from lit_accel.checkpoints import (
     find_checkpoint,
     import_paths,
     read_checkpoint,
+    read_folder_meta,
     run_checkpoints,
 )
 from lit_accel.data import CIFAR10DataModule, PreloadedImageDataModule
@@ -255,6 +256,10 @@ class LitAccelCLI(LightningCLI):
             if subcommand in EVALUATING:
                 given = _given_image_size(parser, args, subcommand)
                 self._checkpoint_sizes = (checkpoint_image_size(contents), given)
+        elif ckpt_path and os.path.isdir(ckpt_path) and subcommand in EVALUATING:
+            meta = read_folder_meta(ckpt_path)  # an FSDP2 folder: its image_size is in meta.pt
+            if meta is not None:
+                self._checkpoint_sizes = (checkpoint_image_size(meta), _given_image_size(parser, args, subcommand))
 
     @override
     def before_instantiate_classes(self) -> None:

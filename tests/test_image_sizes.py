@@ -172,3 +172,30 @@ def test_cifar10_says_its_images_are_not_the_checkpoints_size(in_tmp_dir: Path, 
     torch.save({**contents, "image_size": SIZE}, checkpoint)
     LitAccelCLI(args=["validate", *TINY_CLI_ARGS, "--trainer.logger", "false", "--ckpt_path", str(checkpoint)])
     assert "trained on 64×64 images, but CIFAR-10's are 32×32: validate runs on them as they are" in caplog.text
+
+
+def test_predict_of_an_fsdp_checkpoint_folder_reads_its_image_size_from_meta_pt(
+    in_tmp_dir: Path, monkeypatch
+) -> None:
+    """An FSDP2 checkpoint is a folder: its non-tensor entries, ``image_size`` among them, are in
+    Lightning's ``meta.pt`` (a real 2-process FSDP fit on 64-px files wrote ``image_size: 64`` there).
+    Loading its shards takes a sharded strategy in two processes: the command is stopped where it
+    would start (``before_predict``), and what is checked is the size its data module was given."""
+    folder = in_tmp_dir / "last.ckpt"
+    folder.mkdir()
+    torch.save({"epoch": 0, "image_size": SIZE, "class_names": list(CLASSES)}, folder / "meta.pt")
+    sizes = []
+
+    class Started(Exception):
+        pass
+
+    def started(cli: LitAccelCLI) -> None:
+        sizes.append(cli.datamodule.image_size)
+        raise Started
+
+    monkeypatch.setattr(LitAccelCLI, "before_predict", started)
+    _photos(in_tmp_dir / "photos")
+    data = ["--data", "ImageFolderDataModule", "--data.root", "photos", "--data.predict_dir", "photos"]
+    with pytest.raises(Started):
+        LitAccelCLI(args=["predict", *config("cifar10.yaml"), *QUIET, *data, "--ckpt_path", str(folder)])
+    assert sizes == [SIZE]
