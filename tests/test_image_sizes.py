@@ -174,9 +174,7 @@ def test_cifar10_says_its_images_are_not_the_checkpoints_size(in_tmp_dir: Path, 
     assert "trained on 64×64 images, but CIFAR-10's are 32×32: validate runs on them as they are" in caplog.text
 
 
-def test_predict_of_an_fsdp_checkpoint_folder_reads_its_image_size_from_meta_pt(
-    in_tmp_dir: Path, monkeypatch
-) -> None:
+def test_predict_of_an_fsdp_checkpoint_folder_reads_its_image_size_from_meta_pt(in_tmp_dir: Path, monkeypatch) -> None:
     """An FSDP2 checkpoint is a folder: its non-tensor entries, ``image_size`` among them, are in
     Lightning's ``meta.pt`` (a real 2-process FSDP fit on 64-px files wrote ``image_size: 64`` there).
     Loading its shards takes a sharded strategy in two processes: the command is stopped where it
