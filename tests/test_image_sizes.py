@@ -152,9 +152,10 @@ def test_predict_sets_any_data_modules_image_size_to_the_checkpoints_and_refuses
 
 
 def test_validate_reads_the_folder_at_the_checkpoints_image_size(checkpoint: Path, in_tmp_dir: Path) -> None:
-    """``lit-accel validate`` of the 64-px checkpoint on its folder, without ``--data.image_size``
-    (the module's default is 32): the folder is decoded at 64 px."""
-    data = ["--data", "ImageFolderDataModule", "--data.root", str(checkpoint.parent / "photos")]
+    """``lit-accel validate --config image_folder`` of the 64-px checkpoint on its folder, without
+    ``--data.image_size`` (the module's default is 32, and the config leaves it out so as not to
+    give it): the folder is decoded at 64 px."""
+    data = [*config("image_folder.yaml"), "--data.root", str(checkpoint.parent / "photos")]
     data += ["--data.decode_workers", "0", "--data.batch_size", "4", "--data.val_fraction", "0.2"]
     cli = LitAccelCLI(args=["validate", *data, *QUIET, "--trainer.logger", "false", "--ckpt_path", str(checkpoint)])
     assert cli.datamodule.image_size == SIZE
